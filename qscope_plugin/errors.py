@@ -1,0 +1,32 @@
+"""Exceptions and warnings of qscope-plugin.
+
+Every error says three things: the bad value, what is valid, and what to do. Subclasses also inherit the
+built-in exception that SAELens or the standard library would raise in the same situation, so existing
+``except ValueError`` / ``except FileNotFoundError`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+
+class QScopeError(Exception):
+    """Base class of every error raised by qscope-plugin."""
+
+
+class UnknownReleaseError(QScopeError, ValueError):
+    """A release name that is not in the catalogue."""
+
+
+class LayerOutOfRangeError(QScopeError, ValueError):
+    """A layer index outside ``0 .. n_layers - 1`` of a release."""
+
+
+class SAEFileError(QScopeError, ValueError):
+    """A ``layer{n}.sae.pt`` file that is unreadable, unsafe or not in the Qwen-Scope format."""
+
+
+class NotCachedError(QScopeError, FileNotFoundError):
+    """An SAE file that is not in the local cache while the hub is unreachable or offline."""
+
+
+class QScopeWarning(UserWarning):
+    """Data issues the user should know about but that do not stop the work (e.g. a mismatched backbone)."""
