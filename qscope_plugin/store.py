@@ -48,7 +48,7 @@ def fetch(rel: Release, layer: int, *, revision: str | None = None) -> Path:
     Raises:
         NotCachedError: offline, or the hub is unreachable, and the file is not cached.
     """
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, is_offline_mode
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     rel.check_layer(layer)
@@ -56,8 +56,7 @@ def fetch(rel: Release, layer: int, *, revision: str | None = None) -> Path:
     try:
         return Path(hf_hub_download(rel.repo_id, filename, revision=revision))
     except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
+        why = "HF_HUB_OFFLINE is set" if is_offline_mode() else "the Hugging Face hub cannot be reached"
         raise NotCachedError(
             f"{filename} of {rel.repo_id} (revision {revision or 'main'}) is not in the local cache and {why}. "
             f"Download it where the hub is reachable with `qscope fetch {rel.name} --layers {layer}` "

@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from qscope_testing import make_sae_tensors, write_sae_file
+
+from qscope_plugin import QwenScopeSAE
+from qscope_plugin.sae import QScopeSAEConfig, SAEInputError
+
+
+def reference_encode(t: dict[str, torch.Tensor], x: torch.Tensor, k: int) -> torch.Tensor:
+    """The official app's order: TopK of ReLU(pre), scattered (spec E1-E2), written out plainly."""
+    pre = x @ t["W_enc"].T + t["b_enc"]
+    acts = torch.relu(pre)
+    z = torch.zeros_like(acts)
+    for i in range(acts.shape[0]):
+        top = torch.argsort(acts[i], descending=True)[:k]
+        z[i, top] = acts[i, top]
+    return z
+
+
+def reference_decode(t: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    return z @ t["W_dec"].T + t["b_dec"]
+
+
+@pytest.fixture
+def sae_and_tensors(tmp_path):
+    tensors = write_sae_file(tmp_path / "layer3.sae.pt", d_model=16, d_sae=64)
+    return QwenScopeSAE.from_file(tmp_path / "layer3.sae.pt", k=8, layer=3), tensors
+
+
+def test_loads_without_copy_in_file_layout(sae_and_tensors):
+    sae, tensors = sae_and_tensors
+    assert sae.cfg == QScopeSAEConfig(d_model=16, d_sae=64, k=8, layer=3)
+    assert sae.W_enc.shape == (64, 16) and sae.W_dec.shape == (16, 64)
+    assert sae.W_enc.is_contiguous() and sae.W_dec.is_contiguous()
+    assert sae.cfg.hook_name == "blocks.3.hook_resid_post"
+    for key in tensors:
+        assert torch.equal(getattr(sae, key), tensors[key])
+
+
+def test_encode_decode_equal_reference(sae_and_tensors):
+    sae, t = sae_and_tensors
+    x = torch.randn(2, 5, 16)
+    z = sae.encode(x)
+    assert torch.allclose(z.reshape(10, 64), reference_encode(t, x.reshape(10, 16), 8), atol=1e-6)
+    assert torch.allclose(sae.decode(z), reference_decode(t, z), atol=1e-6)
+    assert torch.allclose(sae.reconstruct(x), reference_decode(t, z), atol=1e-5)
+    assert torch.allclose(sae.pre_acts(x), x @ t["W_enc"].T + t["b_enc"], atol=1e-6)
+
+
+def test_b_dec_is_not_subtracted_before_encoding(sae_and_tensors):
+    sae, t = sae_and_tensors
+    x = torch.randn(4, 16)
+    wrong = reference_encode(t, x - t["b_dec"], 8)
+    assert not torch.allclose(sae.encode(x), wrong, atol=1e-3)
+
+
+def test_relu_applies_when_fewer_than_k_are_positive(tmp_path):
+    t = make_sae_tensors(d_model=8, d_sae=32)
+    t["b_enc"] = torch.full((32,), -10.0)
+    torch.save(t, tmp_path / "layer0.sae.pt")
+    sae = QwenScopeSAE.from_file(tmp_path / "layer0.sae.pt", k=8)
+    z = sae.encode(torch.randn(3, 8) * 0.1)
+    assert (z >= 0).all() and (z > 0).sum() == 0  # the model-card demo (no ReLU) would keep 8 negatives
+
+
+def test_matches_sae_lens_topk_sae(sae_and_tensors):
+    """Same weights through SAELens' own TopKSAE (contiguous copies, its own math)."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    sae, t = sae_and_tensors
+    theirs = TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=8, apply_b_dec_to_input=False))
+    theirs.load_state_dict({"W_enc": t["W_enc"].T.contiguous(), "W_dec": t["W_dec"].T.contiguous(),
+                            "b_enc": t["b_enc"], "b_dec": t["b_dec"]})
+    x = torch.randn(7, 16)
+    with torch.no_grad():
+        assert torch.allclose(sae.encode(x), theirs.encode(x), atol=1e-6)
+        assert torch.allclose(sae.reconstruct(x), theirs(x), atol=1e-5)
+
+
+def test_to_sae_lens_shares_storage(sae_and_tensors):
+    sae, _ = sae_and_tensors
+    theirs = sae.to_sae_lens()
+    assert theirs.W_enc.data_ptr() == sae.W_enc.data_ptr() and theirs.W_dec.data_ptr() == sae.W_dec.data_ptr()
+    assert theirs.cfg.metadata.prepend_bos is False
+    assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert torch.allclose(theirs.encode(x), sae.encode(x), atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 6), k=st.integers(1, 64), seed=st.integers(0, 2**16), scale=st.floats(0.01, 10))
+def test_sparse_paths_equal_dense(n, k, seed, scale):
+    t = make_sae_tensors(d_model=16, d_sae=64, seed=seed)
+    from qscope_plugin.sae import QScopeSAEConfig as Cfg
+
+    sae = QwenScopeSAE(t, Cfg(d_model=16, d_sae=64, k=k))
+    x = scale * torch.randn(n, 16, generator=torch.Generator().manual_seed(seed))
+    values, idx = sae.encode_sparse(x)
+    assert values.shape == idx.shape == (n, k)
+    assert (values >= 0).all()
+    z = sae.encode(x)
+    assert ((z > 0).sum(-1) <= k).all()
+    assert torch.allclose(sae.decode_sparse(values, idx), sae.decode(z), atol=1e-4 * max(1.0, scale))
+
+
+def test_bf16_runs_and_tracks_fp32(sae_and_tensors):
+    sae, _ = sae_and_tensors
+    half = sae.to(dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and sae.dtype == torch.float32  # .to() copies, original untouched
+    x = torch.randn(32, 16)
+    full = sae.reconstruct(x)
+    # bf16 rounding can swap a feature at the top-k boundary, so compare in aggregate
+    assert (half.reconstruct(x).float() - full).norm() / full.norm() < 0.1
+
+
+def test_direction_and_norms(sae_and_tensors):
+    sae, t = sae_and_tensors
+    assert torch.equal(sae.direction(5), t["W_dec"][:, 5])
+    assert torch.allclose(sae.direction(5, normalize=True).norm(), torch.tensor(1.0))
+    assert torch.allclose(sae.decoder_norms(), t["W_dec"].norm(dim=0))
+    rows, bias = sae.encoder_rows([1, 7])
+    assert torch.equal(rows, t["W_enc"][[1, 7]]) and torch.equal(bias, t["b_enc"][[1, 7]])
+
+
+def test_fvu_matches_definition(sae_and_tensors):
+    sae, t = sae_and_tensors
+    x = torch.randn(50, 16)
+    x_hat = reference_decode(t, reference_encode(t, x, 8))
+    expected = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert sae.fvu(x) == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [torch.randn(3, 15), torch.randn(()), "text"])
+def test_wrong_activation_shape_is_one_clear_error(sae_and_tensors, bad):
+    sae, _ = sae_and_tensors
+    with pytest.raises(SAEInputError, match=r"expected \(\.\.\., 16\)"):
+        sae.encode(bad)
+
+
+@pytest.mark.parametrize("feature", [-1, 64, 2.0])
+def test_feature_out_of_range(sae_and_tensors, feature):
+    sae, _ = sae_and_tensors
+    with pytest.raises(SAEInputError, match=r"features 0\.\.63"):
+        sae.direction(feature)
+
+
+def test_invalid_k(tmp_path):
+    write_sae_file(tmp_path / "layer0.sae.pt", d_model=8, d_sae=16)
+    with pytest.raises(SAEInputError, match="1 <= k <= d_sae"):
+        QwenScopeSAE.from_file(tmp_path / "layer0.sae.pt", k=17)
