@@ -88,7 +88,7 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
     r = release(args.release)
     layers = parse_layers(args.layers, r.n_layers)
-    for n in tqdm(layers, desc=f"fetch {r.name}", unit="layer"):
+    for n in tqdm(layers, desc=f"fetch {r.name}", unit="layer", disable=None):  # no bar when not a TTY
         path = fetch(r, n, revision=args.revision)
         try:
             QwenScopeSAE.from_file(path, r.k, layer=n, release=r.name).validate()

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import pytest
+
+from qscope_plugin.cli import main, parse_layers
+from qscope_plugin.errors import QScopeError
+
+REPO = "Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50"
+RELEASE = "qwen-scope-3-1.7b-base-w32k-l50"
+
+
+def test_releases(capsys):
+    assert main(["releases"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 15 and "qwen-scope-3.5-27b-w80k-l50" in out[-4] and "(instruct)" in out[-4]
+
+
+def test_info_lists_cached_layers(hub_cache, capsys):
+    for n in (3, 4, 5, 9):
+        hub_cache.add_sae(REPO, n, d_model=8, d_sae=64)
+    assert main(["info", RELEASE]) == 0
+    out = capsys.readouterr().out
+    assert "cached layers    3-5,9" in out and "537,010,176" in out and "license" in out
+
+
+def test_fetch_validates(hub_cache, capsys):
+    hub_cache.add_sae(REPO, 10, d_model=8, d_sae=64)
+    hub_cache.add_sae(REPO, 11, d_model=8, d_sae=64)
+    assert main(["fetch", RELEASE, "--layers", "10-11"]) == 0
+    assert "2 layer(s)" in capsys.readouterr().out
+
+
+def test_fetch_removes_a_corrupt_file(hub_cache, capsys):
+    import torch
+    from qscope_testing import make_sae_tensors
+
+    tensors = make_sae_tensors(d_model=8, d_sae=64)
+    tensors["W_dec"][0, 0] = float("inf")
+    staging = hub_cache.root / "s.pt"
+    torch.save(tensors, staging)
+    path = hub_cache.add_file(REPO, "layer12.sae.pt", staging.read_bytes())
+    assert main(["fetch", RELEASE, "--layers", "12"]) == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["info", "qwen-scope-nope"], "unknown Qwen-Scope release"),
+        (["fetch", RELEASE, "--layers", "30"], r"outside 0\.\.27"),
+        (["fetch", RELEASE, "--layers", "a-b"], "bad --layers"),
+        (["fetch", RELEASE, "--layers", "3"], "not in the local cache"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(hub_cache, capsys, argv, message):
+    import re
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err)
+
+
+def test_unknown_subcommand_exits_2():
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+
+
+def test_parse_layers():
+    assert parse_layers("3,5,7-9", 28) == [3, 5, 7, 8, 9]
+    assert parse_layers("all", 3) == [0, 1, 2]
+    with pytest.raises(QScopeError):
+        parse_layers("5-3", 28)

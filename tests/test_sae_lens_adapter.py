@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qscope_plugin  # noqa: F401  (registers the adapter)
+from qscope_plugin import load_sae
+
+REPO = "Qwen/SAE-Res-Qwen3.5-2B-Base-W32K-L0_100"
+RELEASE = "qwen-scope-3.5-2b-base-w32k-l100"
+
+
+def test_from_pretrained_goes_through_the_plugin(hub_cache):
+    from sae_lens import SAE
+
+    tensors = hub_cache.add_sae(REPO, 11, d_model=32, d_sae=128)
+    sae = SAE.from_pretrained(RELEASE, "layer11")
+    assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k) == (32, 128, 100)  # widths from the file
+    meta = sae.cfg.metadata
+    assert meta.prepend_bos is False  # Qwen tokenizers add no BOS
+    assert meta.hook_name == "blocks.11.hook_resid_post"
+    assert meta.hf_hook_name == "model.layers.11"
+    assert meta.model_name == "Qwen/Qwen3.5-2B-Base"
+    # parameters are transposed views of the memory-mapped file, not copies
+    assert not sae.W_enc.is_contiguous() and torch.equal(sae.W_enc, tensors["W_enc"].T)
+    ours = load_sae(RELEASE, 11, cache=None)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        assert torch.allclose(sae.encode(x), ours.encode(x), atol=1e-6)
+        assert torch.allclose(sae(x), ours.reconstruct(x), atol=1e-5)
+
+
+def test_bf16_keeps_the_fast_layout(hub_cache):
+    from sae_lens import SAE
+
+    hub_cache.add_sae(REPO, 3, d_model=32, d_sae=128)
+    sae = SAE.from_pretrained(RELEASE, "layer3", dtype="bfloat16")
+    assert sae.W_enc.dtype == torch.bfloat16
+    assert sae.W_enc.stride() == (1, 32)  # still (d_sae, d_in) in memory: x @ W_enc is a fast GEMM
+
+
+def test_upstream_loader_copies_and_needs_a_width_table(hub_cache):
+    """What the adapter replaces: SAELens' own loader fails on widths outside its table, copies both matrices,
+    and sets prepend_bos=True (wrong for Qwen)."""
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+
+    hub_cache.add_sae(REPO, 4, d_model=32, d_sae=128)
+    cfg, state, _ = loaders.qwen_scope_sae_huggingface_loader(REPO, "layer4.sae.pt")
+    assert cfg["d_in"] == 2048 and cfg["prepend_bos"] is True  # from a table, not the 32-wide file
+    assert state["W_enc"].is_contiguous() and state["W_enc"].shape == (32, 128)  # a transposed copy
+    from sae_lens import SAE
+
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        SAE.from_pretrained(RELEASE, "layer4", converter=loaders.qwen_scope_sae_huggingface_loader)
+
+
+def test_register_is_idempotent_and_restores_missing_releases():
+    from qscope_plugin.adapters.sae_lens import register
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    assert register() == []
+    directory = get_pretrained_saes_directory()
+    saved = directory.pop(RELEASE)
+    try:
+        assert register() == [RELEASE]  # an SAELens without this release gets it
+        assert list(directory[RELEASE].saes_map)[:2] == ["layer0", "layer1"]
+        assert directory[RELEASE].saes_map["layer5"] == "layer5.sae.pt"
+    finally:
+        directory[RELEASE] = saved
+
+
+def test_registration_waits_for_sae_lens_import():
+    """`import qscope_plugin` must not pay SAELens' import cost, yet register once SAELens is imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, qscope_plugin\n"
+        "assert 'sae_lens' not in sys.modules\n"
+        "from sae_lens.loading import pretrained_sae_loaders as L\n"
+        "from qscope_plugin.adapters.sae_lens import qwen_scope_loader\n"
+        "assert L.NAMED_PRETRAINED_SAE_LOADERS['qwen_scope'] is qwen_scope_loader\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+from qscope_testing import write_sae_file
+
+from qscope_plugin import load_sae
+from qscope_plugin.errors import LayerOutOfRangeError, NotCachedError, QScopeError, SAEFileError
+from qscope_plugin.store import SAECache
+
+REPO = "Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50"
+RELEASE = "qwen-scope-3-1.7b-base-w32k-l50"
+
+
+def test_loads_through_hf_hub_download_offline(hub_cache):
+    tensors = hub_cache.add_sae(REPO, 14, d_model=16, d_sae=64)
+    sae = load_sae(RELEASE, 14, cache=None)
+    assert sae.cfg.k == 50 and sae.cfg.layer == 14 and sae.cfg.release == RELEASE
+    assert (sae.cfg.d_model, sae.cfg.d_sae) == (16, 64)  # widths from the file, not a table
+    assert torch.equal(sae.W_dec, tensors["W_dec"])
+    assert load_sae(REPO, 14, cache=None).cfg.release == RELEASE  # the repo id works too
+
+
+def test_pinned_revision(hub_cache):
+    hub_cache.add_sae(REPO, 2, d_model=8, d_sae=64, seed=1)
+    other = hub_cache.root / "other"
+    other.mkdir()
+    old = write_sae_file(other / "x.pt", d_model=8, d_sae=64, seed=2)
+    hub_cache.add_file(REPO, "layer2.sae.pt", (other / "x.pt").read_bytes(), revision="b" * 40)
+    # refs/main now points at b*40; the first snapshot is still reachable by its hash
+    assert torch.equal(load_sae(RELEASE, 2, cache=None).W_enc, old["W_enc"])
+    assert not torch.equal(load_sae(RELEASE, 2, revision="a" * 40, cache=None).W_enc, old["W_enc"])
+
+
+def test_offline_and_not_cached_is_one_clear_error(hub_cache):
+    with pytest.raises(NotCachedError, match=r"layer5\.sae\.pt .* not in the local cache .* `qscope fetch"):
+        load_sae(RELEASE, 5)
+    with pytest.raises(FileNotFoundError):  # also the built-in class
+        load_sae(RELEASE, 5)
+
+
+def test_layer_out_of_range(hub_cache):
+    with pytest.raises(LayerOutOfRangeError, match=r"28 layers: 0\.\.27"):
+        load_sae(RELEASE, 28)
+
+
+def test_k_must_match_release(hub_cache):
+    hub_cache.add_sae(REPO, 1, d_model=8, d_sae=64)
+    with pytest.raises(QScopeError, match="trained with k=50"):
+        load_sae(RELEASE, 1, k=100)
+
+
+def test_local_folder(tmp_path):
+    write_sae_file(tmp_path / "layer0.sae.pt", d_model=8, d_sae=32)
+    write_sae_file(tmp_path / "layer3.sae.pt", d_model=8, d_sae=32)
+    assert load_sae(tmp_path, 3, k=4, cache=None).cfg.k == 4
+    with pytest.raises(QScopeError, match="qscope.json"):
+        load_sae(tmp_path, 3, cache=None)
+    (tmp_path / "qscope.json").write_text(json.dumps({"k": 6, "release": "mine"}))
+    sae = load_sae(tmp_path, 0, cache=None)
+    assert (sae.cfg.k, sae.cfg.release) == (6, "mine")
+    with pytest.raises(LayerOutOfRangeError, match=r"layers present: \[0, 3\]"):
+        load_sae(tmp_path, 1, cache=None)
+
+
+def test_lru_is_bounded_and_reuses(tmp_path):
+    for n in range(4):
+        write_sae_file(tmp_path / f"layer{n}.sae.pt", d_model=8, d_sae=32)
+    cache = SAECache(max_layers=2)
+    first = load_sae(tmp_path, 0, k=4, cache=cache)
+    assert load_sae(tmp_path, 0, k=4, cache=cache) is first
+    for n in range(1, 4):
+        load_sae(tmp_path, n, k=4, cache=cache)
+    assert len(cache) == 2
+    assert load_sae(tmp_path, 0, k=4, cache=cache) is not first  # evicted, loaded again
+
+
+def test_lru_bounded_by_bytes(tmp_path):
+    for n in range(3):
+        write_sae_file(tmp_path / f"layer{n}.sae.pt", d_model=8, d_sae=32)
+    one = 4 * (2 * 8 * 32 + 32 + 8)
+    cache = SAECache(max_layers=10, max_bytes=2 * one)
+    for n in range(3):
+        load_sae(tmp_path, n, k=4, cache=cache)
+    assert len(cache) == 2
+
+
+def test_concurrent_requests_share_one_load():
+    cache, calls = SAECache(), []
+
+    def slow_load():
+        calls.append(1)
+        time.sleep(0.2)
+        return object()
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get(("a",), slow_load))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len({id(r) for r in results}) == 1
+
+
+def test_failed_load_is_not_cached():
+    cache = SAECache()
+
+    def boom():
+        raise SAEFileError("bad")
+
+    with pytest.raises(SAEFileError):
+        cache.get(("x",), boom)
+    assert len(cache) == 0
+    assert cache.get(("x",), lambda: "ok") == "ok"
+
+
+def test_bad_hub_file_is_removed_from_the_cache(hub_cache):
+    path = hub_cache.add_file(REPO, "layer7.sae.pt", b"not a zip file at all")
+    blob = path.resolve()
+    with pytest.raises(SAEFileError, match="removed from the cache"):
+        load_sae(RELEASE, 7)
+    assert not path.exists() and not blob.exists()
+    with pytest.raises(NotCachedError):  # next time it would be downloaded again, not re-read
+        load_sae(RELEASE, 7)
