@@ -66,8 +66,6 @@ LOADERS = {
 
 
 def write_layer(cache: Path) -> Path:
-    from huggingface_hub import constants  # noqa: F401  (cache env is set before import)
-
     repo = cache / f"models--{REPO.replace('/', '--')}"
     snap = repo / "snapshots" / ("0" * 40)
     snap.mkdir(parents=True, exist_ok=True)
@@ -110,36 +108,32 @@ def timeit(fn, repeats: int = 5) -> float:
 
 def throughput(path: Path) -> list[tuple[str, float, float, str]]:
     """(what, plugin seconds, baseline seconds, baseline name) rows."""
-    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_sae_loaders import qwen_scope_sae_huggingface_loader as builtin
 
     from qscope_plugin import QwenScopeSAE
 
     ours = QwenScopeSAE.from_file(path, K)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
     rows = []
-    for dtype, n_tokens in ((torch.float32, 64), (torch.bfloat16, 64)):
-        theirs = TopKSAE(TopKSAEConfig(d_in=D_MODEL, d_sae=D_SAE, k=K, apply_b_dec_to_input=False))
-        theirs.load_state_dict({"W_enc": sd["W_enc"].T.contiguous(), "W_dec": sd["W_dec"].T.contiguous(),
-                                "b_enc": sd["b_enc"], "b_dec": sd["b_dec"]})  # SAELens' own layout
-        theirs = theirs.to(dtype)
+    for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
+        theirs = SAE.from_pretrained(RELEASE, f"layer{LAYER}", dtype=name, converter=builtin)  # SAELens as shipped
         mine = ours.to(dtype=dtype)
-        x = torch.randn(n_tokens, D_MODEL).to(dtype)
+        x = torch.randn(64, D_MODEL).to(dtype)
         with torch.no_grad():
-            t_ours = timeit(lambda m=mine, x=x: m.encode(x), repeats=3)
-            t_theirs = timeit(lambda m=theirs, x=x: m.encode(x), repeats=1 if dtype == torch.bfloat16 else 3)
-        rows.append((f"encode {n_tokens} tok, {str(dtype)[6:]}", t_ours, t_theirs, "SAELens TopKSAE.encode"))
+            rows.append((f"encode 64 tok, {name}", timeit(lambda m=mine, x=x: m.encode(x)),
+                         timeit(lambda m=theirs, x=x: m.encode(x)), "SAELens built-in `encode`"))
+            rows.append((f"encode+decode 64 tok, {name}", timeit(lambda m=mine, x=x: m.reconstruct(x)),
+                         timeit(lambda m=theirs, x=x: m(x)), "SAELens built-in `forward`"))
         del theirs, mine
     x = torch.randn(256, D_MODEL)
-    t_enc = timeit(lambda: ours.encode(x))
-    t_gemm = timeit(lambda: F.linear(x, ours.W_enc, ours.b_enc))
-    rows.append(("encode 256 tok, float32", t_enc, t_gemm, "bare GEMM x @ W_enc.T + b_enc"))
+    rows.append(("encode 256 tok, float32", timeit(lambda: ours.encode(x)),
+                 timeit(lambda: F.linear(x, ours.W_enc, ours.b_enc)), "bare GEMM x @ W_enc.T + b_enc"))
     for n_tokens in (1, 64, 256):
         x = torch.randn(n_tokens, D_MODEL)
         values, idx = ours.encode_sparse(x)
         z = ours.encode(x)
-        t_sparse = timeit(lambda v=values, i=idx: ours.decode_sparse(v, i))
-        t_dense = timeit(lambda z=z: ours.decode(z))
-        rows.append((f"decode {n_tokens} tok, k={K}", t_sparse, t_dense, "dense decode z @ W_dec.T"))
+        rows.append((f"decode {n_tokens} tok, k={K}", timeit(lambda v=values, i=idx: ours.decode_sparse(v, i)),
+                     timeit(lambda z=z: ours.decode(z)), "dense decode z @ W_dec.T"))
     return rows
 
 
@@ -160,7 +154,8 @@ def main() -> None:
     print(versions())
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
-        env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+        os.environ.update(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")  # before huggingface_hub is imported
+        env = dict(os.environ)
         path = write_layer(cache)
         path.read_bytes()  # warm the page cache: the table compares loaders, not the disk
         loads = {name: measure_load(name, env, args.repeats) for name in LOADERS}
@@ -183,6 +178,11 @@ def main() -> None:
                      f"{speed:.0f}x | {memory:.3f} |")
     lines += ["", "Memory-mapped pages are mapped lazily: touching every weight later adds ~512 MiB of shared, "
               "reclaimable page cache, not private memory.", "",
+              "Sparse decode reads only the decoder columns a batch uses, so its gain is largest for a few tokens "
+              "(generation) and shrinks as a batch's distinct features approach d_sae; random inputs, as here, "
+              "are the worst case. bf16 on CPU depends on the ISA: with AVX512-BF16 both layouts are fast, on "
+              "AVX2-only CPUs SAELens' contiguous (d_in, d_sae) bf16 matrix was measured ~80x slower "
+              "(upstream-status §1.5).", "",
               "## Compute (CPU)", "", "| operation | plugin (ms) | baseline (ms) | baseline | speed-up |",
               "|---|---|---|---|---|"]
     for what, ours, theirs, name in rows:

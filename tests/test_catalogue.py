@@ -48,3 +48,13 @@ def test_unknown_release_suggests_close_names():
 def test_check_layer_rejects(layer):
     with pytest.raises(LayerOutOfRangeError, match=r"0\.\.27"):
         release("qwen-scope-3-1.7b-base-w32k-l50").check_layer(layer)
+
+
+def test_backbone_mismatch_warns_but_never_refuses():
+    from qscope_plugin.catalogue import check_backbone
+    from qscope_plugin.errors import QScopeWarning
+
+    rel = release("qwen-scope-3.5-2b-base-w32k-l100")
+    assert check_backbone(rel, "Qwen/Qwen3.5-2B-Base") is True
+    with pytest.warns(QScopeWarning, match="trained on Qwen/Qwen3.5-2B-Base, not 'Qwen/Qwen3.5-2B'"):
+        assert check_backbone(rel, "Qwen/Qwen3.5-2B") is False

@@ -153,3 +153,15 @@ def test_invalid_k(tmp_path):
     write_sae_file(tmp_path / "layer0.sae.pt", d_model=8, d_sae=16)
     with pytest.raises(SAEInputError, match="1 <= k <= d_sae"):
         QwenScopeSAE.from_file(tmp_path / "layer0.sae.pt", k=17)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda(sae_and_tensors, dtype):
+    sae, _ = sae_and_tensors
+    gpu = sae.to("cuda", dtype)
+    x = torch.randn(4, 16)
+    assert gpu.reconstruct(x).device.type == "cuda"
+    rel = (gpu.reconstruct(x).float().cpu() - sae.reconstruct(x)).norm() / sae.reconstruct(x).norm()
+    assert rel < (1e-5 if dtype == torch.float32 else 0.1)
