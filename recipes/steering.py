@@ -1,0 +1,263 @@
+"""Steering with SAE feature directions (report §3, spec §2.4): h' = h + α · Σ_i c_i · d_i at block n.
+
+    >>> spec = SteeringSpec.single(layer=3, feature=417, alpha=-8.0, direction_norm="unit")
+    >>> with steer(model, spec, saes):                          # HF model, TL bridge or nnsight model
+    ...     model.generate(**batch, max_new_tokens=20)
+    >>> result = generate(model, tok, "The weather today", spec, saes, max_new_tokens=20)
+    >>> print(result.steered.text, result.unsteered.text)
+
+Which positions are steered is decided from the ``position_ids`` each decoder layer receives (absolute positions
+of the real tokens, also under left padding, KV caching and speculative decoding), never by counting calls as
+the official app does. ``prompt`` = positions before each row's prompt length, ``generated`` = the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+
+from qscope_plugin.errors import QScopeError
+from qscope_plugin.hooks import _replace_residual, _residual, resolve_layers
+from qscope_plugin.recipes._common import check_texts, hf_model
+from qscope_plugin.sae import QwenScopeSAE
+
+Positions = Literal["all", "prompt", "generated"] | Sequence[int]
+
+CHAT_TEMPLATES = {
+    "thinking": "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n",
+    "no_thinking": "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+}
+"""The official app's optional wrappers (spec §2.5); raw text is the default."""
+
+
+class SteeringError(QScopeError, ValueError):
+    """A steering spec that cannot be applied."""
+
+
+@dataclass(frozen=True)
+class Term:
+    """One feature to steer at one layer: add ``alpha · d`` or clamp its SAE activation to ``clamp``."""
+
+    layer: int
+    feature: int
+    alpha: float = 1.0
+    clamp: float | None = None
+    """Set the feature's activation z_f to this value (write back (clamp − z_f) · W_dec[:, f]) instead of adding."""
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    terms: tuple[Term, ...]
+    direction_norm: Literal["raw", "unit"] = "raw"
+    """``raw``: the decoder column as the official app uses it; ``unit``: normalised, α in residual-norm units."""
+    positions: Positions = "all"
+    """``all`` | ``prompt`` | ``generated`` | explicit absolute positions (a list or range)."""
+    layers: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.terms:
+            raise SteeringError("a steering spec needs at least one Term(layer, feature, alpha)")
+        if self.direction_norm not in ("raw", "unit"):
+            raise SteeringError(f"direction_norm={self.direction_norm!r}; expected 'raw' or 'unit'")
+        if isinstance(self.positions, str) and self.positions not in ("all", "prompt", "generated"):
+            raise SteeringError(f"positions={self.positions!r}; expected 'all', 'prompt', 'generated' or indices")
+        object.__setattr__(self, "layers", tuple(sorted({t.layer for t in self.terms})))
+
+    @classmethod
+    def single(cls, layer: int, feature: int, alpha: float, **kwargs) -> SteeringSpec:
+        return cls(terms=(Term(layer, feature, alpha),), **kwargs)
+
+
+def steering_vectors(spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE]) -> dict[int, torch.Tensor]:
+    """The summed additive vector ``(d_model,)`` per layer (float32); clamp terms are applied separately."""
+    vectors = {}
+    for term in spec.terms:
+        if term.layer not in saes:
+            raise SteeringError(f"no SAE for layer {term.layer}; pass saes={{{term.layer}: load_sae(...)}}")
+        if term.clamp is None:
+            d = saes[term.layer].direction(term.feature, normalize=spec.direction_norm == "unit")
+            vectors[term.layer] = vectors.get(term.layer, 0) + term.alpha * d
+    return vectors
+
+
+def _position_mask(kwargs: dict, hidden: torch.Tensor, spec: SteeringSpec,
+                   state: dict) -> torch.Tensor | None:
+    """``(batch, seq)`` bool mask of positions to steer, or None for every position."""
+    if spec.positions == "all":
+        return None
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        raise SteeringError("this model's decoder layers receive no position_ids; only positions='all' works here")
+    pos = pos[0] if pos.ndim == 3 else pos  # multimodal rope passes (3, batch, seq)
+    pos = pos.expand(hidden.shape[0], -1).to(hidden.device)
+    if "prompt_length" not in state:  # the first forward in the context is the prefill
+        state["prompt_length"] = pos.max(dim=-1, keepdim=True).values + 1
+    plen = torch.as_tensor(state["prompt_length"], device=hidden.device).reshape(-1, 1)
+    if spec.positions == "prompt":
+        return pos < plen
+    if spec.positions == "generated":
+        return pos >= plen
+    return torch.isin(pos, torch.as_tensor(list(spec.positions), device=hidden.device))
+
+
+@contextmanager
+def steer(model: object, spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE], *,
+          prompt_length: int | Sequence[int] | None = None) -> Iterator[None]:
+    """Apply ``spec`` to every forward of ``model`` inside the block (prefill and each decode step).
+
+    Args:
+        model: a transformers model, a TransformerLens bridge or an nnsight model (hooks go on the transformers
+            decoder layers underneath, so all three steer identically).
+        prompt_length: real prompt tokens per row, for ``prompt``/``generated``; default: taken from the first
+            forward inside the block.
+    """
+    module = hf_model(model)
+    layers = resolve_layers(module)
+    vectors = steering_vectors(spec, saes)
+    clamps = [t for t in spec.terms if t.clamp is not None]
+    for layer in spec.layers:
+        if not 0 <= layer < len(layers):
+            raise SteeringError(f"layer {layer} is out of range for this model ({len(layers)} layers)")
+    state: dict = {} if prompt_length is None else {"prompt_length": prompt_length}
+    on_device: dict[tuple, torch.Tensor] = {}
+
+    def edit(layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        mask = _position_mask(kwargs, hidden, spec, state)
+        delta = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        if layer in vectors:
+            key = (layer, hidden.device)
+            if key not in on_device:
+                on_device[key] = vectors[layer].to(hidden.device)
+            delta = delta + on_device[key]
+        for term in (t for t in clamps if t.layer == layer):
+            sae = saes[layer]
+            z_f = sae.encode(hidden)[..., term.feature].float()
+            delta = delta + (term.clamp - z_f).unsqueeze(-1) * sae.direction(term.feature).to(hidden.device)
+        if mask is not None:
+            delta = delta * mask.unsqueeze(-1)
+        return (hidden.float() + delta).to(hidden.dtype)
+
+    def make_hook(layer: int):
+        def hook(mod, args, kwargs, output):
+            return _replace_residual(output, edit(layer, _residual(output), kwargs))
+
+        return hook
+
+    handles = [layers[n].register_forward_hook(make_hook(n), with_kwargs=True) for n in spec.layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class TokenChoice(NamedTuple):
+    token: str
+    prob: float
+    alternatives: list[tuple[str, float]]
+    """The most likely other tokens at that step, with their probabilities."""
+
+
+class Completion(NamedTuple):
+    text: str
+    token_ids: list[int]
+    tokens: list[TokenChoice]
+
+
+class SteeringResult(NamedTuple):
+    prompt: str
+    steered: Completion
+    unsteered: Completion
+
+
+def format_prompt(prompt: str, chat: Literal["thinking", "no_thinking"] | None) -> str:
+    if chat is None:
+        return prompt
+    if chat not in CHAT_TEMPLATES:
+        raise SteeringError(f"chat={chat!r}; expected None (raw text), 'thinking' or 'no_thinking'")
+    return CHAT_TEMPLATES[chat].format(prompt=prompt)
+
+
+def _is_bridge(model: object) -> bool:
+    return hasattr(model, "original_model") and hasattr(model, "run_with_hooks")
+
+
+def _is_nnsight(model: object) -> bool:
+    return hasattr(model, "_model") and hasattr(model, "trace")
+
+
+@torch.no_grad()
+def greedy_tokens(model: object, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+    """Greedy continuation through the backend's own generate (KV cache on); returns the new token ids."""
+    n_prompt = input_ids.shape[1]
+    if _is_bridge(model):
+        out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, use_past_kv_cache=True,
+                             return_type="tokens", verbose=False, stop_at_eos=eos_token_id is not None,
+                             eos_token_id=eos_token_id)
+    elif _is_nnsight(model):
+        with model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False) as tracer:
+            out = tracer.result.save()
+    else:
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    new = out[0, n_prompt:].tolist()
+    if eos_token_id is not None and eos_token_id in new:
+        new = new[: new.index(eos_token_id) + 1]
+    return new
+
+
+@torch.no_grad()
+def _score(module, tokenizer, prompt_ids: torch.Tensor, new_ids: list[int], n_alt: int) -> list[TokenChoice]:
+    """Probability of each chosen token and the top alternatives, from one teacher-forced forward."""
+    if not new_ids:
+        return []
+    ids = torch.cat([prompt_ids, torch.tensor([new_ids], device=prompt_ids.device)], dim=1)
+    logits = module(ids).logits[0, prompt_ids.shape[1] - 1 : -1].float()
+    probs = logits.softmax(-1)
+    choices = []
+    for step, tok in enumerate(new_ids):
+        top = probs[step].topk(n_alt + 1)
+        alts = [(tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices, strict=True)
+                if int(i) != tok][:n_alt]
+        choices.append(TokenChoice(tokenizer.decode([tok]), float(probs[step, tok]), alts))
+    return choices
+
+
+def generate(model: object, tokenizer, prompt: str, spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE], *,
+             max_new_tokens: int = 32, chat: Literal["thinking", "no_thinking"] | None = None,
+             top_alternatives: int = 3) -> SteeringResult:
+    """Greedy steered and unsteered completions side by side, with per-token probabilities."""
+    (prompt,) = check_texts([prompt], "prompt")
+    text = format_prompt(prompt, chat)
+    module = hf_model(model)
+    device = next(module.parameters()).device
+    prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    eos = tokenizer.eos_token_id
+    completions = []
+    for steered in (True, False):
+        if steered:
+            with steer(model, spec, saes, prompt_length=prompt_ids.shape[1]):
+                new = greedy_tokens(model, prompt_ids, max_new_tokens, eos)
+                tokens = _score(module, tokenizer, prompt_ids, new, top_alternatives)
+        else:
+            new = greedy_tokens(model, prompt_ids, max_new_tokens, eos)
+            tokens = _score(module, tokenizer, prompt_ids, new, top_alternatives)
+        completions.append(Completion(tokenizer.decode(new, skip_special_tokens=True), new, tokens))
+    return SteeringResult(text, *completions)
+
+
+def sweep(model: object, tokenizer, prompt: str, layer: int, feature: int, alphas: Sequence[float],
+          saes: Mapping[int, QwenScopeSAE], *, max_new_tokens: int = 32, **spec_options) -> list[dict]:
+    """A strength sweep: one row per α with the steered completion and its mean chosen-token probability."""
+    rows = []
+    for alpha in alphas:
+        spec = SteeringSpec.single(layer, feature, alpha, **spec_options)
+        result = generate(model, tokenizer, prompt, spec, saes, max_new_tokens=max_new_tokens)
+        probs = [t.prob for t in result.steered.tokens]
+        rows.append({"alpha": alpha, "text": result.steered.text,
+                     "mean_prob": sum(probs) / len(probs) if probs else float("nan")})
+    return rows

@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
+
+from qscope_plugin.hooks import add_to_residual, capture_residual, resolve_layers
+from qscope_plugin.recipes.steering import SteeringError, SteeringSpec, Term, generate, steer, sweep
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tok = tiny_qwen3(n_layers=3), qwen3_tokenizer()
+    return model, tok, tiny_saes(model)
+
+
+def ids_of(tok, text):
+    return tok(text, return_tensors="pt")["input_ids"]
+
+
+def test_all_positions_equal_a_plain_residual_addition(setup):
+    model, tok, saes = setup
+    ids = ids_of(tok, "Steering adds a vector to the residual stream.")
+    spec = SteeringSpec((Term(1, 5, 3.0), Term(1, 9, -2.0), Term(2, 7, 1.5)))
+    with steer(model, spec, saes):
+        steered = model(ids).logits
+    d = {n: saes[n].direction for n in saes}
+    with add_to_residual(model, 1, 3.0 * d[1](5) - 2.0 * d[1](9)), add_to_residual(model, 2, 1.5 * d[2](7)):
+        reference = model(ids).logits
+    assert torch.equal(steered, reference)
+
+
+def test_unit_direction_norm(setup):
+    model, tok, saes = setup
+    ids = ids_of(tok, "unit norm")
+    with steer(model, SteeringSpec.single(1, 5, 2.0, direction_norm="unit"), saes):
+        steered = model(ids).logits
+    with add_to_residual(model, 1, 2.0 * saes[1].direction(5, normalize=True)):
+        assert torch.equal(steered, model(ids).logits)
+
+
+@pytest.mark.parametrize(("positions", "expected"), [("all", [0, 1, 2, 3, 4, 5]), ([1, 3], [1, 3]),
+                                                     (range(2, 4), [2, 3])])
+def test_explicit_positions_steer_exactly_those(setup, positions, expected):
+    model, tok, saes = setup
+    ids = ids_of(tok, "one two three four five six")[:, :6]
+    with capture_residual(model, 1) as clean:
+        model(ids)
+    spec = SteeringSpec.single(1, 5, 4.0, positions=positions)
+    with steer(model, spec, saes), capture_residual(model, 1) as edited:
+        model(ids)
+    diff = (edited[1] - clean[1])[0]
+    changed = [t for t in range(6) if diff[t].abs().max() > 0]
+    assert changed == expected
+    assert torch.allclose(diff[expected], 4.0 * saes[1].direction(5).expand(len(expected), -1), atol=1e-5)
+
+
+def manual_greedy(model, ids, n_new, layer, vector, mode):
+    """Reference without KV cache: recompute the whole sequence each step, steering positions by index."""
+    n_prompt = ids.shape[1]
+    layers = resolve_layers(model)
+
+    def hook(mod, args, out):
+        mask = torch.zeros(out.shape[1], dtype=torch.bool)
+        if mode in ("all", "prompt"):
+            mask[:n_prompt] = True
+        if mode in ("all", "generated"):
+            mask[n_prompt:] = True
+        return out + mask[None, :, None] * vector
+
+    handle = layers[layer].register_forward_hook(hook)
+    try:
+        for _ in range(n_new):
+            nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+    finally:
+        handle.remove()
+    return ids[0, n_prompt:].tolist()
+
+
+@pytest.mark.parametrize("mode", ["all", "prompt", "generated"])
+def test_cached_generation_steers_the_right_positions(setup, mode):
+    model, tok, saes = setup
+    ids = ids_of(tok, "Once upon a time")
+    alpha, n_new = 3.0, 12
+    spec = SteeringSpec.single(1, 11, alpha, positions=mode)
+    with steer(model, spec, saes):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+    expected = manual_greedy(model, ids, n_new, 1, alpha * saes[1].direction(11), mode)
+    assert out[0, ids.shape[1]:].tolist() == expected
+
+
+def test_modes_differ(setup):
+    """Guard against a vacuous comparison: the three modes give three different continuations here."""
+    model, tok, saes = setup
+    ids = ids_of(tok, "Once upon a time")
+    outs = {m: tuple(manual_greedy(model, ids, 12, 1, 3.0 * saes[1].direction(11), m))
+            for m in ("all", "prompt", "generated")}
+    assert len(set(outs.values())) == 3
+
+
+def test_left_padded_batch_matches_single_rows(setup):
+    model, tok, saes = setup
+    prompts = ["Once upon a time there was", "Hi"]
+    spec = SteeringSpec.single(1, 3, 20.0, positions="prompt")
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with steer(model, spec, saes):
+        batch = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+    tok.padding_side = "right"
+    for row, prompt in enumerate(prompts):
+        ids = ids_of(tok, prompt)
+        with steer(model, spec, saes):
+            single = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                    pad_token_id=tok.eos_token_id)
+        assert batch[row, -8:].tolist() == single[0, -8:].tolist()
+
+
+def test_clamp_writes_back_the_difference(setup):
+    model, tok, saes = setup
+    ids = ids_of(tok, "clamp this feature")
+    sae = saes[1]
+    with capture_residual(model, 1) as clean:
+        model(ids)
+    z = sae.encode(clean[1])[..., 5]
+    with steer(model, SteeringSpec((Term(1, 5, clamp=10.0),)), saes), capture_residual(model, 1) as edited:
+        model(ids)
+    expected = clean[1] + (10.0 - z).unsqueeze(-1) * sae.direction(5)
+    assert torch.allclose(edited[1], expected, atol=1e-5)
+
+
+def test_steering_moves_logits_in_the_predicted_direction(setup):
+    """At the last layer, +α·d raises the tokens whose unembedding aligns with d; −α·d lowers them."""
+    model, tok, saes = setup
+    ids = ids_of(tok, "The next word is")
+    d = saes[2].direction(4, normalize=True)
+    target = int((model.lm_head.weight @ d).argmax())
+    logits = {}
+    for alpha in (-8.0, 0.0, 8.0):
+        with steer(model, SteeringSpec.single(2, 4, alpha, direction_norm="unit"), saes):
+            logp = model(ids).logits[0, -1].detach().log_softmax(-1)
+        logits[alpha] = float(logp[target])
+    assert logits[-8.0] < logits[0.0] < logits[8.0]
+
+
+def test_generate_and_sweep(setup):
+    model, tok, saes = setup
+    spec = SteeringSpec.single(2, 4, 40.0)
+    result = generate(model, tok, "Hello", spec, saes, max_new_tokens=6, top_alternatives=2)
+    assert result.steered.token_ids != result.unsteered.token_ids
+    for completion in (result.steered, result.unsteered):
+        assert len(completion.tokens) == len(completion.token_ids) == 6
+        assert all(0 < t.prob <= 1 and len(t.alternatives) == 2 for t in completion.tokens)
+        assert all(t.prob >= a for t in completion.tokens for _, a in t.alternatives)  # greedy picks the max
+    rows = sweep(model, tok, "Hello", 2, 4, [0.0, 40.0], saes, max_new_tokens=6)
+    assert rows[0]["text"] == result.unsteered.text and rows[1]["text"] == result.steered.text
+
+
+def test_chat_wrapping(setup):
+    model, tok, saes = setup
+    result = generate(model, tok, "Hi", SteeringSpec.single(1, 1, 1.0), saes, max_new_tokens=1, chat="no_thinking")
+    assert result.prompt.startswith("<|im_start|>user\nHi<|im_end|>") and result.prompt.endswith("</think>\n\n")
+
+
+def test_hooks_are_removed_when_the_body_raises(setup):
+    model, tok, saes = setup
+    ids = ids_of(tok, "x y")
+    clean = model(ids).logits
+    with pytest.raises(RuntimeError), steer(model, SteeringSpec.single(1, 1, 50.0), saes):
+        raise RuntimeError("boom")
+    assert torch.equal(model(ids).logits, clean)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: SteeringSpec(()), "at least one Term"),
+        (lambda: SteeringSpec.single(1, 1, 1.0, positions="middle"), "positions='middle'"),
+        (lambda: SteeringSpec.single(1, 1, 1.0, direction_norm="l2"), "direction_norm='l2'"),
+    ],
+)
+def test_bad_specs(make, message):
+    with pytest.raises(SteeringError, match=message):
+        make()
+
+
+def test_missing_sae_or_bad_feature(setup):
+    model, tok, saes = setup
+    with pytest.raises(SteeringError, match="no SAE for layer 7"), steer(model, SteeringSpec.single(7, 1, 1.0), saes):
+        pass
+    with pytest.raises(ValueError, match="features 0..127"), steer(model, SteeringSpec.single(1, 999, 1.0), saes):
+        pass
