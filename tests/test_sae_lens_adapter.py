@@ -55,8 +55,9 @@ def test_upstream_loader_copies_and_needs_a_width_table(hub_cache):
 
 
 def test_register_is_idempotent_and_restores_missing_releases():
-    from qscope_plugin.adapters.sae_lens import register
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from qscope_plugin.adapters.sae_lens import register
 
     assert register() == []
     directory = get_pretrained_saes_directory()
