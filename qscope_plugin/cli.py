@@ -98,6 +98,117 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     print(f"{len(layers)} layer(s) of {r.name} cached and validated. {LICENSE_NOTICE}")
 
 
+def _saes(source: str, layers: str) -> dict:
+    """``{layer: QwenScopeSAE}`` for ``--layers`` of a release name or SAE folder."""
+    from pathlib import Path
+
+    from qscope_plugin.store import DEMO_RELEASE, DEMO_SAE_DIR, load_sae, local_layers
+
+    folder = DEMO_SAE_DIR if source == DEMO_RELEASE else Path(source)
+    n_layers = 1 + max(local_layers(folder), default=-1) if folder.is_dir() else release(source).n_layers
+    return {n: load_sae(source, n) for n in parse_layers(layers, n_layers)}
+
+
+def _backbone(args: argparse.Namespace):
+    from qscope_plugin.models import load_model
+
+    return load_model(args.model, device=args.device)
+
+
+def _texts(literal: list[str] | None, path: str | None, what: str) -> list[str]:
+    texts = list(literal or [])
+    if path:
+        from pathlib import Path
+
+        try:
+            texts += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as e:
+            raise UsageError(f"cannot read {what} file {path!r}: {e.strerror}") from None
+    return texts
+
+
+def _emit(args: argparse.Namespace, payload: object, render: Callable[[], None]) -> None:
+    if args.json:
+        import json
+
+        print(json.dumps(payload, ensure_ascii=False, indent=2))
+    else:
+        render()
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from qscope_plugin.recipes.discovery import analyze
+
+    model, tok = _backbone(args)
+    rows = analyze(model, tok, args.text, _saes(args.release, args.layers), top_n=args.top)
+
+    def render() -> None:
+        for r in rows:
+            feats = "  ".join(f"{f}:{v:.2f}" for f, v in r.features)
+            print(f"L{r.layer:<3} {r.position:4} {r.token!r:14} {feats}")
+
+    _emit(args, [r._asdict() for r in rows], render)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from qscope_plugin.recipes.discovery import contrast
+
+    positive = _texts(args.positive, args.positive_file, "positive")
+    negative = _texts(args.negative, args.negative_file, "negative")
+    model, tok = _backbone(args)
+    ranking = contrast(model, tok, positive, negative, _saes(args.release, args.layers), method=args.method,
+                       pool=args.pool, rank_by=args.rank_by, top_k=args.top_k,
+                       exclude_first_token=not args.keep_first_token, progress=True)
+
+    def render() -> None:
+        for layer, scores in ranking.items():
+            for s in scores:
+                print(f"L{layer:<3} feature {s.feature:6}  score {s.score:+.4f}  "
+                      f"positive {s.positive:.4f}  negative {s.negative:.4f}")
+
+    _emit(args, {layer: [s._asdict() for s in scores] for layer, scores in ranking.items()}, render)
+
+
+def _positions(spec: str):
+    if spec in ("all", "prompt", "generated"):
+        return spec
+    return parse_layers(spec, 1 << 30)  # same "1,3,5-7" syntax
+
+
+def cmd_steer(args: argparse.Namespace) -> None:
+    from qscope_plugin.recipes.steering import SteeringSpec, generate
+
+    model, tok = _backbone(args)
+    saes = _saes(args.release, str(args.layer))
+    results = []
+    for alpha in args.alpha:
+        spec = SteeringSpec.single(args.layer, args.feature, alpha, direction_norm=args.direction_norm,
+                                   positions=_positions(args.positions))
+        results.append((alpha, generate(model, tok, args.prompt, spec, saes, max_new_tokens=args.max_new_tokens,
+                                        chat=args.chat)))
+
+    def render() -> None:
+        print(f"prompt: {results[0][1].prompt!r}\nunsteered: {results[0][1].unsteered.text!r}")
+        for alpha, r in results:
+            mean_p = sum(t.prob for t in r.steered.tokens) / max(len(r.steered.tokens), 1)
+            print(f"alpha {alpha:+g}: {r.steered.text!r}  (mean token prob {mean_p:.2f})")
+
+    payload = [{"alpha": a, "prompt": r.prompt, "steered": r.steered._asdict(), "unsteered": r.unsteered._asdict()}
+               for a, r in results]
+    _emit(args, payload, render)
+
+
+def _add_model_options(p: argparse.ArgumentParser, layers: bool = True) -> None:
+    from qscope_plugin.models import default_model, default_release
+
+    p.add_argument("--model", default=default_model(), help="HF model folder or cached hub id (default: demo model)")
+    p.add_argument("--release", default=default_release(), help="release name or SAE folder (default: demo SAEs)")
+    if layers:
+        p.add_argument("--layers", default="all", help="e.g. 14, 10-14 or all (default)")
+    p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qscope", description="Qwen-Scope SAEs: catalogue, download, recipes")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -111,6 +222,37 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--layers", default="all", help="e.g. 14, 10-14, 3,5,7-9 or all (default)")
     fetch.add_argument("--revision", default=None, help="hub revision to pin")
     fetch.set_defaults(func=cmd_fetch)
+
+    analyze = sub.add_parser("analyze", help="top SAE features of every token of a text, per layer")
+    analyze.add_argument("text")
+    analyze.add_argument("--top", type=int, default=5, help="features per token (default 5)")
+    _add_model_options(analyze)
+    analyze.set_defaults(func=cmd_analyze)
+
+    compare = sub.add_parser("compare", help="features that fire more on positive than negative texts")
+    for side in ("positive", "negative"):
+        compare.add_argument(f"--{side}", action="append", help=f"a {side} text (repeatable)")
+        compare.add_argument(f"--{side}-file", help=f"file with one {side} text per line")
+    compare.add_argument("--method", choices=["mean", "rate"], default="mean",
+                         help="mean activation difference (report R1) or firing-rate difference (official app)")
+    compare.add_argument("--pool", choices=["mean", "max"], default="mean", help="token pooling for --method mean")
+    compare.add_argument("--rank-by", choices=["signed", "abs"], default="signed")
+    compare.add_argument("--top-k", type=int, default=5, help="features per layer (default 5)")
+    compare.add_argument("--keep-first-token", action="store_true", help="do not drop position 0 (outliers)")
+    _add_model_options(compare)
+    compare.set_defaults(func=cmd_compare)
+
+    steer = sub.add_parser("steer", help="greedy completion with h' = h + alpha * d next to the unsteered one")
+    steer.add_argument("prompt")
+    steer.add_argument("--layer", type=int, required=True)
+    steer.add_argument("--feature", type=int, required=True)
+    steer.add_argument("--alpha", type=float, action="append", required=True, help="strength (repeat to sweep)")
+    steer.add_argument("--direction-norm", choices=["raw", "unit"], default="raw")
+    steer.add_argument("--positions", default="all", help="all, prompt, generated or indices like 0,3-5")
+    steer.add_argument("--max-new-tokens", type=int, default=32)
+    steer.add_argument("--chat", choices=["thinking", "no_thinking"], default=None, help="wrap in Qwen's template")
+    _add_model_options(steer, layers=False)
+    steer.set_defaults(func=cmd_steer)
     return parser
 
 

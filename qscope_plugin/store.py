@@ -76,12 +76,17 @@ def _local_k(folder: Path, k: int | None) -> int:
     )
 
 
+def local_layers(folder: Path) -> list[int]:
+    """Sorted layer indices of the ``layer{n}.sae.pt`` files in a folder."""
+    return sorted(int(p.name[5:-7]) for p in folder.glob("layer*.sae.pt") if p.name[5:-7].isdigit())
+
+
 def _load_local(folder: Path, layer: int, k: int | None) -> QwenScopeSAE:
     path = folder / layer_filename(layer)
     if not path.is_file():
-        have = sorted(int(p.name[5:-7]) for p in folder.glob("layer*.sae.pt") if p.name[5:-7].isdigit())
         raise LayerOutOfRangeError(
-            f"no {path.name} in {str(folder)!r}; layers present: {have or 'none'}. Pass one of those layers"
+            f"no {path.name} in {str(folder)!r}; layers present: {local_layers(folder) or 'none'}. "
+            "Pass one of those layers"
         )
     name = None
     cfg_path = folder / LOCAL_CONFIG

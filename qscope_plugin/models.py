@@ -1,0 +1,51 @@
+"""Load a backbone and its tokenizer for the CLI and the demo (plain transformers, offline-friendly).
+
+``AutoModelForCausalLM`` maps published Qwen3.5 checkpoints (``*ForConditionalGeneration`` layout) to the
+text-only ``*ForCausalLM``, which is what the SAEs read (spec §2.2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qscope_plugin.errors import QScopeError
+from qscope_plugin.store import DEMO_RELEASE
+
+DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "assets" / "model"
+
+
+class ModelLoadError(QScopeError, OSError):
+    """A model or tokenizer that cannot be loaded."""
+
+
+def default_model() -> str:
+    """The demo model shipped in the package: the CLI's default backbone."""
+    return str(DEMO_MODEL_DIR)
+
+
+def default_release() -> str:
+    return DEMO_RELEASE
+
+
+def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | None = None):
+    """``(model, tokenizer)`` in eval mode; a clear error instead of a deep traceback when it cannot load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if Path(model) == DEMO_MODEL_DIR and not DEMO_MODEL_DIR.is_dir():
+        raise ModelLoadError(
+            f"the demo model is not in this installation ({DEMO_MODEL_DIR}); build it with "
+            "`python scripts/build_demo.py` or pass --model"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or "auto").eval()
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"cannot load model {model!r} ({str(e).splitlines()[0]}); pass a local folder saved with "
+            "save_pretrained or a hub id that is in the local cache (HF_HUB_OFFLINE=1 blocks downloads)"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return (hf.to(device) if device else hf), tokenizer

@@ -1,0 +1,67 @@
+"""`qscope analyze / compare / steer` on a saved tiny model and a folder of Qwen-Scope-format SAE files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from qscope_testing import qwen3_tokenizer, tiny_qwen3, write_sae_file
+
+from qscope_plugin.cli import main
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    model = tiny_qwen3(n_layers=2)
+    model.save_pretrained(root / "model")
+    qwen3_tokenizer().save_pretrained(root / "model")
+    for n in range(2):
+        write_sae_file(root / "saes" / f"layer{n}.sae.pt", d_model=64, d_sae=128, seed=n)
+    (root / "saes" / "qscope.json").write_text(json.dumps({"k": 8, "release": "tiny"}))
+    return ["--model", str(root / "model"), "--release", str(root / "saes")]
+
+
+def test_analyze_json(assets, capsys):
+    assert main(["analyze", "你好 world", "--layers", "0-1", "--top", "3", "--json", *assets]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["layer"] for r in rows} == {0, 1} and all(len(r["features"]) <= 3 for r in rows)
+
+
+def test_compare_table(assets, capsys):
+    argv = ["compare", "--positive", "你好世界", "--positive", "我喜欢猫", "--negative", "hello world",
+            "--negative", "I like cats", "--layers", "1", "--top-k", "2", *assets]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("L1 ") for line in lines)
+
+
+def test_steer_sweep_json(assets, capsys):
+    argv = ["steer", "Hello", "--layer", "1", "--feature", "4", "--alpha", "0", "--alpha", "40",
+            "--max-new-tokens", "4", "--json", *assets]
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["alpha"] for r in rows] == [0.0, 40.0]
+    assert rows[0]["steered"]["token_ids"] == rows[0]["unsteered"]["token_ids"]  # alpha 0 changes nothing
+    assert len(rows[1]["steered"]["token_ids"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["analyze", "hi", "--layers", "5"], r"outside 0\.\.1"),
+        (["steer", "hi", "--layer", "1", "--feature", "999", "--alpha", "1"], r"features 0\.\.127"),
+        (["compare", "--negative", "x"], "no positive texts"),
+        (["compare", "--positive-file", "/nonexistent", "--negative", "x"], "cannot read positive file"),
+    ],
+)
+def test_bad_input_exits_2(assets, capsys, argv, message):
+    import re
+
+    assert main([*argv, *assets]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_missing_model_is_a_clear_error(capsys, tmp_path):
+    assert main(["analyze", "hi", "--model", str(tmp_path / "nope"), "--release", str(tmp_path)]) == 2
+    assert "cannot load model" in capsys.readouterr().err
