@@ -37,7 +37,7 @@ class TextCodes:
 
 def hf_model(model: object) -> nn.Module:
     """The transformers module behind a plain HF model, a TransformerLens bridge or an nnsight model."""
-    for attr in ("original_model", "_model"):  # TransformerBridge, nnsight NNsight/LanguageModel
+    for attr in ("original_model", "_module"):  # TransformerBridge, nnsight Envoy (LanguageModel)
         inner = getattr(model, attr, None)
         if isinstance(inner, nn.Module):
             return inner

@@ -187,7 +187,7 @@ def _is_bridge(model: object) -> bool:
 
 
 def _is_nnsight(model: object) -> bool:
-    return hasattr(model, "_model") and hasattr(model, "trace")
+    return hasattr(model, "_module") and hasattr(model, "trace")
 
 
 @torch.no_grad()

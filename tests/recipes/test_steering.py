@@ -191,3 +191,20 @@ def test_missing_sae_or_bad_feature(setup):
         pass
     with pytest.raises(ValueError, match="features 0..127"), steer(model, SteeringSpec.single(1, 999, 1.0), saes):
         pass
+
+
+@pytest.mark.parametrize("mode", ["all", "generated"])
+def test_nnsight_backend_generates_identical_tokens(setup, mode):
+    from nnsight import LanguageModel
+
+    from qscope_plugin.recipes.steering import greedy_tokens
+
+    model, tok, saes = setup
+    ids = ids_of(tok, "Once upon a time")
+    spec = SteeringSpec.single(1, 11, 3.0, positions=mode)
+    with steer(model, spec, saes, prompt_length=ids.shape[1]):
+        expected = greedy_tokens(model, ids, 10, None)
+    lm = LanguageModel(model, tokenizer=tok)
+    with steer(lm, spec, saes, prompt_length=ids.shape[1]):
+        assert greedy_tokens(lm, ids, 10, None) == expected
+    assert greedy_tokens(lm, ids, 10, None) != expected  # and the steering did something
