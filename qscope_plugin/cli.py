@@ -198,6 +198,17 @@ def cmd_steer(args: argparse.Namespace) -> None:
     _emit(args, payload, render)
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from qscope_plugin.demo.run import CONDITIONS, run_demo
+
+    summary = run_demo(args.out)
+    print(f"qscope demo on {summary['release']} ({summary['seconds']} s); report in {args.out}/report.md")
+    print("layer  SAE FVU  feature  held-out bal.acc  Han share: " + "  ".join(CONDITIONS))
+    for r in summary["layers"]:
+        shares = "  ".join(f"{r['han_share'][c]:>{len(c)}.2f}" for c in CONDITIONS)
+        print(f"{r['layer']:5}  {r['fvu']:7.3f}  {r['feature']:7}  {r['balanced_accuracy']:16.2f}  {'':11}{shares}")
+
+
 def _add_model_options(p: argparse.ArgumentParser, layers: bool = True) -> None:
     from qscope_plugin.models import default_model, default_release
 
@@ -222,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--layers", default="all", help="e.g. 14, 10-14, 3,5,7-9 or all (default)")
     fetch.add_argument("--revision", default=None, help="hub revision to pin")
     fetch.set_defaults(func=cmd_fetch)
+
+    demo = sub.add_parser("demo", help="run every recipe on the small demo model shipped in the package")
+    demo.add_argument("--out", default="qscope-demo-report", help="report folder (default qscope-demo-report)")
+    demo.set_defaults(func=cmd_demo)
 
     analyze = sub.add_parser("analyze", help="top SAE features of every token of a text, per layer")
     analyze.add_argument("text")
