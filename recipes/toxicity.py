@@ -1,0 +1,244 @@
+"""Multilingual toxicity with OR-rule classifiers (report §5): data, splits, evaluation, transfer, data efficiency.
+
+    >>> splits = load_splits("textdetox/multilingual_toxicity_dataset", languages=["en", "ru"], split_seed=0)
+    >>> report = evaluate(model, tok, saes, splits)                  # one harvest per language and split
+    >>> write_report(report, "toxicity-report")                      # report.json, report.md, PNGs
+
+The report's protocol: per language, a balanced discovery split of 4,000 (2,000 / 2,000) and a balanced
+evaluation split of 1,000 (500 / 500); the split seed is not specified in the report, so it is a parameter.
+Any dataset with a text and a label column works (hub id, or local json / jsonl / csv / parquet files).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qscope_plugin.errors import QScopeError
+from qscope_plugin.recipes.classifiers import (
+    MaxActivations,
+    f1_grid,
+    feature_deltas,
+    jaccard,
+    max_activations,
+    predict_or,
+    prf,
+    select_layers,
+    top_features,
+)
+from qscope_plugin.sae import QwenScopeSAE
+
+LANGUAGES = ("en", "ru", "uk", "de", "es", "am", "zh", "ar", "hi", "it", "fr", "tt", "ja")
+"""The 13 languages of the report's corpus (Dementieva et al. 2024)."""
+
+
+class DataError(QScopeError, ValueError):
+    """A dataset without the expected columns, languages or enough examples."""
+
+
+@dataclass(frozen=True)
+class Split:
+    discovery_texts: list[str]
+    discovery_labels: np.ndarray
+    test_texts: list[str]
+    test_labels: np.ndarray
+
+
+def _load(source: str, revision: str | None):
+    """A ``DatasetDict`` from a hub id, a folder of per-language files, or one local file."""
+    import datasets
+
+    path = Path(source)
+    kinds = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+    if path.is_file():
+        return datasets.load_dataset(kinds.get(path.suffix, "json"), data_files={"data": str(path)})
+    if path.is_dir():
+        files = {f.stem: str(f) for f in sorted(path.iterdir()) if f.suffix in kinds}
+        if not files:
+            raise DataError(f"no json/jsonl/csv/parquet files in {source!r}; expected one file per language")
+        kind = kinds[Path(next(iter(files.values()))).suffix]
+        return datasets.load_dataset(kind, data_files=files)
+    return datasets.load_dataset(source, revision=revision)
+
+
+def balanced_split(texts: Sequence[str], labels: Sequence, n_discovery: int, n_test: int, seed: int) -> Split:
+    """Disjoint balanced discovery / test splits, seeded (the report: 4,000 and 1,000 per language)."""
+    y = np.asarray(labels).astype(bool)
+    rng = np.random.default_rng(seed)
+    pos, neg = rng.permutation(np.flatnonzero(y)), rng.permutation(np.flatnonzero(~y))
+    need = (n_discovery + n_test) // 2
+    if min(len(pos), len(neg)) < need:
+        raise DataError(f"need {need} positive and {need} negative examples for the split, have {len(pos)} and "
+                        f"{len(neg)}; lower n_discovery / n_test")
+    d, t = n_discovery // 2, n_test // 2
+    disc = np.concatenate([pos[:d], neg[:d]])
+    test = np.concatenate([pos[d : d + t], neg[d : d + t]])
+    return Split([texts[i] for i in disc], y[disc], [texts[i] for i in test], y[test])
+
+
+def load_splits(source: str, languages: Sequence[str] | None = None, *, text_column: str = "text",
+                label_column: str = "toxic", language_column: str | None = None, n_discovery: int = 4000,
+                n_test: int = 1000, split_seed: int = 0, revision: str | None = None) -> dict[str, Split]:
+    """Per-language balanced splits from the ``textdetox/multilingual_toxicity_dataset`` layout (one split per
+    language, columns ``text`` and ``toxic``) or any labelled dataset (``language_column`` for a single table)."""
+    data = _load(source, revision)
+    tables = {}
+    if language_column:
+        (table,) = data.values()
+        for lang in sorted(set(table[language_column])):
+            tables[lang] = table.filter(lambda row, lang=lang: row[language_column] == lang)
+    else:
+        tables = dict(data)
+    wanted = list(languages) if languages else sorted(tables)
+    missing = [lang for lang in wanted if lang not in tables]
+    if missing:
+        raise DataError(f"languages {missing} are not in {source!r}; it has {sorted(tables)}")
+    splits = {}
+    for lang in wanted:
+        table = tables[lang]
+        for column in (text_column, label_column):
+            if column not in table.column_names:
+                raise DataError(f"{source!r} [{lang}] has no column {column!r}; columns: {table.column_names}")
+        splits[lang] = balanced_split(table[text_column], table[label_column], n_discovery, n_test, split_seed)
+    return splits
+
+
+@dataclass
+class Harvest:
+    """Max activations of one language's splits: every statistic below reuses them without the model."""
+
+    discovery: MaxActivations
+    y_discovery: np.ndarray
+    test: MaxActivations
+    y_test: np.ndarray
+
+
+def harvest(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], splits: Mapping[str, Split], *,
+            batch_size: int = 16, max_length: int | None = 512, exclude_first_token: bool = False,
+            progress: bool = False) -> dict[str, Harvest]:
+    out = {}
+    for lang, s in splits.items():
+        kw = dict(batch_size=batch_size, max_length=max_length, exclude_first_token=exclude_first_token,
+                  progress=progress)
+        out[lang] = Harvest(max_activations(model, tokenizer, s.discovery_texts, saes, **kw), s.discovery_labels,
+                            max_activations(model, tokenizer, s.test_texts, saes, **kw), s.test_labels)
+    return out
+
+
+def _subsample(h: Harvest, fraction: float, rng: np.random.Generator) -> tuple[MaxActivations, np.ndarray]:
+    """A balanced ``fraction`` of the discovery split (same share of each class)."""
+    keep = np.concatenate([rng.permutation(np.flatnonzero(h.y_discovery == c))[: max(1, int(fraction * n))]
+                           for c in (True, False) for n in [int((h.y_discovery == c).sum())]])
+    return {layer: a[keep] for layer, a in h.discovery.items()}, h.y_discovery[keep]
+
+
+def best_f1(train: MaxActivations, y_train: np.ndarray, h: Harvest, ks: Sequence[int], eps: float) -> float:
+    grid = f1_grid(train, y_train, h.test, h.y_test, ks=ks, eps=eps)
+    return max(s.f1 for per_k in grid.values() for s in per_k.values())
+
+
+def evaluate(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], splits: Mapping[str, Split], *,
+             ks: Sequence[int] = (1, 2, 5, 10), eps: float = 0.0, m_layers: int = 3, jaccard_k: int = 10,
+             fractions: Sequence[float] = (0.1, 0.25, 0.5), repeats: int = 3, seed: int = 0,
+             harvests: Mapping[str, Harvest] | None = None, **harvest_options) -> dict:
+    """Everything §5 reports, as one JSON-able dict: per-language F1 grids, ℓ*, multi-layer composition,
+    cross-lingual transfer and Jaccard overlap, and the data-efficiency curve."""
+    hv = dict(harvests) if harvests is not None else harvest(model, tokenizer, saes, splits, **harvest_options)
+    deltas = {lang: {layer: feature_deltas(a, h.y_discovery, eps) for layer, a in h.discovery.items()}
+              for lang, h in hv.items()}
+    languages = {}
+    for lang, h in hv.items():
+        grid = f1_grid(h.discovery, h.y_discovery, h.test, h.y_test, ks=ks, eps=eps)
+        star = select_layers(deltas[lang])[0]
+        top = select_layers(deltas[lang], m_layers)
+        composed = {layer: top_features(deltas[lang][layer], 1) for layer in top}
+        languages[lang] = {
+            "f1": {layer: {k: s.f1 for k, s in per_k.items()} for layer, per_k in grid.items()},
+            "top1_diff": {layer: float(d.max()) for layer, d in deltas[lang].items()},
+            "selected_layer": star,
+            "selected_layer_f1": {k: grid[star][k].f1 for k in ks},
+            "best_layer_f1": max(s.f1 for per_k in grid.values() for s in per_k.values()),
+            "multi_layer": {"layers": top,
+                            "f1": prf(h.y_test, predict_or(h.test, composed, eps)).f1},
+        }
+    transfer = {}
+    for src in hv:
+        star = languages[src]["selected_layer"]
+        feats = top_features(deltas[src][star], min(ks))
+        transfer[src] = {dst: prf(h.y_test, predict_or(h.test, {star: feats}, eps)).f1
+                         for dst, h in hv.items()}
+    layers = list(next(iter(deltas.values())))
+    overlap = {layer: {a: {b: jaccard(top_features(deltas[a][layer], jaccard_k), top_features(deltas[b][layer],
+                                                                                               jaccard_k))
+                           for b in hv} for a in hv} for layer in layers}
+    rng = np.random.default_rng(seed)
+    full = np.mean([languages[lang]["best_layer_f1"] for lang in hv])
+    efficiency = {}
+    for fraction in fractions:
+        runs = [np.mean([best_f1(*_subsample(h, fraction, rng), h, ks, eps) for h in hv.values()])
+                for _ in range(repeats)]
+        relative = float(np.mean(runs) / full) if full > 0 else float("nan")
+        efficiency[fraction] = {"macro_best_f1": float(np.mean(runs)), "relative": relative}
+    efficiency[1.0] = {"macro_best_f1": float(full), "relative": 1.0}
+    return {"ks": list(ks), "eps": eps, "languages": languages, "transfer_f1": transfer,
+            "jaccard_top_k": jaccard_k, "jaccard": overlap, "data_efficiency": efficiency,
+            "macro_best_f1": float(full)}
+
+
+def write_report(report: dict, out_dir: str | Path) -> list[Path]:
+    """``report.json``, ``report.md`` and two PNGs (F1 vs layer per K; cross-lingual Jaccard at ℓ*)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    langs = list(report["languages"])
+    fig, axes = plt.subplots(1, len(langs), figsize=(4 * len(langs), 3), squeeze=False)
+    for ax, lang in zip(axes[0], langs, strict=True):
+        f1 = report["languages"][lang]["f1"]
+        layers = sorted(f1)
+        for k in report["ks"]:
+            ax.plot(layers, [f1[layer][k] for layer in layers], marker="o", label=f"K={k}")
+        ax.set_title(f"{lang}: held-out F1 by layer")
+        ax.set_xlabel("layer")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "f1_by_layer.png", dpi=110)
+    plt.close(fig)
+
+    star = report["languages"][langs[0]]["selected_layer"]
+    matrix = np.array([[report["jaccard"][star][a][b] for b in langs] for a in langs])
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(langs), 1 + 0.6 * len(langs)))
+    ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(langs)), langs)
+    ax.set_yticks(range(len(langs)), langs)
+    ax.set_title(f"Jaccard of top-{report['jaccard_top_k']} sets, layer {star}")
+    fig.tight_layout()
+    fig.savefig(out / "jaccard.png", dpi=110)
+    plt.close(fig)
+
+    lines = ["# OR-rule classifier report", "", f"Macro-average best-over-layers F1: {report['macro_best_f1']:.3f}",
+             "", "| language | ℓ* (top1-diff) | F1 at ℓ* by K | best F1 | multi-layer F1 (layers) |",
+             "|---|---|---|---|---|"]
+    for lang, r in report["languages"].items():
+        by_k = ", ".join(f"K={k}: {f:.3f}" for k, f in r["selected_layer_f1"].items())
+        ml = r["multi_layer"]
+        lines.append(f"| {lang} | {r['selected_layer']} | {by_k} | {r['best_layer_f1']:.3f} | "
+                     f"{ml['f1']:.3f} ({', '.join(map(str, ml['layers']))}) |")
+    lines += ["", "Cross-lingual transfer (discover on row, test on column), F1:", "",
+              "| from \\ to | " + " | ".join(langs) + " |", "|---" * (len(langs) + 1) + "|"]
+    lines += [f"| {a} | " + " | ".join(f"{report['transfer_f1'][a][b]:.3f}" for b in langs) + " |" for a in langs]
+    lines += ["", "Data efficiency (share of the discovery split, balanced, seeded repeats):", "",
+              "| fraction | macro best F1 | relative |", "|---|---|---|"]
+    lines += [f"| {f} | {r['macro_best_f1']:.3f} | {r['relative']:.3f} |"
+              for f, r in sorted(report["data_efficiency"].items(), key=lambda kv: float(kv[0]))]
+    lines += ["", "![F1 by layer](f1_by_layer.png)", "", "![Jaccard](jaccard.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return [out / name for name in ("report.json", "report.md", "f1_by_layer.png", "jaccard.png")]

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
+
+from qscope_plugin.recipes.toxicity import DataError, Harvest, balanced_split, evaluate, load_splits, write_report
+
+
+def test_balanced_split_is_disjoint_balanced_and_seeded():
+    texts = [f"t{i}" for i in range(100)]
+    labels = [i % 3 == 0 for i in range(100)]  # 34 positive
+    s = balanced_split(texts, labels, 40, 20, seed=1)
+    assert len(s.discovery_texts) == 40 and s.discovery_labels.sum() == 20
+    assert len(s.test_texts) == 20 and s.test_labels.sum() == 10
+    assert not set(s.discovery_texts) & set(s.test_texts)
+    assert balanced_split(texts, labels, 40, 20, seed=1).test_texts == s.test_texts
+    assert balanced_split(texts, labels, 40, 20, seed=2).test_texts != s.test_texts
+    with pytest.raises(DataError, match="need 40 positive"):
+        balanced_split(texts, labels, 60, 20, seed=0)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+
+
+def test_textdetox_layout_from_local_files(tmp_path):
+    """One file per language with `text` and `toxic`, read through datasets.load_dataset."""
+    for lang in ("en", "de"):
+        _write_jsonl(tmp_path / f"{lang}.jsonl", [{"text": f"{lang} {i}", "toxic": i % 2} for i in range(20)])
+    splits = load_splits(str(tmp_path), n_discovery=8, n_test=4)
+    assert sorted(splits) == ["de", "en"]
+    assert all(t.startswith("de ") for t in splits["de"].test_texts)
+    with pytest.raises(DataError, match=r"languages \['fr'\] are not in"):
+        load_splits(str(tmp_path), ["fr"], n_discovery=8, n_test=4)
+
+
+def test_single_table_with_language_column(tmp_path):
+    rows = [{"sentence": f"s{i}", "label": int(i % 4 == 0), "lang": "xx" if i < 40 else "yy"} for i in range(80)]
+    _write_jsonl(tmp_path / "all.jsonl", rows)
+    splits = load_splits(str(tmp_path / "all.jsonl"), text_column="sentence", label_column="label",
+                         language_column="lang", n_discovery=10, n_test=4)
+    assert sorted(splits) == ["xx", "yy"]
+    with pytest.raises(DataError, match="no column 'text'"):
+        load_splits(str(tmp_path / "all.jsonl"), language_column="lang", n_discovery=10, n_test=4)
+
+
+def _synthetic_harvest(rng, signal_feature: int, n: int = 400, d: int = 32) -> Harvest:
+    def half(n):
+        y = np.arange(n) < n // 2
+        dense = (rng.random((n, d)) < 0.05) * 1.0
+        dense[:, signal_feature] = np.where(rng.random(n) < np.where(y, 0.95, 0.05), 2.0, 0.0)
+        return {0: sp.csr_matrix(dense * 0.5), 1: sp.csr_matrix(dense)}, y
+
+    disc, y_disc = half(n)
+    test, y_test = half(n // 2)
+    return Harvest(disc, y_disc, test, y_test)
+
+
+def test_evaluate_on_planted_harvests(tmp_path):
+    """Language a and b share the signal feature, c uses another: transfer and Jaccard must show it."""
+    rng = np.random.default_rng(0)
+    hv = {"a": _synthetic_harvest(rng, 3), "b": _synthetic_harvest(rng, 3), "c": _synthetic_harvest(rng, 9)}
+    report = evaluate(None, None, {}, {}, harvests=hv, ks=(1, 2), m_layers=2, jaccard_k=1, repeats=2)
+    for lang in hv:
+        assert report["languages"][lang]["best_layer_f1"] > 0.9
+        assert report["jaccard"][0][lang][lang] == 1.0
+    assert report["transfer_f1"]["a"]["b"] > 0.9 and report["transfer_f1"]["a"]["c"] < 0.2
+    assert report["jaccard"][1]["a"]["b"] == 1.0 and report["jaccard"][1]["a"]["c"] == 0.0
+    assert report["data_efficiency"][1.0]["relative"] == 1.0
+    assert 0.8 < report["data_efficiency"][0.1]["relative"] <= 1.05
+    files = write_report(report, tmp_path / "report")
+    assert all(f.stat().st_size > 0 for f in files)
+    assert "| a | " in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_evaluate_end_to_end_on_a_tiny_model(tmp_path):
+    model, tok = tiny_qwen3(n_layers=2), qwen3_tokenizer()
+    rows = [{"text": t, "toxic": 1} for t in ("you idiot", "shut up fool", "stupid jerk", "go away loser")]
+    rows += [{"text": t, "toxic": 0} for t in ("have a nice day", "thank you", "see you soon", "good morning")]
+    _write_jsonl(tmp_path / "en.jsonl", rows)
+    splits = load_splits(str(tmp_path), n_discovery=4, n_test=4, split_seed=0)
+    report = evaluate(model, tok, tiny_saes(model), splits, ks=(1, 2), m_layers=2, fractions=(0.5,), repeats=1)
+    assert set(report["languages"]["en"]["f1"]) == {0, 1}
+    assert 0.0 <= report["languages"]["en"]["best_layer_f1"] <= 1.0
