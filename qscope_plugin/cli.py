@@ -10,8 +10,10 @@ Bad input prints one line on stderr and exits with status 2 (``--debug`` shows t
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from qscope_plugin.catalogue import LICENSE_NOTICE, Release, release, releases
 from qscope_plugin.errors import QScopeError
@@ -100,7 +102,6 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
 def _saes(source: str, layers: str) -> dict:
     """``{layer: QwenScopeSAE}`` for ``--layers`` of a release name or SAE folder."""
-    from pathlib import Path
 
     from qscope_plugin.store import DEMO_RELEASE, DEMO_SAE_DIR, load_sae, local_layers
 
@@ -118,7 +119,6 @@ def _backbone(args: argparse.Namespace):
 def _texts(literal: list[str] | None, path: str | None, what: str) -> list[str]:
     texts = list(literal or [])
     if path:
-        from pathlib import Path
 
         try:
             texts += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -129,7 +129,6 @@ def _texts(literal: list[str] | None, path: str | None, what: str) -> list[str]:
 
 def _emit(args: argparse.Namespace, payload: object, render: Callable[[], None]) -> None:
     if args.json:
-        import json
 
         print(json.dumps(payload, ensure_ascii=False, indent=2))
     else:
@@ -209,6 +208,51 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print(f"{r['layer']:5}  {r['fvu']:7.3f}  {r['feature']:7}  {r['balanced_accuracy']:16.2f}  {'':11}{shares}")
 
 
+def cmd_classify_fit(args: argparse.Namespace) -> None:
+    from qscope_plugin.recipes.classifiers import ORRuleClassifier
+    from qscope_plugin.recipes.toxicity import load_splits
+
+    splits = load_splits(args.data, args.languages.split(",") if args.languages else None,
+                         text_column=args.text_column, label_column=args.label_column,
+                         n_discovery=args.n_discovery, n_test=args.n_test, split_seed=args.split_seed)
+    texts = [t for s in splits.values() for t in s.discovery_texts]
+    labels = [y for s in splits.values() for y in s.discovery_labels]
+    model, tok = _backbone(args)
+    clf = ORRuleClassifier(model, tok, _saes(args.release, args.layers), k_features=args.k, m_layers=args.m_layers,
+                           eps=args.eps).fit(texts, labels)
+    clf.save(args.out)
+    test_texts = [t for s in splits.values() for t in s.test_texts]
+    test_labels = [y for s in splits.values() for y in s.test_labels]
+    scores = clf.score(test_texts, test_labels)
+    print(f"features {clf.features}; held-out precision {scores.precision:.3f} recall {scores.recall:.3f} "
+          f"F1 {scores.f1:.3f}; saved {args.out}")
+
+
+def cmd_classify_eval(args: argparse.Namespace) -> None:
+    from qscope_plugin.recipes.toxicity import evaluate, load_splits, write_report
+
+    splits = load_splits(args.data, args.languages.split(",") if args.languages else None,
+                         text_column=args.text_column, label_column=args.label_column,
+                         n_discovery=args.n_discovery, n_test=args.n_test, split_seed=args.split_seed)
+    model, tok = _backbone(args)
+    report = evaluate(model, tok, _saes(args.release, args.layers), splits, eps=args.eps, m_layers=args.m_layers,
+                      progress=True)
+    write_report(report, args.out)
+    print(f"macro best-over-layers F1 {report['macro_best_f1']:.3f}; report in {args.out}/report.md")
+
+
+def cmd_classify_predict(args: argparse.Namespace) -> None:
+    from qscope_plugin.recipes.classifiers import ORRuleClassifier
+
+    texts = _texts(args.text, args.file, "input")
+    model, tok = _backbone(args)
+
+    layers = ",".join(map(str, json.loads(Path(args.classifier).read_text()).get("features", {})))
+    clf = ORRuleClassifier.load(args.classifier, model, tok, _saes(args.release, layers or "all"))
+    for text, label in zip(texts, clf.predict(texts), strict=True):
+        print(f"{int(label)}\t{text}")
+
+
 def _add_model_options(p: argparse.ArgumentParser, layers: bool = True) -> None:
     from qscope_plugin.models import default_model, default_release
 
@@ -268,6 +312,32 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--chat", choices=["thinking", "no_thinking"], default=None, help="wrap in Qwen's template")
     _add_model_options(steer, layers=False)
     steer.set_defaults(func=cmd_steer)
+
+    classify = sub.add_parser("classify", help="SAE-feature OR-rule classifiers (report §5)")
+    verbs = classify.add_subparsers(dest="verb", required=True)
+    for verb, func, help_text in (("fit", cmd_classify_fit, "discover features and save a classifier JSON"),
+                                  ("eval", cmd_classify_eval, "full evaluation report (layers, K, transfer)")):
+        p = verbs.add_parser(verb, help=help_text)
+        p.add_argument("--data", required=True, help="hub id, folder of per-language files, or one file")
+        p.add_argument("--languages", default=None, help="comma-separated, e.g. en,ru (default: all)")
+        p.add_argument("--text-column", default="text")
+        p.add_argument("--label-column", default="toxic")
+        p.add_argument("--n-discovery", type=int, default=4000)
+        p.add_argument("--n-test", type=int, default=1000)
+        p.add_argument("--split-seed", type=int, default=0)
+        p.add_argument("--eps", type=float, default=0.0, help="firing threshold ε (default 0)")
+        p.add_argument("--m-layers", type=int, default=1 if verb == "fit" else 3)
+        if verb == "fit":
+            p.add_argument("--k", type=int, default=5, help="features of the selected layer (default 5)")
+        p.add_argument("--out", required=True, help="classifier JSON (fit) or report folder (eval)")
+        _add_model_options(p)
+        p.set_defaults(func=func)
+    predict = verbs.add_parser("predict", help="apply a saved classifier to texts")
+    predict.add_argument("classifier")
+    predict.add_argument("--text", action="append", help="a text (repeatable)")
+    predict.add_argument("--file", help="file with one text per line")
+    _add_model_options(predict, layers=False)
+    predict.set_defaults(func=cmd_classify_predict)
     return parser
 
 

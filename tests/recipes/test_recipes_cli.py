@@ -65,3 +65,23 @@ def test_bad_input_exits_2(assets, capsys, argv, message):
 def test_missing_model_is_a_clear_error(capsys, tmp_path):
     assert main(["analyze", "hi", "--model", str(tmp_path / "nope"), "--release", str(tmp_path)]) == 2
     assert "cannot load model" in capsys.readouterr().err
+
+
+def test_classify_fit_eval_predict(assets, tmp_path, capsys):
+    rows = [{"text": t, "toxic": 1} for t in ("you idiot", "shut up fool", "stupid jerk", "go away loser")]
+    rows += [{"text": t, "toxic": 0} for t in ("have a nice day", "thank you", "see you soon", "good morning")]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "en.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = ["--data", str(data), "--n-discovery", "4", "--n-test", "4"]
+    assert main(["classify", "fit", *common, "--k", "2", "--out", str(tmp_path / "clf.json"), *assets]) == 0
+    saved = json.loads((tmp_path / "clf.json").read_text())
+    assert saved["format"] == "qscope-or-rule/1" and len(next(iter(saved["features"].values()))) == 2
+    assert main(["classify", "eval", *common, "--m-layers", "2", "--out", str(tmp_path / "rep"), *assets]) == 0
+    assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "jaccard.png").is_file()
+    capsys.readouterr()
+    assert main(["classify", "predict", str(tmp_path / "clf.json"), "--text", "you idiot", "--text", "thanks",
+                 *assets]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[1] for line in lines] == ["you idiot", "thanks"]
+    assert all(line.split("\t")[0] in {"0", "1"} for line in lines)
