@@ -87,3 +87,51 @@ def tiny_saes(model, d_sae: int = 128, k: int = 8, seed: int = 0) -> dict:
     d_model = model.config.hidden_size
     return {n: QwenScopeSAE(make_sae_tensors(d_model, d_sae, seed=seed + n), QScopeSAEConfig(d_model, d_sae, k, n))
             for n in range(model.config.num_hidden_layers)}
+
+
+FAMILIES = ("qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe")
+
+
+def tiny_config(family: str, *, multimodal: bool = False, n_layers: int = 4, vocab_size: int = 151_669):
+    """A transformers config of each Qwen family, small enough for CPU tests (upstream-status §5).
+
+    Qwen3.5 keeps one full-attention layer in every four (3 Gated DeltaNet + 1 gated attention), as the real
+    models do; ``multimodal`` gives the published ``*ForConditionalGeneration`` layout with a tiny vision tower.
+    """
+    import transformers as tf
+
+    # initializer_range 0.1: greedy continuations of a 0.02-initialised tiny model repeat one token, which would
+    # make token-identity checks pass vacuously
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                  initializer_range=0.1)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    layer_types = (["linear_attention"] * 3 + ["full_attention"]) * (n_layers // 4)
+    linear = dict(linear_conv_kernel_dim=2, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                  linear_num_value_heads=4, layer_types=layer_types)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, **moe, norm_topk_prob=True)
+    if family == "qwen3_5":
+        text = dict(**common, **linear)
+        text_cls, full_cls = tf.Qwen3_5TextConfig, tf.Qwen3_5Config
+    elif family == "qwen3_5_moe":
+        text = dict(**common, **linear, **moe, shared_expert_intermediate_size=32)
+        text_cls, full_cls = tf.Qwen3_5MoeTextConfig, tf.Qwen3_5MoeConfig
+    else:
+        raise ValueError(family)
+    if not multimodal:
+        return text_cls(**text)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+    return full_cls(text_config=text, vision_config=vision, tie_word_embeddings=True)
+
+
+def tiny_model(family: str, *, multimodal: bool = False, seed: int = 0, **kwargs):
+    """A random-weight model of ``family`` in eval mode (text ``*ForCausalLM`` or ``*ForConditionalGeneration``)."""
+    import transformers as tf
+
+    cfg = tiny_config(family, multimodal=multimodal, **kwargs)
+    torch.manual_seed(seed)
+    cls = tf.AutoModelForImageTextToText if multimodal else tf.AutoModelForCausalLM
+    return cls.from_config(cfg).eval()
