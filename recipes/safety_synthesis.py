@@ -1,0 +1,294 @@
+"""Feature-driven safety data synthesis with representation-level verification (report §6).
+
+    >>> targets = build_targets(model, tok, saes, features, corpus, explainer, judge, tau=0.5)   # (R23)
+    >>> report = coverage(model, tok, saes, targets, seed_prompts)                                # (R22, R24, R27)
+    >>> kept = synthesize(model, tok, saes, targets, generators, budget=200, out="synth.jsonl")  # R25, R26 + verify
+
+Equations (spec §3.4), with h^{(ℓ)}_{i,f} = 1[max_t a^{(ℓ)}_{i,t,f} > 0] on the prompt of example i (R15):
+
+    (R22) c_f(D) = 1[∃ i ∈ D : h_{i,f} = 1]               a target is covered by D
+    (R23) T = {(ℓ, f) : s_f ≥ τ}                          s ∈ [0, 1] from a judge of the feature's explanation
+    (R24) T_miss = {(ℓ, f) ∈ T : c_f(D_seed) = 0}          synthesis priority; then weakly covered targets
+    (R27) Cov(D) = |T|⁻¹ Σ_{(ℓ,f)∈T} c_f(D)
+
+Every model call (explainer, judge, prompt/rewrite/response generators) is a pluggable callable; ``ChatModel``
+is a provided implementation on a local ``transformers`` chat model, and the prompt templates are text files in
+``templates/`` that users can edit or replace. Verification keeps an example for target (ℓ, f) only if its
+prompt fires the feature through the SAE.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+
+from qscope_plugin.errors import QScopeError
+from qscope_plugin.recipes.classifiers import max_activations
+from qscope_plugin.recipes.discovery import Context, top_contexts
+from qscope_plugin.sae import QwenScopeSAE
+
+TEMPLATES = Path(__file__).parent / "templates"
+ATTACK_STYLES = ("role-play", "hypothetical framing", "payload splitting", "polite indirect request")
+"""Default adversarial rewrite styles η_k; the report does not list its own (spec §4 row 9)."""
+
+
+class SynthesisError(QScopeError, ValueError):
+    """Targets, budgets or files that cannot be used."""
+
+
+class Explainer(Protocol):
+    def __call__(self, contexts: Sequence[Context]) -> str: ...
+
+
+class Judge(Protocol):
+    def __call__(self, explanation: str) -> float: ...
+
+
+@dataclass(frozen=True)
+class Target:
+    layer: int
+    feature: int
+    explanation: str
+    score: float
+    """s_f: the judge's relevance of the explanation to safety SFT, in [0, 1]."""
+    category: str = "harmful"
+    """Risk category; decides the response label z (harmful -> refusal, benign -> helpful answer)."""
+
+
+def save_targets(targets: Sequence[Target], path: str | Path) -> None:
+    Path(path).write_text("".join(json.dumps(asdict(t), ensure_ascii=False) + "\n" for t in targets),
+                          encoding="utf-8")
+
+
+def load_targets(path: str | Path) -> list[Target]:
+    try:
+        return [Target(**json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    except (OSError, TypeError, json.JSONDecodeError) as e:
+        raise SynthesisError(f"cannot read targets from {str(path)!r} ({e}); expected JSONL written by "
+                             "save_targets / `qscope safety targets`") from None
+
+
+def build_targets(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], features: Mapping[int, Sequence[int]],
+                  corpus: Sequence[str], explainer: Explainer, judge: Judge, *, tau: float = 0.5, n_top: int = 10,
+                  categorize: Callable[[str], str] | None = None, progress: bool = False) -> list[Target]:
+    """Explain each candidate feature from its top-activating contexts, score it, keep s_f ≥ τ (R23)."""
+    contexts = top_contexts(model, tokenizer, corpus, saes, features, n_top=n_top, progress=progress)
+    targets = []
+    for (layer, feature), ctx in contexts.items():
+        if not ctx:
+            continue  # never fired on the corpus: nothing to explain
+        explanation = explainer(ctx)
+        score = float(judge(explanation))
+        if not 0.0 <= score <= 1.0:
+            raise SynthesisError(f"the judge returned {score} for feature {feature}; scores must lie in [0, 1]")
+        if score >= tau:
+            category = categorize(explanation) if categorize else "harmful"
+            targets.append(Target(layer, feature, explanation, score, category))
+    return targets
+
+
+def firing(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], prompts: Sequence[str],
+           targets: Sequence[Target], **options) -> np.ndarray:
+    """(R15) restricted to the targets: ``(n_prompts, n_targets)`` bool."""
+    if not prompts:
+        return np.zeros((0, len(targets)), dtype=bool)
+    layers = sorted({t.layer for t in targets})
+    acts = max_activations(model, tokenizer, prompts, {layer: saes[layer] for layer in layers}, **options)
+    return np.stack([np.asarray(acts[t.layer][:, t.feature].todense()).ravel() > 0 for t in targets], axis=1)
+
+
+@dataclass
+class Coverage:
+    support: np.ndarray
+    """Per target, the number of prompts that fire it."""
+    cov: float
+    """(R27) share of targets fired by at least one prompt."""
+    missing: list[int]
+    """(R24) indices of targets with zero support."""
+    weak: list[int]
+    """Covered targets with support below the weak threshold."""
+    by_category: dict[str, float] = field(default_factory=dict)
+
+
+def coverage_from_firing(fired: np.ndarray, targets: Sequence[Target], *, weak_support: int = 3) -> Coverage:
+    """(R22, R24, R27) from a firing matrix; ``weak_support`` is not specified in the report (spec §4 row 9)."""
+    if not targets:
+        raise SynthesisError("no targets; build them first (build_targets or `qscope safety targets`)")
+    support = fired.sum(axis=0) if len(fired) else np.zeros(len(targets), dtype=int)
+    covered = support > 0
+    categories: dict[str, list[bool]] = {}
+    for t, c in zip(targets, covered, strict=True):
+        categories.setdefault(t.category, []).append(bool(c))
+    return Coverage(support, float(covered.mean()), [i for i, c in enumerate(covered) if not c],
+                    [i for i, s in enumerate(support) if 0 < s < weak_support],
+                    {cat: float(np.mean(v)) for cat, v in sorted(categories.items())})
+
+
+def coverage(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], targets: Sequence[Target],
+             prompts: Sequence[str], *, weak_support: int = 3, **options) -> Coverage:
+    return coverage_from_firing(firing(model, tokenizer, saes, prompts, targets, **options), targets,
+                                weak_support=weak_support)
+
+
+@dataclass(frozen=True)
+class Generators:
+    """The report's generators (R25, R26); each takes and returns plain text."""
+
+    vanilla: Callable[[str], str]
+    """G_van(e_f): a prompt that exercises the feature described by explanation e_f."""
+    adversarial: Callable[[str, str], str]
+    """G_adv(x_van, η): the prompt rewritten in attack style η."""
+    response: Callable[[str, Literal["harmful", "benign"]], str]
+    """G_resp(x, z): a refusal with a safe redirect if z is harmful, else a helpful answer."""
+
+
+def _done_keys(path: Path) -> tuple[int, set[tuple]]:
+    """Resume: generation attempts already spent and the (target, variant) keys already handled."""
+    if not path.exists():
+        return 0, set()
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return sum(r["attempts"] for r in rows), {(r["layer"], r["feature"], r["variant"]) for r in rows}
+
+
+def synthesize(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], targets: Sequence[Target],
+               generators: Generators, *, seed_prompts: Sequence[str] = (), budget: int = 100,
+               attack_styles: Sequence[str] = ATTACK_STYLES, n_adversarial: int = 2, weak_support: int = 3,
+               seed: int = 0, out: str | Path | None = None, provenance: Mapping | None = None,
+               progress: bool = False) -> list[dict]:
+    """Generate and verify examples for uncovered targets first (T_miss), then weakly covered ones.
+
+    ``budget`` counts generated prompts (vanilla and adversarial). Each kept example is written to ``out``
+    (JSONL, appended as it is made, so an interrupted run resumes where it stopped) with its provenance.
+    """
+    from tqdm.auto import tqdm
+
+    if budget < 1:
+        raise SynthesisError(f"budget={budget}; give a positive number of prompts to generate")
+    keys = [(t.layer, t.feature) for t in targets]
+    if len(set(keys)) != len(keys):
+        raise SynthesisError("targets repeat a (layer, feature) pair; T is a set of features (R23)")
+    cov = coverage(model, tokenizer, saes, targets, list(seed_prompts), weak_support=weak_support)
+    order = cov.missing + sorted(cov.weak, key=lambda i: cov.support[i])
+    path = Path(out) if out else None
+    spent, done = _done_keys(path) if path else (0, set())
+    rng = random.Random(seed)
+    kept: list[dict] = []
+    bar = tqdm(total=budget, initial=min(spent, budget), disable=not progress, desc="synthesize", unit="prompt")
+    for index in order:
+        target = targets[index]
+        styles = rng.sample(list(attack_styles), min(n_adversarial, len(attack_styles)))
+        vanilla: str | None = None
+        for variant in ["vanilla", *styles]:
+            if spent >= budget:
+                break
+            if (target.layer, target.feature, variant) in done:
+                continue
+            if variant == "vanilla" or vanilla is None:
+                vanilla = generators.vanilla(target.explanation)
+            prompt = vanilla if variant == "vanilla" else generators.adversarial(vanilla, variant)
+            spent += 1
+            bar.update(1)
+            verified = bool(firing(model, tokenizer, saes, [prompt], [target])[0, 0])
+            label = "harmful" if target.category == "harmful" else "benign"
+            row = {"layer": target.layer, "feature": target.feature, "variant": variant, "prompt": prompt,
+                   "label": label, "verified": verified, "attempts": 1,
+                   "response": generators.response(prompt, label) if verified else None,
+                   "provenance": dict(provenance or {})}
+            if path:
+                with path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if verified:
+                kept.append(row)
+    bar.close()
+    return kept
+
+
+def read_synthesized(path: str | Path, *, verified_only: bool = True) -> list[dict]:
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    return [r for r in rows if r["verified"] or not verified_only]
+
+
+def coverage_curve(fired: np.ndarray, targets: Sequence[Target], budgets: Sequence[int],
+                   seed_fired: np.ndarray | None = None) -> list[float]:
+    """Cov (R27) of the seed set plus the first ``b`` generated prompts, for each budget ``b``."""
+    base = seed_fired.any(axis=0) if seed_fired is not None and len(seed_fired) else np.zeros(len(targets), bool)
+    return [float((base | (fired[:b].any(axis=0) if b else False)).mean()) for b in budgets]
+
+
+def baseline_prompts(generators: Generators, targets: Sequence[Target], pool: Sequence[str], budget: int, *,
+                     seed: int = 0) -> dict[str, list[str]]:
+    """The two comparisons of the report under the same budget: natural sampling from a pool of safety prompts,
+    and random synthesis (the same generators, targets drawn uniformly, no coverage guidance, no verification)."""
+    rng = random.Random(seed)
+    natural = rng.sample(list(pool), min(budget, len(pool)))
+    random_synth = [generators.vanilla(rng.choice(list(targets)).explanation) for _ in range(budget)]
+    return {"natural sampling": natural, "random synthesis": random_synth}
+
+
+def plot_coverage_curves(curves: Mapping[str, Sequence[float]], budgets: Sequence[int], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, values in curves.items():
+        ax.plot(budgets, values, marker="o", label=name)
+    ax.set_xlabel("generated prompts (budget)")
+    ax.set_ylabel("target coverage Cov(D)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+class ChatModel:
+    """A local ``transformers`` causal LM as the text-in, text-out callable every pluggable piece needs."""
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int = 64, templates: Path = TEMPLATES) -> None:
+        self.model, self.tokenizer, self.max_new_tokens, self.templates = model, tokenizer, max_new_tokens, templates
+
+    def __call__(self, text: str) -> str:
+        import torch
+
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = ids.to(next(self.model.parameters()).device)
+        with torch.no_grad():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    def template(self, name: str) -> str:
+        return (self.templates / f"{name}.txt").read_text(encoding="utf-8")
+
+    def explainer(self) -> Explainer:
+        def explain(contexts: Sequence[Context]) -> str:
+            examples = "\n".join(f"- {c.snippet}" for c in contexts)
+            return self(self.template("explain").format(examples=examples)) or "(no explanation)"
+
+        return explain
+
+    def judge(self) -> Judge:
+        """Reads the first number in the model's answer; an answer without one scores 0."""
+        import re
+
+        def score(explanation: str) -> float:
+            match = re.search(r"\d+(?:\.\d+)?", self(self.template("judge").format(explanation=explanation)))
+            return min(max(float(match.group()), 0.0), 1.0) if match else 0.0
+
+        return score
+
+    def generators(self) -> Generators:
+        return Generators(
+            vanilla=lambda explanation: self(self.template("vanilla").format(explanation=explanation)),
+            adversarial=lambda prompt, style: self(self.template("adversarial").format(prompt=prompt, style=style)),
+            response=lambda prompt, label: self(self.template(f"response_{label}").format(prompt=prompt)),
+        )
