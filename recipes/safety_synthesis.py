@@ -153,7 +153,7 @@ def _done_keys(path: Path) -> tuple[int, set[tuple]]:
     if not path.exists():
         return 0, set()
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return sum(r["attempts"] for r in rows), {(r["layer"], r["feature"], r["variant"]) for r in rows}
+    return len(rows), {(r["layer"], r["feature"], r["variant"]) for r in rows}
 
 
 def synthesize(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], targets: Sequence[Target],
@@ -196,8 +196,8 @@ def synthesize(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], targe
             bar.update(1)
             verified = bool(firing(model, tokenizer, saes, [prompt], [target])[0, 0])
             label = "harmful" if target.category == "harmful" else "benign"
-            row = {"layer": target.layer, "feature": target.feature, "variant": variant, "prompt": prompt,
-                   "label": label, "verified": verified, "attempts": 1,
+            row = {"index": spent - 1, "layer": target.layer, "feature": target.feature, "variant": variant,
+                   "prompt": prompt, "label": label, "verified": verified,
                    "response": generators.response(prompt, label) if verified else None,
                    "provenance": dict(provenance or {})}
             if path:
@@ -229,6 +229,22 @@ def baseline_prompts(generators: Generators, targets: Sequence[Target], pool: Se
     natural = rng.sample(list(pool), min(budget, len(pool)))
     random_synth = [generators.vanilla(rng.choice(list(targets)).explanation) for _ in range(budget)]
     return {"natural sampling": natural, "random synthesis": random_synth}
+
+
+def compare_coverage(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], targets: Sequence[Target],
+                     generators: Generators, *, seed_prompts: Sequence[str], pool: Sequence[str],
+                     budgets: Sequence[int], seed: int = 0, **synth_options) -> dict[str, list[float]]:
+    """Cov (R27) vs budget for feature-driven synthesis (only verified examples kept) and the two baselines."""
+    budget = max(budgets)
+    rows = synthesize(model, tokenizer, saes, targets, generators, seed_prompts=seed_prompts, budget=budget,
+                      seed=seed, **synth_options)
+    seed_fired = firing(model, tokenizer, saes, list(seed_prompts), targets)
+    curves = {"feature-driven": coverage_curve(firing(model, tokenizer, saes, [r["prompt"] for r in rows], targets),
+                                               targets, [sum(r["index"] < b for r in rows) for b in budgets],
+                                               seed_fired)}
+    for name, prompts in baseline_prompts(generators, targets, pool, budget, seed=seed).items():
+        curves[name] = coverage_curve(firing(model, tokenizer, saes, prompts, targets), targets, budgets, seed_fired)
+    return curves
 
 
 def plot_coverage_curves(curves: Mapping[str, Sequence[float]], budgets: Sequence[int], path: str | Path) -> Path:

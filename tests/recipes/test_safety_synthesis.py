@@ -128,3 +128,17 @@ def test_end_to_end_with_a_local_transformers_model(planted, tmp_path):
                       out=tmp_path / "s.jsonl")
     rows = read_synthesized(tmp_path / "s.jsonl", verified_only=False)
     assert len(rows) == 3 and len(kept) == sum(r["verified"] for r in rows)
+
+
+def test_coverage_vs_budget_against_the_baselines(planted, tmp_path):
+    from qscope_plugin.recipes.safety_synthesis import compare_coverage, plot_coverage_curves
+
+    model, tok, saes, targets = planted
+    budgets = [0, 1, 3, 6]
+    curves = compare_coverage(model, tok, saes, targets, stub_generators([]), seed_prompts=[NEUTRAL],
+                              pool=[NEUTRAL, "a dog ran", "rain today"], budgets=budgets, n_adversarial=2)
+    assert set(curves) == {"feature-driven", "natural sampling", "random synthesis"}
+    assert curves["feature-driven"] == pytest.approx([0, 2 / 3, 2 / 3, 2 / 3])  # the trigger fires both targets
+    assert curves["natural sampling"] == [0, 0, 0, 0]  # the pool never contains the trigger
+    assert all(a <= b for c in curves.values() for a, b in zip(c, c[1:], strict=False))
+    assert plot_coverage_curves(curves, budgets, tmp_path / "c.png").stat().st_size > 0
