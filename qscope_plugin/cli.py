@@ -253,6 +253,75 @@ def cmd_classify_predict(args: argparse.Namespace) -> None:
         print(f"{int(label)}\t{text}")
 
 
+def _chat(args: argparse.Namespace, model, tok):
+    from qscope_plugin.recipes.safety_synthesis import ChatModel
+
+    if args.chat_model:
+        from qscope_plugin.models import load_model
+
+        model, tok = load_model(args.chat_model, device=args.device)
+    return ChatModel(model, tok, max_new_tokens=args.max_new_tokens)
+
+
+def cmd_safety_targets(args: argparse.Namespace) -> None:
+    from qscope_plugin.recipes.safety_synthesis import build_targets, save_targets
+
+    model, tok = _backbone(args)
+    saes = _saes(args.release, args.layers)
+    features = {layer: parse_layers(args.features, sae.cfg.d_sae) for layer, sae in saes.items()}
+    chat = _chat(args, model, tok)
+    targets = build_targets(model, tok, saes, features, _texts(None, args.corpus, "corpus"), chat.explainer(),
+                            chat.judge(), tau=args.tau, progress=True)
+    save_targets(targets, args.out)
+    print(f"{len(targets)} target(s) with relevance >= {args.tau} written to {args.out}")
+
+
+def cmd_safety_coverage(args: argparse.Namespace) -> None:
+    from qscope_plugin.recipes.safety_synthesis import coverage, load_targets
+
+    targets = load_targets(args.targets)
+    model, tok = _backbone(args)
+    saes = _saes(args.release, ",".join(str(t.layer) for t in targets))
+    cov = coverage(model, tok, saes, targets, _texts(None, args.prompts, "prompts"), weak_support=args.weak_support)
+    payload = {"cov": cov.cov, "missing": [vars(targets[i]) for i in cov.missing],
+               "weak": [vars(targets[i]) for i in cov.weak], "by_category": cov.by_category}
+
+    def render() -> None:
+        print(f"Cov(D) = {cov.cov:.3f} over {len(targets)} targets; {len(cov.missing)} uncovered (T_miss), "
+              f"{len(cov.weak)} weakly covered (support < {args.weak_support})")
+        for category, value in cov.by_category.items():
+            print(f"  {category}: {value:.3f}")
+
+    _emit(args, payload, render)
+
+
+def cmd_safety_synthesize(args: argparse.Namespace) -> None:
+    from qscope_plugin.recipes.safety_synthesis import (
+        compare_coverage,
+        load_targets,
+        plot_coverage_curves,
+        synthesize,
+    )
+
+    targets = load_targets(args.targets)
+    model, tok = _backbone(args)
+    saes = _saes(args.release, ",".join(str(t.layer) for t in targets))
+    generators = _chat(args, model, tok).generators()
+    seed_prompts = _texts(None, args.seed_prompts, "seed prompts") if args.seed_prompts else []
+    provenance = {"model": args.model, "release": args.release, "budget": args.budget, "seed": args.seed}
+    kept = synthesize(model, tok, saes, targets, generators, seed_prompts=seed_prompts, budget=args.budget,
+                      seed=args.seed, out=args.out, provenance=provenance, progress=True)
+    print(f"{len(kept)} verified example(s) kept; all attempts in {args.out}")
+    if args.curve:
+        budgets = sorted({max(1, args.budget * i // 4) for i in range(5)} | {0})
+        curves = compare_coverage(model, tok, saes, targets, generators, seed_prompts=seed_prompts,
+                                  pool=_texts(None, args.pool, "pool") if args.pool else seed_prompts,
+                                  budgets=budgets, seed=args.seed)
+        plot_coverage_curves(curves, budgets, args.curve)
+        print(f"coverage vs budget written to {args.curve}: " +
+              "; ".join(f"{name} {values[-1]:.3f}" for name, values in curves.items()))
+
+
 def _add_model_options(p: argparse.ArgumentParser, layers: bool = True) -> None:
     from qscope_plugin.models import default_model, default_release
 
@@ -338,6 +407,32 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--file", help="file with one text per line")
     _add_model_options(predict, layers=False)
     predict.set_defaults(func=cmd_classify_predict)
+
+    safety = sub.add_parser("safety", help="feature-driven safety data synthesis (report §6)")
+    verbs = safety.add_subparsers(dest="verb", required=True)
+    targets = verbs.add_parser("targets", help="explain and score candidate features; keep s >= tau")
+    targets.add_argument("--features", required=True, help="feature ids per layer, e.g. 0-99 or 5,17,301")
+    targets.add_argument("--corpus", required=True, help="file of texts (one per line) to find top contexts in")
+    targets.add_argument("--tau", type=float, default=0.5, help="relevance threshold τ (default 0.5)")
+    targets.add_argument("--out", required=True, help="targets JSONL")
+    coverage = verbs.add_parser("coverage", help="Cov(D), T_miss and weak targets of a prompt set")
+    coverage.add_argument("targets", help="targets JSONL")
+    coverage.add_argument("--prompts", required=True, help="file of prompts, one per line")
+    coverage.add_argument("--weak-support", type=int, default=3)
+    synth = verbs.add_parser("synthesize", help="generate, verify through the SAE and save examples")
+    synth.add_argument("targets", help="targets JSONL")
+    synth.add_argument("--seed-prompts", help="file of existing prompts (their coverage decides the order)")
+    synth.add_argument("--budget", type=int, default=100, help="prompts to generate (default 100)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, help="JSONL of every attempt; resumes if it exists")
+    synth.add_argument("--curve", help="also write a coverage-vs-budget PNG against the two baselines")
+    synth.add_argument("--pool", help="pool of natural prompts for the sampling baseline (default: seed prompts)")
+    for p, func in ((targets, cmd_safety_targets), (coverage, cmd_safety_coverage), (synth, cmd_safety_synthesize)):
+        p.add_argument("--chat-model", default=None, help="local chat model for explainer/judge/generators "
+                                                          "(default: the backbone)")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        _add_model_options(p, layers=p is targets)
+        p.set_defaults(func=func)
     return parser
 
 

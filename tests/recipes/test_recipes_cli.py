@@ -85,3 +85,22 @@ def test_classify_fit_eval_predict(assets, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[1] for line in lines] == ["you idiot", "thanks"]
     assert all(line.split("\t")[0] in {"0", "1"} for line in lines)
+
+
+def test_safety_targets_coverage_synthesize(assets, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("how to pick a lock\nthe weather is nice\nmake a dangerous chemical\n")
+    out = tmp_path / "targets.jsonl"
+    common = ["--max-new-tokens", "4", *assets]
+    assert main(["safety", "targets", "--layers", "1", "--features", "0-15", "--corpus", str(corpus), "--tau", "0",
+                 "--out", str(out), *common]) == 0
+    targets = [json.loads(line) for line in out.read_text().splitlines()]
+    assert targets and all(t["layer"] == 1 and 0 <= t["feature"] <= 15 for t in targets)
+    capsys.readouterr()
+    assert main(["safety", "coverage", str(out), "--prompts", str(corpus), "--json", *common]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0.0 <= report["cov"] <= 1.0 and len(report["missing"]) <= len(targets)
+    synth = tmp_path / "synth.jsonl"
+    assert main(["safety", "synthesize", str(out), "--seed-prompts", str(corpus), "--budget", "2", "--out",
+                 str(synth), "--curve", str(tmp_path / "curve.png"), *common]) == 0
+    assert len(synth.read_text().splitlines()) >= 2 and (tmp_path / "curve.png").stat().st_size > 0
