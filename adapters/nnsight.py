@@ -1,0 +1,141 @@
+"""nnsight adapter: Qwen3 / Qwen3.5 ``LanguageModel``s with Qwen-Scope features, locally or on NDIF.
+
+    >>> from qscope_plugin.adapters.nnsight import load, residual, read_features, steered_generate
+    >>> lm = load("Qwen/Qwen3-1.7B-Base")
+    >>> with lm.trace("我今天很开心"):
+    ...     values, features = read_features(lm, sae).save()          # inside the trace: (1, T, k) each
+    >>> ids = steered_generate(lm, "The weather today", sae.cfg.layer, -20 * sae.direction(6159), max_new_tokens=20)
+
+Loading always passes a tokenizer: nnsight's default lazy (meta) load cannot guess one on transformers 5.x
+(upstream-status §4). Steering uses a bounded ``tracer.iter[:N]``, so code after the loop runs. For remote runs
+(``remote=True``, NDIF) only what is needed travels: the decoder columns to steer with and the encoder rows of
+the features to read, never whole SAE matrices; ``check_remote`` fails fast, in one clear error, when the hub or
+NDIF cannot be reached.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from qscope_plugin.errors import QScopeError
+from qscope_plugin.hooks import LAYER_PATHS, resolve_layers
+from qscope_plugin.sae import QwenScopeSAE
+
+__all__ = ["block", "check_remote", "load", "read_features", "residual", "steered_generate"]
+
+
+class RemoteUnavailableError(QScopeError, ConnectionError):
+    """NDIF or the Hugging Face hub cannot be used for a remote run."""
+
+
+def load(model: str | nn.Module, *, tokenizer=None, **kwargs: Any):
+    """A working ``nnsight.LanguageModel`` for any Qwen3 / Qwen3.5 model (hub id, local folder or loaded model).
+
+    ``kwargs`` go to ``LanguageModel`` (e.g. ``dispatch=True``, ``device_map="auto"``, ``dtype``).
+    """
+    from nnsight import LanguageModel
+    from transformers import AutoTokenizer
+
+    if tokenizer is None:
+        name = model if isinstance(model, str) else model.config._name_or_path
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    return LanguageModel(model, tokenizer=tokenizer, **kwargs)
+
+
+def _layers_path(lm) -> str:
+    """Which of the spec's layer paths this model uses (the envoy tree mirrors the module tree)."""
+    module = lm._module
+    layers = resolve_layers(module)
+    for path in LAYER_PATHS:
+        obj = module
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is layers:
+            return path
+    raise QScopeError("layer list not found on the envoy tree")  # unreachable: resolve_layers found one
+
+
+def block(lm, layer: int):
+    """The envoy of decoder block ``layer``, for the text-only and the multimodal layout alike."""
+    envoy = lm
+    for part in _layers_path(lm).split("."):
+        envoy = getattr(envoy, part)
+    return envoy[layer]
+
+
+def residual(lm, layer: int):
+    """Block ``layer``'s output inside a trace: a plain ``(batch, seq, d_model)`` tensor proxy (not ``[0]``)."""
+    return block(lm, layer).output
+
+
+def read_features(lm, sae: QwenScopeSAE, features: list[int] | None = None):
+    """Inside a trace: the SAE's ``(values, indices)`` at its layer, or for ``features`` their activations.
+
+    With ``features`` only those encoder rows are used (what a remote run should send): the result is
+    ReLU(pre-activation), which equals z_f whenever f is among the top-k (the full TopK needs every row).
+    """
+    h = residual(lm, sae.cfg.layer)
+    if features is None:
+        return sae.encode_sparse(h)
+    rows, bias = sae.encoder_rows(features)
+    return torch.relu(h.float() @ rows.T + bias)
+
+
+def steered_generate(lm, prompt: str, layer: int, vector: torch.Tensor, *, max_new_tokens: int = 20,
+                     remote: bool = False, **generate_kwargs: Any) -> torch.Tensor:
+    """Greedy generation with ``vector`` added to block ``layer``'s output at every position of every step.
+
+    Only ``vector`` (one d_model column) is sent when ``remote=True``.
+    """
+    if remote:
+        check_remote(lm)
+    generate_kwargs.setdefault("do_sample", False)
+    with lm.generate(prompt, max_new_tokens=max_new_tokens, remote=remote, **generate_kwargs) as tracer:
+        for _ in tracer.iter[:max_new_tokens]:
+            block(lm, layer).output[:] += vector
+        ids = tracer.result.save()
+    return ids
+
+
+def _reachable(url: str, timeout: float) -> str | None:
+    """None if a TCP connection to ``url``'s host opens within ``timeout`` seconds, else the reason."""
+    import socket
+
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return str(e) or type(e).__name__
+
+
+def check_remote(lm_or_id, *, timeout: float = 3.0) -> str:
+    """Fail fast, with one clear error, when a remote (NDIF) run cannot work; returns the hub id.
+
+    nnsight first asks the Hugging Face hub about the model (a local path or ``HF_HUB_OFFLINE`` fail there), and
+    an unreachable host costs minutes of retries; this checks both hosts with a short timeout first.
+    """
+    from huggingface_hub import constants, is_offline_mode
+    from nnsight import CONFIG
+
+    repo_id = lm_or_id if isinstance(lm_or_id, str) else getattr(lm_or_id._module.config, "_name_or_path", "")
+    if not repo_id or Path(repo_id).exists() or repo_id.count("/") != 1:
+        raise RemoteUnavailableError(f"remote execution needs a hub model id like 'Qwen/Qwen3-8B-Base', not "
+                                     f"{repo_id!r}: NDIF runs models it hosts, not local folders")
+    if is_offline_mode():
+        raise RemoteUnavailableError("remote execution needs the Hugging Face hub, but HF_HUB_OFFLINE is set; "
+                                     "unset it (and TRANSFORMERS_OFFLINE) for remote runs")
+    for name, url in (("the Hugging Face hub", constants.ENDPOINT), ("NDIF", CONFIG.API.HOST)):
+        reason = _reachable(url, timeout)
+        if reason:
+            raise RemoteUnavailableError(f"{name} at {url} cannot be reached ({reason}); check the network, or "
+                                         "set NDIF_HOST / HF_ENDPOINT, and run locally meanwhile (remote=False)")
+    if CONFIG.API.APIKEY is None:
+        raise RemoteUnavailableError("no NDIF API key: set NDIF_API_KEY or call nnsight.CONFIG.set_default_api_key()")
+    return repo_id

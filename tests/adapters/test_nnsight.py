@@ -1,0 +1,121 @@
+"""nnsight LanguageModel parity with transformers for all four families, steering, SAE reading, remote preflight."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+from qscope_testing import FAMILIES, make_sae_tensors, qwen3_tokenizer, tiny_model
+
+from qscope_plugin.adapters.nnsight import (
+    RemoteUnavailableError,
+    check_remote,
+    load,
+    read_features,
+    residual,
+    steered_generate,
+)
+from qscope_plugin.hooks import add_to_residual, capture_residual
+from qscope_plugin.sae import QScopeSAEConfig, QwenScopeSAE
+
+CASES = [(f, False) for f in FAMILIES] + [("qwen3_5", True)]
+PROMPT = "The quick brown fox jumps over the lazy dog"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return qwen3_tokenizer()
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}{'-multimodal' if m else ''}" for f, m in CASES])
+def models(request, tok):
+    family, multimodal = request.param
+    hf = tiny_model(family, multimodal=multimodal)
+    return load(copy.deepcopy(hf), tokenizer=tok), hf
+
+
+def test_logits_and_residual_equal_transformers(models, tok):
+    lm, hf = models
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    n_layers = hf.config.get_text_config().num_hidden_layers
+    with capture_residual(hf, range(n_layers)) as blocks:
+        ref = hf(ids).logits
+    saved = []
+    with lm.trace(PROMPT):  # a plain loop: nnsight re-executes the block's source, comprehensions lose scope
+        for n in range(n_layers):
+            saved.append(residual(lm, n).save())
+        logits = lm.lm_head.output.save()
+    assert (logits - ref).abs().max() <= 1e-5
+    for n in range(n_layers):
+        assert (saved[n] - blocks[n]).abs().max() <= 1e-5
+
+
+def test_steered_generation_is_token_identical(models, tok):
+    lm, hf = models
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    vector = 0.5 * torch.randn(64, generator=torch.Generator().manual_seed(1))
+
+    def greedy(**kw):
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                           pad_token_id=0, **kw)[0, ids.shape[1]:].tolist()
+
+    plain = greedy()
+    with add_to_residual(hf, 1, vector):
+        expected = greedy()
+    assert expected != plain and len(set(expected)) > 1
+    out = steered_generate(lm, PROMPT, 1, vector, max_new_tokens=20)
+    assert out[0, ids.shape[1]:].tolist() == expected
+    with lm.generate(PROMPT, max_new_tokens=20, do_sample=False) as tracer:
+        unsteered = tracer.result.save()
+    assert unsteered[0, ids.shape[1]:].tolist() == plain
+
+
+def test_read_features_inside_a_trace(tok):
+    hf = tiny_model("qwen3")
+    lm = load(copy.deepcopy(hf), tokenizer=tok)
+    sae = QwenScopeSAE(make_sae_tensors(64, 256, seed=2), QScopeSAEConfig(64, 256, 16, 2))
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    with capture_residual(hf, 2) as blocks:
+        hf(ids)
+    with lm.trace(PROMPT):
+        values, indices = read_features(lm, sae)
+        values, indices = values.save(), indices.save()
+        some = read_features(lm, sae, [3, 7]).save()
+    z = sae.encode(blocks[2])
+    assert torch.allclose(torch.zeros_like(z).scatter_(-1, indices, values), z, atol=1e-5)
+    in_topk = z[..., [3, 7]] > 0
+    assert torch.allclose(some[in_topk], z[..., [3, 7]][in_topk], atol=1e-5)  # exact where f is in the top-k
+
+
+def test_remote_preflight_fails_fast_and_clearly(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+    from nnsight import CONFIG
+
+    with pytest.raises(RemoteUnavailableError, match="not local folders"):
+        check_remote(str(tmp_path))
+    with pytest.raises(RemoteUnavailableError, match="HF_HUB_OFFLINE is set"):
+        check_remote("Qwen/Qwen3-8B-Base")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed port on this machine
+    start = time.monotonic()
+    with pytest.raises(RemoteUnavailableError, match="Hugging Face hub at http://127.0.0.1:9 cannot be reached"):
+        check_remote("Qwen/Qwen3-8B-Base", timeout=2)
+    assert time.monotonic() - start < 5
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(CONFIG.API, "HOST", "http://127.0.0.1:9")
+    with pytest.raises(RemoteUnavailableError, match="NDIF at http://127.0.0.1:9"):
+        check_remote("Qwen/Qwen3-8B-Base", timeout=2)
+    monkeypatch.setattr(CONFIG.API, "HOST", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    with pytest.raises(RemoteUnavailableError, match="no NDIF API key"):
+        check_remote("Qwen/Qwen3-8B-Base", timeout=2)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "test-key")
+    assert check_remote("Qwen/Qwen3-8B-Base", timeout=2) == "Qwen/Qwen3-8B-Base"
+    server.close()
