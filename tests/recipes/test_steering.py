@@ -208,3 +208,41 @@ def test_nnsight_backend_generates_identical_tokens(setup, mode):
     with steer(lm, spec, saes, prompt_length=ids.shape[1]):
         assert greedy_tokens(lm, ids, 10, None) == expected
     assert greedy_tokens(lm, ids, 10, None) != expected  # and the steering did something
+
+
+@pytest.mark.parametrize("mode", ["all", "generated"])
+def test_bridge_backend_generates_identical_tokens(setup, mode):
+    import copy
+
+    from qscope_plugin.adapters.transformer_lens import boot
+    from qscope_plugin.recipes.steering import greedy_tokens
+
+    model, tok, saes = setup
+    ids = ids_of(tok, "Once upon a time")
+    spec = SteeringSpec.single(1, 11, 3.0, positions=mode)
+    with steer(model, spec, saes, prompt_length=ids.shape[1]):
+        expected = greedy_tokens(model, ids, 10, None)
+    bridge = boot(copy.deepcopy(model), tokenizer=tok)
+    with steer(bridge, spec, saes, prompt_length=ids.shape[1]):
+        assert greedy_tokens(bridge, ids, 10, None) == expected
+    assert greedy_tokens(bridge, ids, 10, None) != expected
+
+
+def test_generate_is_identical_on_the_three_backends(setup):
+    import copy
+
+    from nnsight import LanguageModel
+
+    from qscope_plugin.adapters.transformer_lens import boot
+
+    model, tok, saes = setup
+    spec = SteeringSpec.single(1, 11, 3.0)
+    results = [generate(backend, tok, "Once upon a time", spec, saes, max_new_tokens=8)
+               for backend in (model, boot(copy.deepcopy(model), tokenizer=tok),
+                               LanguageModel(copy.deepcopy(model), tokenizer=tok))]
+    assert results[0].steered.token_ids != results[0].unsteered.token_ids
+    for other in results[1:]:
+        assert other.steered.token_ids == results[0].steered.token_ids
+        assert other.unsteered.token_ids == results[0].unsteered.token_ids
+        assert [t.prob for t in other.steered.tokens] == pytest.approx([t.prob for t in results[0].steered.tokens],
+                                                                        abs=1e-5)
