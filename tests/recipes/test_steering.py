@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
@@ -193,28 +195,21 @@ def test_missing_sae_or_bad_feature(setup):
         pass
 
 
-@pytest.mark.parametrize("mode", ["all", "generated"])
-def test_nnsight_backend_generates_identical_tokens(setup, mode):
+def nnsight_backend(model, tok):
     from nnsight import LanguageModel
 
-    from qscope_plugin.recipes.steering import greedy_tokens
-
-    model, tok, saes = setup
-    ids = ids_of(tok, "Once upon a time")
-    spec = SteeringSpec.single(1, 11, 3.0, positions=mode)
-    with steer(model, spec, saes, prompt_length=ids.shape[1]):
-        expected = greedy_tokens(model, ids, 10, None)
-    lm = LanguageModel(model, tokenizer=tok)
-    with steer(lm, spec, saes, prompt_length=ids.shape[1]):
-        assert greedy_tokens(lm, ids, 10, None) == expected
-    assert greedy_tokens(lm, ids, 10, None) != expected  # and the steering did something
+    return LanguageModel(copy.deepcopy(model), tokenizer=tok)
 
 
-@pytest.mark.parametrize("mode", ["all", "generated"])
-def test_bridge_backend_generates_identical_tokens(setup, mode):
-    import copy
-
+def bridge_backend(model, tok):
     from qscope_plugin.adapters.transformer_lens import boot
+
+    return boot(copy.deepcopy(model), tokenizer=tok)  # the bridge takes over the modules it is given
+
+
+@pytest.mark.parametrize("make_backend", [nnsight_backend, bridge_backend], ids=["nnsight", "bridge"])
+@pytest.mark.parametrize("mode", ["all", "generated"])
+def test_other_backends_generate_identical_tokens(setup, mode, make_backend):
     from qscope_plugin.recipes.steering import greedy_tokens
 
     model, tok, saes = setup
@@ -222,24 +217,17 @@ def test_bridge_backend_generates_identical_tokens(setup, mode):
     spec = SteeringSpec.single(1, 11, 3.0, positions=mode)
     with steer(model, spec, saes, prompt_length=ids.shape[1]):
         expected = greedy_tokens(model, ids, 10, None)
-    bridge = boot(copy.deepcopy(model), tokenizer=tok)
-    with steer(bridge, spec, saes, prompt_length=ids.shape[1]):
-        assert greedy_tokens(bridge, ids, 10, None) == expected
-    assert greedy_tokens(bridge, ids, 10, None) != expected
+    backend = make_backend(model, tok)
+    with steer(backend, spec, saes, prompt_length=ids.shape[1]):
+        assert greedy_tokens(backend, ids, 10, None) == expected
+    assert greedy_tokens(backend, ids, 10, None) != expected  # and the steering did something
 
 
 def test_generate_is_identical_on_the_three_backends(setup):
-    import copy
-
-    from nnsight import LanguageModel
-
-    from qscope_plugin.adapters.transformer_lens import boot
-
     model, tok, saes = setup
     spec = SteeringSpec.single(1, 11, 3.0)
     results = [generate(backend, tok, "Once upon a time", spec, saes, max_new_tokens=8)
-               for backend in (model, boot(copy.deepcopy(model), tokenizer=tok),
-                               LanguageModel(copy.deepcopy(model), tokenizer=tok))]
+               for backend in (model, bridge_backend(model, tok), nnsight_backend(model, tok))]
     assert results[0].steered.token_ids != results[0].unsteered.token_ids
     for other in results[1:]:
         assert other.steered.token_ids == results[0].steered.token_ids
