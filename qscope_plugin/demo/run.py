@@ -23,12 +23,14 @@ import torch
 from qscope_plugin.hooks import add_to_residual, capture_residual
 from qscope_plugin.models import DEMO_MODEL_DIR, load_model
 from qscope_plugin.recipes._common import encode_texts
-from qscope_plugin.recipes.discovery import analyze, contrast_codes
+from qscope_plugin.recipes.discovery import ContrastOptions, analyze, contrast_codes
 from qscope_plugin.recipes.steering import SteeringSpec, steer
 from qscope_plugin.store import DEMO_RELEASE, load_sae, local_layers
 
 DEMO_ASSETS = DEMO_MODEL_DIR.parent
 PROMPTS = json.loads((Path(__file__).parent / "prompts.json").read_text(encoding="utf-8"))
+SENTENCES = json.loads((Path(__file__).parent / "eval_sentences.json").read_text(encoding="utf-8"))
+"""Hand-written zh / en lines and mixed prompts, shared with the claims test (tests/test_demo_claims.py)."""
 CONDITIONS = ("baseline", "suppress", "amplify", "random_minus", "random_plus")
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 LATIN = re.compile(r"[A-Za-z]")
@@ -63,14 +65,22 @@ def _greedy_batch(model, tok, prompts: list[str], max_new_tokens: int) -> list[s
     return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def _balanced_accuracy(codes_zh, codes_en, layer: int, feature: int) -> float:
-    def fires(c) -> bool:
-        hit = (c.indices[layer][1:] == feature) & (c.values[layer][1:] > 0)
-        return bool(hit.any())
+def _firing_share(codes, layer: int, feature: int) -> torch.Tensor:
+    """Per text: the share of its tokens (position 0 excluded) on which ``feature`` fires."""
+    return torch.tensor([float(((c.indices[layer][1:] == feature) & (c.values[layer][1:] > 0)).any(-1)
+                               .float().mean()) for c in codes])
 
-    tpr = sum(map(fires, codes_zh)) / len(codes_zh)
-    tnr = 1 - sum(map(fires, codes_en)) / len(codes_en)
-    return (tpr + tnr) / 2
+
+def _balanced_accuracy(zh: torch.Tensor, en: torch.Tensor, threshold: float) -> float:
+    return ((zh >= threshold).float().mean() + (en < threshold).float().mean()).item() / 2
+
+
+def _held_out_accuracy(codes_zh, codes_en, layer: int, feature: int) -> float:
+    """Threshold on the firing share chosen on the even (discovery) lines, accuracy on the odd ones."""
+    zh, en = _firing_share(codes_zh, layer, feature), _firing_share(codes_en, layer, feature)
+    candidates = torch.cat([zh[::2], en[::2]]).unique().tolist()
+    threshold = max(candidates, key=lambda t: _balanced_accuracy(zh[::2], en[::2], t))
+    return _balanced_accuracy(zh[1::2], en[1::2], threshold)
 
 
 def _plots(out: Path, results: list[LayerResult], token_rows: list[str], heat: torch.Tensor) -> list[str]:
@@ -116,23 +126,24 @@ def run_demo(out_dir: str | Path = "qscope-demo-report", *, assets: Path = DEMO_
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(str(assets / "model"))
     saes = {n: load_sae(assets / "saes", n) for n in local_layers(assets / "saes")}
-    zh, en = PROMPTS["zh"], PROMPTS["en"]
+    zh, en = SENTENCES["zh"], SENTENCES["en"]
 
-    # (2) discovery on the even sentences, held-out check on the odd ones
+    # (2) discovery (firing-rate difference, the official app's Compare) on the even sentences, checked on the odd
     codes_zh, codes_en = encode_texts(model, tok, zh, saes), encode_texts(model, tok, en, saes)
-    ranking = contrast_codes(codes_zh[::2], codes_en[::2], {n: s.cfg.d_sae for n, s in saes.items()})
+    ranking = contrast_codes(codes_zh[::2], codes_en[::2], {n: s.cfg.d_sae for n, s in saes.items()},
+                             ContrastOptions(method="rate"))
 
-    # residual-norm scale per layer, so α is comparable across layers
+    # residual-norm scale per layer (RMS per coordinate, ‖h‖ / √d_model), so α is comparable across layers
     enc = tok(zh[::2] + en[::2], return_tensors="pt", padding=True, add_special_tokens=False)
     with capture_residual(model, list(saes)) as acts:
         model(**enc)
     mask = enc["attention_mask"].bool()
     mask[:, 0] = False
-    norms = {n: float(acts[n][mask].norm(dim=-1).mean()) for n in saes}
+    norms = {n: float(acts[n][mask].norm(dim=-1).mean()) / saes[n].cfg.d_model ** 0.5 for n in saes}
     fvu = {n: saes[n].fvu(acts[n][mask]) for n in saes}
 
     gen = torch.Generator().manual_seed(seed)
-    prompts = PROMPTS["steer_prompts"]
+    prompts = SENTENCES["mixed_prompts"]
     baseline = char_breakdown(_greedy_batch(model, tok, prompts, max_new_tokens))
     results, outputs = [], {}
     for layer, sae in saes.items():
@@ -149,7 +160,7 @@ def run_demo(out_dir: str | Path = "qscope-demo-report", *, assets: Path = DEMO_
             vector = sign * alpha * random_dir / random_dir.norm()
             with add_to_residual(model, layer, vector):
                 shares[name] = char_breakdown(_greedy_batch(model, tok, prompts, max_new_tokens))["han"]
-        accuracy = _balanced_accuracy(codes_zh[1::2], codes_en[1::2], layer, feature)
+        accuracy = _held_out_accuracy(codes_zh, codes_en, layer, feature)
         results.append(LayerResult(layer, feature, fvu[layer], accuracy, alpha, shares))
 
     # (1) per-token analysis of the mixed sentence, and the discovered features over its tokens
