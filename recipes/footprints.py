@@ -1,0 +1,417 @@
+"""Benchmark footprints (report §4, R3): the SAE features active at each sample's last prompt token.
+
+    >>> data = load_benchmark("gsm8k.jsonl")                         # or a hub id with config / split
+    >>> fp = harvest_footprints(model, tok, data, saes, template="Question: {question}\\nAnswer:",
+    ...                         out="gsm8k.footprints.safetensors")
+    >>> fp[14].support()                                               # m_j: samples in which feature j fires
+
+A footprint is a sparse boolean matrix (samples × features), stored as CSR (``indptr`` / ``indices`` per layer) in
+one safetensors file whose metadata holds the provenance (model, release, layers, k, revisions, prompt format).
+Only the indices are kept in memory: nothing grows with the dataset but them.
+
+The harvest writes finished chunks of samples to ``<out>.partial/`` (each file written atomically), so a killed
+run resumes where it stopped; the merged file replaces them at the end. Under ``torchrun`` every rank harvests
+its share of the pending chunks and rank 0 merges (the output folder must be shared by the ranks).
+The forward pass stops after the deepest layer asked for: later blocks and the LM head are never run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qscope_plugin.errors import QScopeError
+from qscope_plugin.hooks import edit_residual
+from qscope_plugin.recipes._common import hf_model
+from qscope_plugin.sae import QwenScopeSAE
+
+LOCAL_KINDS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class FootprintError(QScopeError, ValueError):
+    """A footprint file, dataset or harvest request that cannot be used."""
+
+
+@dataclass(frozen=True)
+class LayerFootprints:
+    """F(x_i) for every sample i at one layer, as CSR: sample i's features are ``indices[indptr[i]:indptr[i+1]]``."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    d_sae: int
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def sample(self, i: int) -> np.ndarray:
+        return self.indices[self.indptr[i] : self.indptr[i + 1]]
+
+    def support(self) -> np.ndarray:
+        """``m_j``: the number of samples whose footprint contains feature j, ``(d_sae,)``."""
+        return np.bincount(self.indices, minlength=self.d_sae)
+
+    def features(self) -> np.ndarray:
+        """F(D) (R4): the sorted union of all samples' footprints."""
+        return np.flatnonzero(self.support())
+
+    def matrix(self):
+        """The footprints as a ``scipy.sparse.csr_array`` of booleans, ``(n_samples, d_sae)``."""
+        from scipy.sparse import csr_array
+
+        data = np.ones(len(self.indices), dtype=bool)
+        return csr_array((data, self.indices, self.indptr), shape=(len(self), self.d_sae))
+
+
+@dataclass(frozen=True)
+class Footprints:
+    """Footprints of one benchmark at one or more layers, with where they came from."""
+
+    layers: dict[int, LayerFootprints]
+    provenance: dict
+
+    def __getitem__(self, layer: int) -> LayerFootprints:
+        if layer not in self.layers:
+            raise FootprintError(f"no footprints for layer {layer}; this file has layers {sorted(self.layers)}")
+        return self.layers[layer]
+
+    @property
+    def name(self) -> str:
+        return self.provenance.get("benchmark", "benchmark")
+
+    @property
+    def n_samples(self) -> int:
+        return len(next(iter(self.layers.values())))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """One safetensors file (``layer{n}.indptr`` / ``layer{n}.indices``), written atomically."""
+        tensors = {}
+        for n, fp in self.layers.items():
+            tensors[f"layer{n}.indptr"] = torch.from_numpy(np.ascontiguousarray(fp.indptr, dtype=np.int64))
+            tensors[f"layer{n}.indices"] = torch.from_numpy(np.ascontiguousarray(fp.indices, dtype=np.int32))
+        meta = {"provenance": json.dumps(self.provenance, sort_keys=True),
+                "d_sae": json.dumps({str(n): fp.d_sae for n, fp in self.layers.items()})}
+        return _atomic_save(tensors, meta, Path(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Footprints:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        except (OSError, SafetensorError) as e:
+            raise FootprintError(f"cannot read footprint file {str(path)!r} ({e}); expected a file written by "
+                                 "harvest_footprints / `qscope footprints`") from None
+        if "provenance" not in meta or "d_sae" not in meta:
+            raise FootprintError(f"{str(path)!r} is a safetensors file but not a footprint file (no provenance); "
+                                 "write one with `qscope footprints`")
+        widths = {int(n): d for n, d in json.loads(meta["d_sae"]).items()}
+        layers = {n: LayerFootprints(tensors[f"layer{n}.indptr"].numpy(), tensors[f"layer{n}.indices"].numpy(), d)
+                  for n, d in sorted(widths.items())}
+        return cls(layers, json.loads(meta["provenance"]))
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Path:
+    """Write next to ``path`` and rename, so a reader never sees half a file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def load_benchmark(source: str, *, config: str | None = None, split: str = "test", revision: str | None = None):
+    """A ``datasets.Dataset`` from a hub id (with ``config`` / ``split``) or a local json/jsonl/csv/parquet file."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.is_file():
+            if path.suffix not in LOCAL_KINDS:
+                raise FootprintError(f"cannot read {source!r}: expected a .json, .jsonl, .csv or .parquet file")
+            return datasets.load_dataset(LOCAL_KINDS[path.suffix], data_files=str(path), split="train")
+        data = datasets.load_dataset(source, config, revision=revision)
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise FootprintError(f"cannot load dataset {source!r} ({str(e).splitlines()[0]}); pass a local "
+                             "json/jsonl/csv/parquet file or a hub id that is cached (HF_HUB_OFFLINE=1 blocks "
+                             "downloads)") from None
+    if split not in data:
+        raise FootprintError(f"dataset {source!r} has no split {split!r}; it has {sorted(data)}")
+    return data[split]
+
+
+PromptFormat = Callable[[dict], str]
+
+
+def prompt_format(*, column: str | None = None, template: str | None = None,
+                  formatter: PromptFormat | None = None) -> tuple[PromptFormat, str]:
+    """The function that turns a dataset row into prompt text, and its description for the provenance."""
+    given = [x is not None for x in (column, template, formatter)]
+    if sum(given) != 1:
+        raise FootprintError("give exactly one of column (a text column), template (e.g. 'Q: {question}\\nA:') "
+                             "or formatter (a function of the row)")
+    if column is not None:
+        return (lambda row: row[column]), f"column:{column}"
+    if template is not None:
+        return (lambda row: template.format(**row)), f"template:{template}"
+    return formatter, f"formatter:{getattr(formatter, '__module__', '?')}.{getattr(formatter, '__qualname__', '?')}"
+
+
+def _texts(dataset, fmt: PromptFormat, start: int, stop: int) -> list[str]:
+    if isinstance(dataset, Sequence) and (len(dataset) == 0 or isinstance(dataset[0], str)):
+        return [str(t) for t in dataset[start:stop]]
+    batch = dataset[start:stop]  # a datasets.Dataset slice: {column: [values]}
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    try:
+        return [str(fmt(row)) for row in rows]
+    except (KeyError, IndexError) as e:
+        columns = getattr(dataset, "column_names", sorted(rows[0]) if rows else [])
+        raise FootprintError(f"the prompt format needs field {e} that the dataset lacks; its columns are "
+                             f"{columns}") from None
+
+
+# --------------------------------------------------------------------------------------------- harvest
+
+
+class _Stop(Exception):
+    """Raised by the hook on the deepest wanted block: nothing after it needs computing."""
+
+
+def _last_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token, for left or right padding."""
+    return mask.shape[1] - 1 - mask.flip(-1).int().argmax(-1)
+
+
+@torch.no_grad()
+def footprint_batch(module: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    saes: Mapping[int, QwenScopeSAE]) -> dict[int, list[np.ndarray]]:
+    """``{layer: [sorted active features of row i]}`` at each row's last real token; one forward, cut short."""
+    last = _last_positions(attention_mask)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    deepest = max(saes)
+    picked: dict[int, torch.Tensor] = {}
+
+    def take(hidden: torch.Tensor, n: int) -> None:
+        picked[n] = hidden[rows, last]
+        if n == deepest:
+            raise _Stop
+
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding gets the same positions
+    with edit_residual(module, dict.fromkeys(saes, take)), contextlib.suppress(_Stop):
+        module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    out = {}
+    for n, sae in saes.items():
+        values, indices = sae.encode_sparse(picked[n])
+        active = torch.where(values > 0, indices, -1).sort(dim=-1).values.cpu().numpy()
+        out[n] = [row[row >= 0].astype(np.int32) for row in active]
+    return out
+
+
+def _pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, span], mask[row, span] = torch.tensor(seq, dtype=torch.long), 1
+    return ids, mask
+
+
+def _harvest_chunk(module, tokenizer, texts: list[str], saes, *, batch_size: int, max_length: int | None,
+                   padding_side: str) -> dict[int, LayerFootprints]:
+    """Footprints of ``texts``; batches are formed by length (less padding), results put back in order."""
+    device = next(module.parameters()).device
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if max_length is not None:  # keep the *end* of long prompts: the last token is what is read
+        encoded = [ids[-max_length:] for ids in encoded]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise FootprintError(f"{len(empty)} prompt(s) tokenize to nothing (first: {texts[empty[0]]!r}); every "
+                             "sample needs a non-empty prompt")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    per_sample: dict[int, list[np.ndarray | None]] = {n: [None] * len(texts) for n in saes}
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        ids, mask = _pad([encoded[i] for i in rows], pad_id, padding_side)
+        found = footprint_batch(module, ids.to(device), mask.to(device), saes)
+        for n, feats in found.items():
+            for i, f in zip(rows, feats, strict=True):
+                per_sample[n][i] = f
+    return {n: _csr(feats, saes[n].cfg.d_sae) for n, feats in per_sample.items()}
+
+
+def _csr(per_sample: Sequence[np.ndarray], d_sae: int) -> LayerFootprints:
+    lengths = np.fromiter((len(f) for f in per_sample), dtype=np.int64, count=len(per_sample))
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    indices = np.concatenate(per_sample).astype(np.int32) if len(per_sample) else np.zeros(0, np.int32)
+    return LayerFootprints(indptr, indices, d_sae)
+
+
+def _concat(parts: Sequence[LayerFootprints]) -> LayerFootprints:
+    offsets = np.cumsum([0] + [p.indptr[-1] for p in parts[:-1]])
+    indptr = np.concatenate([[0]] + [p.indptr[1:] + off for p, off in zip(parts, offsets, strict=True)])
+    return LayerFootprints(indptr, np.concatenate([p.indices for p in parts]), parts[0].d_sae)
+
+
+def _provenance(model, tokenizer, dataset, saes, fmt_desc: str, name: str | None, max_length: int | None,
+                n_samples: int) -> dict:
+    from importlib.metadata import version
+
+    module = hf_model(model)
+    config = getattr(module, "config", None)
+    info = getattr(dataset, "info", None)
+    first = next(iter(saes.values())).cfg
+    return {
+        "benchmark": name or (getattr(info, "dataset_name", None) or "benchmark"),
+        "dataset": getattr(info, "dataset_name", None) or getattr(info, "config_name", None),
+        "dataset_fingerprint": getattr(dataset, "_fingerprint", None) or _text_hash(dataset),
+        "n_samples": n_samples,
+        "prompt_format": fmt_desc,
+        "position": "last prompt token (no special tokens added)",
+        "max_length": max_length,
+        "model": getattr(config, "_name_or_path", None) or type(module).__name__,
+        "model_revision": getattr(config, "_commit_hash", None),
+        "tokenizer": getattr(tokenizer, "name_or_path", None),
+        "release": first.release,
+        "layers": sorted(saes),
+        "k": first.k,
+        "d_sae": first.d_sae,
+        "threshold": "z_j > 0",
+        "qscope_plugin": version("qscope-plugin"),
+    }
+
+
+def _text_hash(texts) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(str(text).encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _chunk_file(folder: Path, start: int, stop: int) -> Path:
+    return folder / f"chunk-{start:010d}-{stop:010d}.safetensors"
+
+
+def harvest_footprints(model: object, tokenizer, dataset, saes: Mapping[int, QwenScopeSAE], *,
+                       column: str | None = None, template: str | None = None,
+                       formatter: PromptFormat | None = None, name: str | None = None, batch_size: int = 16,
+                       max_length: int | None = 2048, chunk_size: int = 1024, padding_side: str = "right",
+                       out: str | os.PathLike | None = None, progress: bool = True) -> Footprints:
+    """F(x_i) (R3) for every sample of ``dataset`` at every layer in ``saes``.
+
+    Args:
+        dataset: a ``datasets.Dataset`` (see ``load_benchmark``) or a list of prompt strings.
+        column / template / formatter: how a row becomes the prompt (exactly one; not needed for strings).
+        name: the benchmark's name in reports (default: the dataset's name).
+        max_length: longer prompts keep their last ``max_length`` tokens, so the last token is always real.
+        padding_side: ``right`` (default; the real tokens of a causal model never see padding) or ``left``.
+        out: footprint file; enables checkpointing to ``<out>.partial/`` and resuming, and is required with
+            several ``torch.distributed`` ranks.
+    """
+    if not saes:
+        raise FootprintError("no SAEs given; pass {layer: QwenScopeSAE} for at least one layer")
+    if padding_side not in ("left", "right"):
+        raise FootprintError(f"padding_side={padding_side!r}; expected 'left' or 'right'")
+    if batch_size < 1 or chunk_size < 1:
+        raise FootprintError("batch_size and chunk_size must be >= 1")
+    strings = isinstance(dataset, Sequence) and not hasattr(dataset, "column_names")
+    fmt, fmt_desc = (str, "text") if strings else prompt_format(column=column, template=template, formatter=formatter)
+    n_samples = len(dataset)
+    if n_samples == 0:
+        raise FootprintError("the dataset is empty; footprints need at least one sample")
+    saes = dict(sorted(saes.items()))
+    provenance = _provenance(model, tokenizer, dataset, saes, fmt_desc, name, max_length, n_samples)
+    module = hf_model(model)
+    rank, world = _distributed()
+    if world > 1 and out is None:
+        raise FootprintError("a distributed harvest needs out= (a path on storage shared by all ranks)")
+    chunks = [(s, min(s + chunk_size, n_samples)) for s in range(0, n_samples, chunk_size)]
+
+    def harvest(start: int, stop: int) -> dict[int, LayerFootprints]:
+        return _harvest_chunk(module, tokenizer, _texts(dataset, fmt, start, stop), saes, batch_size=batch_size,
+                              max_length=max_length, padding_side=padding_side)
+
+    if out is None:
+        parts = [harvest(s, e) for s, e in tqdm(chunks, disable=not progress, desc="footprints", unit="chunk")]
+        return Footprints({n: _concat([p[n] for p in parts]) for n in saes}, provenance)
+
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    if rank == 0:
+        _prepare(out, partial, provenance)
+    _barrier(world)
+    if out.exists():
+        return Footprints.load(out)
+    pending = [c for c in chunks if not _chunk_file(partial, *c).exists()][rank::world]
+    for start, stop in tqdm(pending, disable=not progress or rank != 0, desc=f"footprints (rank {rank} of {world})",
+                            unit="chunk"):
+        part = harvest(start, stop)
+        Footprints(part, {"chunk": [start, stop]}).save(_chunk_file(partial, start, stop))
+    _barrier(world)
+    if rank == 0:
+        parts = [Footprints.load(_chunk_file(partial, s, e)).layers for s, e in chunks]
+        Footprints({n: _concat([p[n] for p in parts]) for n in saes}, provenance).save(out)
+        shutil.rmtree(partial)
+    _barrier(world)
+    return Footprints.load(out)
+
+
+def _same_run(a: dict, b: dict) -> bool:
+    volatile = ("qscope_plugin",)
+    return {k: v for k, v in a.items() if k not in volatile} == {k: v for k, v in b.items() if k not in volatile}
+
+
+def _prepare(out: Path, partial: Path, provenance: dict) -> None:
+    """Check that an existing output or partial harvest is of this same run; start the partial folder."""
+    if out.exists():
+        if not _same_run(Footprints.load(out).provenance, provenance):
+            raise FootprintError(f"{out} already holds footprints of a different run (model, SAEs, data or prompt "
+                                 "format differ); delete it or choose another output path")
+        return
+    record = partial / "provenance.json"
+    if record.exists():
+        if not _same_run(json.loads(record.read_text()), provenance):
+            raise FootprintError(f"{partial} holds an unfinished harvest with other settings; delete it to start "
+                                 "over, or rerun with the same model, SAEs, data and prompt format to resume")
+        return
+    partial.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(provenance, indent=2, sort_keys=True))

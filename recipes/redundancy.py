@@ -1,0 +1,405 @@
+"""Benchmark redundancy from SAE footprints (report §4): coverage, R̂(D), R(D), overlaps, partial correlations.
+
+    >>> fps = {fp.name: fp[14] for fp in map(Footprints.load, paths)}          # see recipes.footprints
+    >>> expected_coverage(fps["gsm8k"].support(), len(fps["gsm8k"]), [10, 100])  # c_n, exact (R8b)
+    >>> report = redundancy_report(fps, scores=scores, correctness=correctness)
+    >>> write_report(report, "redundancy-report")                             # JSON, markdown, heatmaps
+
+Feature coverage needs no Monte Carlo: a feature present in m of N samples is in a uniformly random n-subset with
+probability 1 − C(N−m, n)/C(N, n) (R8a), so c_n is a sum over the distinct supports m, and R̂(D) = Σ_n c_n / |F(D)|
+has the closed form (R10a). Only the performance profile τ_n (R6) is sampled: every draw is one random permutation
+whose prefixes are uniform n-subsets for every n at once, and Kendall's τ is computed for all draws in one
+vectorised step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from scipy.special import gammaln
+
+from qscope_plugin.errors import QScopeError
+from qscope_plugin.recipes.footprints import LayerFootprints
+
+KendallVariant = Literal["a", "b"]
+
+
+class RedundancyError(QScopeError, ValueError):
+    """Inputs to a redundancy metric that do not fit together."""
+
+
+# --------------------------------------------------------------------------------------- feature metrics
+
+
+def _supports(support: np.ndarray, n_samples: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Distinct supports m, how many features K_m have each, and |F(D)|."""
+    support = np.asarray(support)
+    if support.size and (support.min() < 0 or support.max() > n_samples):
+        raise RedundancyError(f"feature supports must lie in 0..N={n_samples}; got {support.min()}..{support.max()}")
+    m, counts = np.unique(support[support > 0], return_counts=True)
+    return m.astype(np.float64), counts.astype(np.float64), int(counts.sum())
+
+
+def miss_probability(m: np.ndarray, n_samples: int, n: np.ndarray) -> np.ndarray:
+    """C(N−m, n) / C(N, n): the chance that a random n-subset misses a feature of support m, ``(len(n), len(m))``."""
+    big_n = float(n_samples)
+    n = np.asarray(n, dtype=np.float64)[:, None]
+    m = np.asarray(m, dtype=np.float64)[None, :]
+    possible = n <= big_n - m
+    rest = np.where(possible, big_n - m - n, 0.0)
+    log_ratio = gammaln(big_n - m + 1) + gammaln(big_n - n + 1) - gammaln(rest + 1) - gammaln(big_n + 1)
+    return np.where(possible, np.exp(np.minimum(log_ratio, 0.0)), 0.0)
+
+
+def expected_coverage(support: np.ndarray, n_samples: int, n: int | Sequence[int] | np.ndarray | None = None,
+                      *, block: int = 4096) -> np.ndarray:
+    """c_n (R8) exactly, by (R8b), for each subset size in ``n`` (default: every n = 1..N).
+
+    Args:
+        support: ``m_j`` for each feature (zeros are ignored), e.g. ``LayerFootprints.support()``.
+        n_samples: N, the benchmark's size.
+    """
+    m, counts, size = _supports(support, n_samples)
+    grid = np.arange(1, n_samples + 1) if n is None else np.atleast_1d(np.asarray(n))
+    if grid.size and (grid.min() < 1 or grid.max() > n_samples):
+        raise RedundancyError(f"subset sizes must lie in 1..N={n_samples}; got {grid.min()}..{grid.max()}")
+    if size == 0:
+        raise RedundancyError("the footprint is empty (no feature fires on any sample); coverage is undefined")
+    out = np.empty(grid.shape, dtype=np.float64)
+    for start in range(0, grid.size, block):  # bounded memory: block × distinct supports
+        part = grid[start : start + block]
+        out[start : start + block] = 1.0 - miss_probability(m, n_samples, part) @ counts / size
+    return out
+
+
+def feature_redundancy(support: np.ndarray, n_samples: int) -> float:
+    """R̂(D) = Σ_n c_n / |F(D)| (R10), by the closed form (R10a): [N − mean_j (N−m_j)/(m_j+1)] / |F(D)|."""
+    m, counts, size = _supports(support, n_samples)
+    if size == 0:
+        raise RedundancyError("the footprint is empty (no feature fires on any sample); R̂ is undefined")
+    missed = float(((n_samples - m) / (m + 1)) @ counts) / size
+    return (n_samples - missed) / size
+
+
+def samples_for_coverage(support: np.ndarray, n_samples: int, target: float = 0.9) -> int:
+    """The smallest n with c_n ≥ ``target`` (c_n is non-decreasing, so a bisection)."""
+    lo, hi = 1, n_samples
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if expected_coverage(support, n_samples, [mid])[0] >= target - 1e-12:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def overlaps(features: Mapping[str, np.ndarray]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """overlap(D1, D2) = |F1 ∩ F2| / |F1| (R11, row D1, column D2) and overlap_min (R12)."""
+    names = list(features)
+    sets = [np.unique(np.asarray(features[name])) for name in names]
+    if any(s.size == 0 for s in sets):
+        empty = [name for name, s in zip(names, sets, strict=True) if s.size == 0]
+        raise RedundancyError(f"empty footprint for {empty}; overlaps are undefined")
+    inter = np.array([[np.intersect1d(a, b, assume_unique=True).size for b in sets] for a in sets], dtype=float)
+    sizes = np.array([s.size for s in sets], dtype=float)
+    overlap = pd.DataFrame(inter / sizes[:, None], index=names, columns=names)
+    overlap_min = pd.DataFrame(inter / np.minimum.outer(sizes, sizes), index=names, columns=names)
+    return overlap, overlap_min
+
+
+# ------------------------------------------------------------------------------------ performance metrics
+
+
+def kendall_tau(x: np.ndarray, y: np.ndarray, variant: KendallVariant = "b") -> np.ndarray:
+    """Kendall's τ between ``x`` ``(M,)`` and every row of ``y`` ``(..., M)``, vectorised.
+
+    τ-b (default, as ``scipy.stats.kendalltau``) corrects for ties; τ-a divides by all M(M−1)/2 pairs. Where τ-b
+    is undefined (every value of one side tied) the result is 0: such a subset orders no pair of models.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    i, j = np.triu_indices(x.shape[-1], k=1)
+    sx = np.sign(x[j] - x[i])
+    sy = np.sign(y[..., j] - y[..., i])
+    concordance = sy @ sx
+    if variant == "a":
+        return concordance / max(len(i), 1)
+    if variant != "b":
+        raise RedundancyError(f"kendall variant {variant!r}; expected 'a' or 'b'")
+    denominator = np.sqrt(np.abs(sx).sum() * np.abs(sy).sum(-1))
+    return np.divide(concordance, denominator, out=np.zeros_like(concordance), where=denominator > 0)
+
+
+def default_grid(n_samples: int, points: int = 128) -> np.ndarray:
+    """Every n for small benchmarks, else ``points`` geometrically spaced sizes (τ_n moves most at small n)."""
+    if n_samples <= 4 * points:
+        return np.arange(1, n_samples + 1)
+    return np.unique(np.round(np.geomspace(1, n_samples, points)).astype(int))
+
+
+def redundancy_profile(correctness: np.ndarray, *, n_grid: Sequence[int] | np.ndarray | None = None,
+                       n_draws: int = 200, seed: int = 0, variant: KendallVariant = "b",
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """τ_n (R6) by Monte Carlo: ``(n_grid, tau_n)`` for a ``(models, samples)`` score matrix.
+
+    Each draw is one seeded random permutation of the samples; its length-n prefix is a uniform n-subset for
+    every n, so one cumulative sum gives p̂(S) for the whole grid.
+    """
+    scores = np.asarray(correctness, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[0] < 2 or scores.shape[1] < 1:
+        raise RedundancyError(f"correctness has shape {scores.shape}; expected (models >= 2, samples >= 1)")
+    n_models, n_samples = scores.shape
+    grid = default_grid(n_samples) if n_grid is None else np.asarray(n_grid, dtype=int)
+    if grid.min() < 1 or grid.max() > n_samples:
+        raise RedundancyError(f"subset sizes must lie in 1..N={n_samples}")
+    full = scores.mean(axis=1)
+    rng = np.random.default_rng(seed)
+    sums = np.empty((n_draws, grid.size, n_models))
+    for draw in range(n_draws):
+        cumulative = np.cumsum(scores[:, rng.permutation(n_samples)], axis=1)
+        sums[draw] = cumulative[:, grid - 1].T
+    subset_acc = sums / grid[None, :, None]
+    return grid, kendall_tau(full, subset_acc, variant).mean(axis=0)
+
+
+def sum_over_sizes(grid: np.ndarray, values: np.ndarray, n_samples: int) -> float:
+    """Σ_{n=1..N} f(n) from f on a grid containing 1 and N: exact for the full grid, trapezoid in between."""
+    if grid[0] != 1 or grid[-1] != n_samples:
+        raise RedundancyError("the n-grid must start at 1 and end at N to sum over all subset sizes")
+    return float(np.trapezoid(values, grid) + (values[0] + values[-1]) / 2)
+
+
+def performance_redundancy(correctness: np.ndarray, **kwargs) -> float:
+    """R(D) = (1/N) Σ_n τ_n (R7), with τ_n from ``redundancy_profile`` (same keyword arguments)."""
+    n_samples = np.asarray(correctness).shape[1]
+    grid, tau = redundancy_profile(correctness, **kwargs)
+    return sum_over_sizes(grid, tau, n_samples) / n_samples
+
+
+def performance_correlation(scores: pd.DataFrame) -> pd.DataFrame:
+    """ρ_ij (R13): Pearson correlation of benchmarks' score vectors over the model panel (rows = models)."""
+    if len(scores) < 3:
+        raise RedundancyError(f"need at least 3 models to correlate benchmarks; the score table has {len(scores)}")
+    return scores.corr(method="pearson")
+
+
+def partial_correlation(scores: pd.DataFrame, reference: str = "MMLU") -> pd.DataFrame:
+    """ρ_ij|u (R14): correlation with the reference benchmark u's "rising tide" removed; u itself is dropped."""
+    if reference not in scores.columns:
+        raise RedundancyError(f"reference benchmark {reference!r} is not in the score table; its columns are "
+                              f"{list(scores.columns)}. Pass reference= one of them")
+    rho = performance_correlation(scores)
+    u = rho[reference].drop(reference)
+    inner = rho.drop(index=reference, columns=reference)
+    scale = np.sqrt(1 - u.to_numpy() ** 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = (inner.to_numpy() - np.outer(u, u)) / np.outer(scale, scale)
+    return pd.DataFrame(values, index=inner.index, columns=inner.columns)
+
+
+def pair_correlations(x: pd.DataFrame, y: pd.DataFrame) -> dict:
+    """Pearson and Spearman between two symmetric benchmark matrices over all pairs i < j they share."""
+    names = [name for name in x.index if name in y.index]
+    i, j = np.triu_indices(len(names), k=1)
+    a = x.loc[names, names].to_numpy()[i, j]
+    b = y.loc[names, names].to_numpy()[i, j]
+    if len(a) < 3:
+        return {"pairs": len(a), "pearson": None, "spearman": None}
+    return {"pairs": len(a), "pearson": float(stats.pearsonr(a, b).statistic),
+            "spearman": float(stats.spearmanr(a, b).statistic)}
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def redundancy_report(footprints: Mapping[str, LayerFootprints], *, scores: pd.DataFrame | None = None,
+                      correctness: Mapping[str, np.ndarray] | None = None, reference: str = "MMLU",
+                      n_draws: int = 200, seed: int = 0, variant: KendallVariant = "b",
+                      drop_threshold: float = 0.6, distinct_threshold: float = 0.2,
+                      coverage_points: int = 128) -> dict:
+    """Every number of report §4 for a suite of benchmarks, as a JSON-ready dict.
+
+    Args:
+        footprints: ``{benchmark: LayerFootprints}``, all from the same SAE.
+        scores: models × benchmarks accuracies (R13/R14); derived from ``correctness`` when omitted.
+        correctness: ``{benchmark: (models, samples)}`` per-sample scores, for R(D) (R7).
+        drop_threshold: D is a drop candidate when another benchmark covers ≥ this share of F(D) (R11).
+        distinct_threshold: D is distinct (keep; out-of-distribution for the suite) when no other benchmark
+            covers more than this share of F(D).
+    """
+    if not footprints:
+        raise RedundancyError("no footprints given")
+    widths = {fp.d_sae for fp in footprints.values()}
+    if len(widths) > 1:
+        raise RedundancyError(f"footprints come from SAEs of different widths {sorted(widths)}; compare "
+                              "benchmarks only through the same SAE and layer")
+    correctness = {name: np.asarray(c, dtype=float) for name, c in (correctness or {}).items()}
+    for name, c in correctness.items():
+        if name in footprints and c.shape[-1] != len(footprints[name]):
+            raise RedundancyError(f"correctness of {name!r} has {c.shape[-1]} samples but its footprints have "
+                                  f"{len(footprints[name])}; they must describe the same samples")
+    benchmarks = {}
+    for name, fp in footprints.items():
+        support, n_samples = fp.support(), len(fp)
+        grid = default_grid(n_samples, coverage_points)
+        row = {
+            "n_samples": n_samples,
+            "footprint_size": int((support > 0).sum()),
+            "feature_redundancy": feature_redundancy(support, n_samples),
+            "samples_for_90pct_coverage": samples_for_coverage(support, n_samples, 0.9),
+            "coverage": {"n": grid.tolist(), "c_n": expected_coverage(support, n_samples, grid).tolist()},
+        }
+        if name in correctness:
+            tau_grid, tau = redundancy_profile(correctness[name], n_draws=n_draws, seed=seed, variant=variant,
+                                               n_grid=default_grid(n_samples, coverage_points))
+            row["performance_redundancy"] = sum_over_sizes(tau_grid, tau, n_samples) / n_samples
+            row["tau_profile"] = {"n": tau_grid.tolist(), "tau_n": tau.tolist()}
+        benchmarks[name] = row
+    overlap, overlap_min = overlaps({name: fp.features() for name, fp in footprints.items()})
+    report = {
+        "benchmarks": benchmarks,
+        "overlap": _matrix(overlap),
+        "overlap_min": _matrix(overlap_min),
+        "settings": {"reference": reference, "n_draws": n_draws, "seed": seed, "kendall_variant": variant,
+                     "drop_threshold": drop_threshold, "distinct_threshold": distinct_threshold},
+    }
+    both = [name for name in benchmarks if "performance_redundancy" in benchmarks[name]]
+    if len(both) >= 3:
+        rho = stats.spearmanr([benchmarks[n]["performance_redundancy"] for n in both],
+                              [benchmarks[n]["feature_redundancy"] for n in both]).statistic
+        report["spearman_R_vs_Rhat"] = {"benchmarks": both, "rho": float(rho)}
+    if scores is None and correctness:
+        scores = pd.DataFrame({name: c.mean(axis=1) for name, c in correctness.items()})
+    if scores is not None:
+        report.update(_performance_similarity(scores, overlap_min, reference))
+    report["summary"] = _summary(overlap, drop_threshold, distinct_threshold)
+    return report
+
+
+def _matrix(frame: pd.DataFrame) -> dict:
+    return {"names": list(frame.index), "values": [[_num(v) for v in row] for row in frame.to_numpy()]}
+
+
+def _num(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _performance_similarity(scores: pd.DataFrame, overlap_min: pd.DataFrame, reference: str) -> dict:
+    rho = performance_correlation(scores)
+    out = {"pearson": _matrix(rho), "pairs": {"overlap_min_vs_pearson": pair_correlations(overlap_min, rho)}}
+    if reference in scores.columns:
+        partial = partial_correlation(scores, reference)
+        out["partial_pearson"] = _matrix(partial)
+        out["pairs"]["overlap_min_vs_partial_pearson"] = pair_correlations(overlap_min, partial)
+    return out
+
+
+def _summary(overlap: pd.DataFrame, drop_threshold: float, distinct_threshold: float) -> dict:
+    """Which benchmarks another one covers (drop candidates) and which no other one covers (keep)."""
+    drop, keep = [], []
+    for name in overlap.index:
+        others = overlap.loc[name].drop(name)
+        if others.empty:
+            continue
+        best = others.idxmax()
+        if others[best] >= drop_threshold:
+            drop.append({"benchmark": name, "covered_by": best, "overlap": float(others[best])})
+        elif others[best] <= distinct_threshold:
+            keep.append({"benchmark": name, "max_overlap": float(others[best])})
+    return {"drop_candidates": drop, "distinct": keep,
+            "rule": f"drop D if some other benchmark covers >= {drop_threshold:.0%} of F(D) (overlap R11); "
+                    f"keep D as distinct if none covers more than {distinct_threshold:.0%}"}
+
+
+def write_report(report: dict, out: str | Path) -> Path:
+    """``redundancy.json`` (every number), ``report.md``, ``overlap.png`` and ``coverage.png`` in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "redundancy.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    _plot(report, out)
+    (out / "report.md").write_text(_markdown(report), encoding="utf-8")
+    return out
+
+
+def _plot(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, values = report["overlap"]["names"], np.array(report["overlap"]["values"], dtype=float)
+    size = 1.2 + 0.6 * len(names)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+    ax.set_xlabel("D2 (covering)")
+    ax.set_ylabel("D1 (covered)")
+    ax.set_title("overlap(D1, D2) = |F(D1) ∩ F(D2)| / |F(D1)|")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "overlap.png", dpi=120)
+    plt.close(fig)
+
+    profiles = any("tau_profile" in row for row in report["benchmarks"].values())
+    fig, axes = plt.subplots(1, 2 if profiles else 1, figsize=(11 if profiles else 6, 4), squeeze=False)
+    for name, row in report["benchmarks"].items():
+        n = np.array(row["coverage"]["n"]) / row["n_samples"]
+        axes[0, 0].plot(n, row["coverage"]["c_n"], label=f"{name} (R̂ {row['feature_redundancy']:.3g})")
+        if profiles and "tau_profile" in row:
+            axes[0, 1].plot(np.array(row["tau_profile"]["n"]) / row["n_samples"], row["tau_profile"]["tau_n"],
+                            label=f"{name} (R {row['performance_redundancy']:.3f})")
+    axes[0, 0].set(xscale="log", xlabel="subset size n / N", ylabel="c_n (exact)", title="feature coverage c_n")
+    axes[0, 0].legend(fontsize=8)
+    if profiles:
+        axes[0, 1].set(xscale="log", xlabel="subset size n / N", ylabel="τ_n", title="redundancy profile τ_n")
+        axes[0, 1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "coverage.png", dpi=120)
+    plt.close(fig)
+
+
+def _markdown(report: dict) -> str:
+    lines = ["# Benchmark redundancy (Qwen-Scope report §4)", "",
+             "| benchmark | N | \\|F(D)\\| | R̂(D) | n for 90% coverage | R(D) |", "|---|---:|---:|---:|---:|---:|"]
+    for name, row in report["benchmarks"].items():
+        perf = row.get("performance_redundancy")
+        lines.append(f"| {name} | {row['n_samples']} | {row['footprint_size']} | {row['feature_redundancy']:.4g} | "
+                     f"{row['samples_for_90pct_coverage']} | {'' if perf is None else f'{perf:.3f}'} |")
+    if "spearman_R_vs_Rhat" in report:
+        lines += ["", f"Spearman ρ(R, R̂) over {len(report['spearman_R_vs_Rhat']['benchmarks'])} benchmarks: "
+                      f"{report['spearman_R_vs_Rhat']['rho']:.3f}"]
+    lines += ["", "## overlap(D1, D2) (row D1 covered by column D2)", "", "![overlap](overlap.png)", "",
+              _md_matrix(report["overlap"]), "", "## overlap_min", "", _md_matrix(report["overlap_min"])]
+    for key, title in (("pearson", "Pearson ρ of scores over the model panel (R13)"),
+                       ("partial_pearson", f"partial ρ given {report['settings']['reference']} (R14)")):
+        if key in report:
+            lines += ["", f"## {title}", "", _md_matrix(report[key])]
+    for key, pair in report.get("pairs", {}).items():
+        if pair["pearson"] is not None:
+            lines.append(f"\n{key.replace('_', ' ')} over {pair['pairs']} pairs: Pearson {pair['pearson']:.3f}, "
+                         f"Spearman {pair['spearman']:.3f}")
+    summary = report["summary"]
+    lines += ["", "## Summary", "", f"Rule: {summary['rule']}.", ""]
+    lines += [f"- drop candidate: **{d['benchmark']}** ({d['overlap']:.0%} of its footprint is in {d['covered_by']})"
+              for d in summary["drop_candidates"]] or ["- no drop candidates"]
+    lines += [f"- distinct, keep: **{d['benchmark']}** (at most {d['max_overlap']:.0%} covered by any other)"
+              for d in summary["distinct"]]
+    lines += ["", "![coverage](coverage.png)", ""]
+    return "\n".join(lines)
+
+
+def _md_matrix(matrix: dict) -> str:
+    names = matrix["names"]
+    rows = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for name, values in zip(names, matrix["values"], strict=True):
+        rows.append(f"| {name} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |")
+    return "\n".join(rows)
