@@ -26,7 +26,7 @@ from qscope_plugin.errors import QScopeError
 from qscope_plugin.hooks import LAYER_PATHS, resolve_layers
 from qscope_plugin.sae import QwenScopeSAE
 
-__all__ = ["block", "check_remote", "load", "read_features", "residual", "steered_generate"]
+__all__ = ["add_vector", "block", "check_remote", "load", "read_features", "residual", "steered_generate"]
 
 
 class RemoteUnavailableError(QScopeError, ConnectionError):
@@ -76,14 +76,26 @@ def residual(lm, layer: int):
 def read_features(lm, sae: QwenScopeSAE, features: list[int] | None = None):
     """Inside a trace: the SAE's ``(values, indices)`` at its layer, or for ``features`` their activations.
 
-    With ``features`` only those encoder rows are used (what a remote run should send): the result is
-    ReLU(pre-activation), which equals z_f whenever f is among the top-k (the full TopK needs every row).
+    With ``features`` only those encoder rows are used (what a remote run should send), moved to the layer
+    output's device and computed in float32: the result is ReLU(pre-activation), which equals z_f whenever f is
+    among the top-k (the full TopK needs every row). Without ``features`` the whole SAE encodes on its own device
+    (``sae.to(device)`` first to keep a GPU model's activations on the GPU).
     """
     h = residual(lm, sae.cfg.layer)
     if features is None:
         return sae.encode_sparse(h)
     rows, bias = sae.encoder_rows(features)
-    return torch.relu(h.float() @ rows.T + bias)
+    return torch.relu(h.float() @ rows.to(h.device).T + bias.to(h.device))
+
+
+def add_vector(lm, layer: int, vector: torch.Tensor) -> None:
+    """Inside a trace: add ``vector`` ``(d_model,)`` in place to every position of block ``layer``'s output.
+
+    The vector is moved to the output's device and cast to its dtype first, so a bfloat16 or GPU model gets
+    exactly ``h + vector.to(h)`` as :func:`qscope_plugin.hooks.add_to_residual` gives in plain transformers.
+    """
+    out = residual(lm, layer)
+    out[:] += vector.to(device=out.device, dtype=out.dtype)
 
 
 def steered_generate(lm, prompt: str, layer: int, vector: torch.Tensor, *, max_new_tokens: int = 20,
@@ -97,7 +109,7 @@ def steered_generate(lm, prompt: str, layer: int, vector: torch.Tensor, *, max_n
     generate_kwargs.setdefault("do_sample", False)
     with lm.generate(prompt, max_new_tokens=max_new_tokens, remote=remote, **generate_kwargs) as tracer:
         for _ in tracer.iter[:max_new_tokens]:
-            block(lm, layer).output[:] += vector
+            add_vector(lm, layer, vector)
         ids = tracer.result.save()
     return ids
 

@@ -45,13 +45,60 @@ def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_out"
 
 
-def _text_model(model: str | nn.Module, dtype: torch.dtype | None, **hf_kwargs: Any) -> nn.Module:
-    """The text-only ``*ForCausalLM``: ``AutoModelForCausalLM`` maps published Qwen3.5 checkpoints to it."""
-    if isinstance(model, nn.Module):
+def _text_tower(model: nn.Module) -> nn.Module:
+    """The text-only ``*ForCausalLM`` view of a loaded ``*ForConditionalGeneration`` model, sharing its modules.
+
+    The wrapper is built on the meta device from a copy of ``config.text_config`` and then given the caller's
+    ``language_model`` and ``lm_head`` (no weights are copied, the vision tower is left out, and the caller's
+    model and config are not changed). Any other model is returned as is.
+    """
+    inner = getattr(model, "model", None)
+    language_model = getattr(inner, "language_model", None)
+    text_config = getattr(model.config, "text_config", None)
+    if language_model is None or text_config is None or not hasattr(model, "lm_head"):
         return model
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype or torch.float32, **hf_kwargs).eval()
+    cfg = copy.deepcopy(text_config)
+    cfg.architectures = None
+    cfg._name_or_path = model.config._name_or_path
+    with torch.device("meta"):
+        text = AutoModelForCausalLM.from_config(cfg)
+    text.model = language_model
+    text.lm_head = model.lm_head
+    text.generation_config = copy.deepcopy(model.generation_config)
+    leftover = [name for name, t in [*text.named_parameters(), *text.named_buffers()] if t.is_meta]
+    if leftover:  # a text class with more top-level modules than language_model + lm_head
+        raise BootError(f"cannot take the text tower of {type(model).__name__}: {leftover} not found on the model; "
+                        "load it with AutoModelForCausalLM.from_pretrained(path) instead")
+    return text.train(model.training)
+
+
+def _text_model(model: str | nn.Module, device: str | torch.device | None, dtype: torch.dtype | None,
+                **hf_kwargs: Any) -> nn.Module:
+    """The text-only ``*ForCausalLM`` on ``device`` in ``dtype``.
+
+    ``AutoModelForCausalLM`` maps published Qwen3.5 checkpoints to it; a loaded ``*ForConditionalGeneration``
+    is reduced to its text tower (:func:`_text_tower`). A loaded model is moved / cast **in place** when
+    ``device`` / ``dtype`` differ from where it is (the bridge wraps its modules in any case).
+    """
+    if isinstance(model, nn.Module):
+        if hf_kwargs:
+            raise BootError(f"{sorted(hf_kwargs)} only apply when boot loads the model; got a loaded model")
+        hf = _text_tower(model)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or torch.float32, **hf_kwargs).eval()
+    if device is not None:
+        if getattr(hf, "hf_device_map", None):
+            raise BootError("device= conflicts with a model dispatched with device_map; leave device=None")
+        hf.to(device)
+    if dtype is not None and next(hf.parameters()).dtype != dtype:
+        from transformer_lens.utilities.multi_gpu import maybe_cast_floating_params
+
+        maybe_cast_floating_params(hf, dtype)  # parameters only: float32 buffers (rotary inv_freq) stay, as in HF
+    return hf
 
 
 def _tokenizer(model: str | nn.Module, tokenizer) -> Any:
@@ -65,33 +112,45 @@ def _tokenizer(model: str | nn.Module, tokenizer) -> Any:
     return AutoTokenizer.from_pretrained(name)
 
 
-def boot(model: str | nn.Module, *, saes: bool = False, device: str | None = None, dtype: torch.dtype | None = None,
-         tokenizer=None, **hf_kwargs: Any):
+def boot(model: str | nn.Module, *, saes: bool = False, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None, tokenizer=None, **hf_kwargs: Any):
     """A ``TransformerBridge`` (``SAETransformerBridge`` with ``saes=True``) for any Qwen3 / Qwen3.5 model.
 
     Args:
-        model: hub id, local folder, or a loaded transformers model (reused, not copied).
+        model: hub id, local folder, or a loaded transformers model (its modules are reused, not copied; a
+            loaded ``*ForConditionalGeneration`` is booted as its text tower, without torchvision).
         saes: boot SAELens' ``SAETransformerBridge`` so ``run_with_saes`` / ``saes()`` work.
-        device, dtype: where and how the bridge runs (default float32 on the model's device).
+        device: where the model runs; None keeps a loaded model where it is (a path loads on CPU unless
+            ``device_map`` is given). A loaded model is moved **in place** (``model.to(device)``).
+        dtype: parameter dtype; None keeps a loaded model's dtype (a path loads float32). A loaded model is
+            cast **in place**. Pass a copy (``copy.deepcopy(model)``) to keep the original untouched.
         tokenizer: used as a copy; by default loaded from the model's folder or hub id.
         hf_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``device_map="auto"``).
+
+    ``bridge.cfg.device`` is always the device of the model's input embedding (where its parameters are).
     """
     register()
-    hf = _text_model(model, dtype, **hf_kwargs)
+    if device is not None and hf_kwargs.get("device_map") is not None:
+        raise BootError("pass either device= or device_map=, not both")
+    hf = _text_model(model, device, dtype, **hf_kwargs)
     family = getattr(hf.config, "model_type", "").removesuffix("_text")
     if family not in QWEN_FAMILIES:
         raise BootError(f"{type(hf).__name__} ({family!r}) is not a Qwen3 / Qwen3.5 model; expected one of "
                         f"{QWEN_FAMILIES}")
-    # The adapter is chosen from config.architectures: name the class actually loaded (the text tower), so a
-    # published *ForConditionalGeneration checkpoint does not pull in the multimodal adapter (and torchvision).
-    hf.config.architectures = [type(hf).__name__]
     if saes:
         from sae_lens.analysis.sae_transformer_bridge import SAETransformerBridge as Bridge
     else:
         from transformer_lens.model_bridge import TransformerBridge as Bridge
     name = model if isinstance(model, str) else (hf.config._name_or_path or type(hf).__name__)
-    return Bridge.boot_transformers(name, hf_model=hf, tokenizer=_tokenizer(model, tokenizer), device=device,
-                                    dtype=dtype or next(hf.parameters()).dtype)
+    weight = hf.get_input_embeddings().weight
+    # The adapter is chosen from config.architectures: name the class actually loaded (the text tower), so a
+    # published *ForConditionalGeneration checkpoint does not pull in the multimodal adapter (and torchvision).
+    # As an override it lands on the bridge's copy of the config, never on the model's own config.
+    # device: without it TransformerLens sets cfg.device from get_device() (CUDA on a GPU box) while a model
+    # it is handed stays where it is.
+    return Bridge.boot_transformers(name, hf_model=hf, tokenizer=_tokenizer(model, tokenizer),
+                                    hf_config_overrides={"architectures": [type(hf).__name__]},
+                                    device=str(weight.device), dtype=weight.dtype)
 
 
 @contextmanager

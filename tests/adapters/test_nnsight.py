@@ -11,6 +11,7 @@ from qscope_testing import FAMILIES, make_sae_tensors, qwen3_tokenizer, tiny_mod
 
 from qscope_plugin.adapters.nnsight import (
     RemoteUnavailableError,
+    add_vector,
     check_remote,
     load,
     read_features,
@@ -119,3 +120,42 @@ def test_remote_preflight_fails_fast_and_clearly(monkeypatch, tmp_path):
     monkeypatch.setattr(CONFIG.API, "APIKEY", "test-key")
     assert check_remote("Qwen/Qwen3-8B-Base", timeout=2) == "Qwen/Qwen3-8B-Base"
     server.close()
+
+
+def test_bfloat16_model_steering_and_feature_reading(tok):
+    """float32 vectors and SAE rows are cast to the layer output's dtype (and moved to its device)."""
+    hf = tiny_model("qwen3", n_layers=2).to(torch.bfloat16)
+    lm = load(copy.deepcopy(hf), tokenizer=tok)
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    vector = 3.0 * torch.randn(64, generator=torch.Generator().manual_seed(3))  # float32
+    with add_to_residual(hf, 1, vector), capture_residual(hf, [0, 1]) as blocks:
+        hf(ids)
+    sae = QwenScopeSAE(make_sae_tensors(64, 256, seed=2), QScopeSAEConfig(64, 256, 16, 0))
+    with lm.trace(PROMPT):
+        some = read_features(lm, sae, [3, 7]).save()
+        add_vector(lm, 1, vector)
+        steered = residual(lm, 1).save()
+    assert steered.dtype == torch.bfloat16
+    assert torch.equal(steered, blocks[1])  # h + vector.to(bf16), not bf16(h + float32 vector)
+    assert torch.allclose(some, sae.pre_acts(blocks[0])[..., [3, 7]].relu(), atol=1e-4)
+
+    def greedy():
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                           pad_token_id=0)[0, ids.shape[1]:].tolist()
+
+    with add_to_residual(hf, 1, vector):
+        expected = greedy()
+    assert expected != greedy()
+    assert steered_generate(lm, PROMPT, 1, vector, max_new_tokens=10)[0, ids.shape[1]:].tolist() == expected
+
+
+def test_load_by_local_path(tok, tmp_path):
+    """The default lazy (meta) load of a folder: nnsight alone cannot pick a tokenizer on transformers 5.x."""
+    hf = tiny_model("qwen3", n_layers=2)
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    lm = load(str(tmp_path))
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    with lm.trace(PROMPT):
+        logits = lm.lm_head.output.save()
+    assert (logits - hf(ids).logits).abs().max() <= 1e-5

@@ -136,3 +136,46 @@ def test_classic_hooked_transformer_for_dense_qwen3(tok, tmp_path):
     moe = tiny_model("qwen3_moe")
     with pytest.raises(BootError, match="use.*boot|Use.*boot"):
         load_hooked("tiny-moe", hf_model=moe, tokenizer=tok)
+
+
+def test_dtype_is_applied_to_a_loaded_model_and_the_bridge_runs(tok):
+    hf = tiny_model("qwen3", n_layers=2)
+    ref = copy.deepcopy(hf)
+    ref.set_attn_implementation("eager")  # as the bridge forces; sdpa rounds differently in bf16
+    for p in ref.parameters():  # what boot should do: parameters cast, float32 buffers (rotary) kept
+        p.data = p.data.to(torch.bfloat16)
+    bridge = boot(hf, dtype=torch.bfloat16, tokenizer=tok)
+    assert {p.dtype for p in bridge.original_model.parameters()} == {torch.bfloat16}
+    assert bridge.cfg.dtype == torch.bfloat16
+    ids = prompt_ids(tok)
+    logits = bridge(ids)
+    assert logits.dtype == torch.bfloat16
+    assert torch.equal(logits, ref(ids).logits)
+
+
+def test_cfg_device_is_where_the_parameters_are(tok, monkeypatch):
+    import transformer_lens.model_bridge.sources.transformers as tl_source
+
+    # on a GPU machine TransformerLens defaults cfg.device to CUDA while a model it is handed stays on CPU
+    monkeypatch.setattr(tl_source, "get_device", lambda: torch.device("cuda"))
+    bridge = boot(tiny_model("qwen3", n_layers=2), tokenizer=tok)
+    devices = {str(p.device) for p in bridge.original_model.parameters()}
+    assert devices == {"cpu"} and bridge.cfg.device == "cpu"
+    assert bridge(prompt_ids(tok)).device.type == "cpu"
+
+
+def test_loaded_multimodal_model_boots_its_text_tower(tok):
+    mm = tiny_model("qwen3_5", multimodal=True)
+    ref = copy.deepcopy(mm)
+    config_before = mm.config.to_dict()
+    bridge = boot(mm, tokenizer=tok)  # the multimodal adapter would need torchvision
+    assert "Multimodal" not in type(bridge.adapter).__name__
+    assert mm.config.to_dict() == config_before  # architectures not overwritten on the caller's config
+    assert hasattr(mm.model, "visual") and mm.model.language_model is bridge.original_model.model
+    ids = prompt_ids(tok)
+    n_layers = mm.config.text_config.num_hidden_layers
+    with capture_residual(ref, n_layers - 1) as blocks:
+        expected = ref(ids).logits
+    logits, cache = bridge.run_with_cache(ids)
+    assert (logits - expected).abs().max() <= 1e-5
+    assert (cache[f"blocks.{n_layers - 1}.hook_resid_post"] - blocks[n_layers - 1]).abs().max() <= 1e-5
