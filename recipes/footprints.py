@@ -150,7 +150,13 @@ def load_benchmark(source: str, *, config: str | None = None, split: str = "test
         if path.is_file():
             if path.suffix not in LOCAL_KINDS:
                 raise FootprintError(f"cannot read {source!r}: expected a .json, .jsonl, .csv or .parquet file")
-            return datasets.load_dataset(LOCAL_KINDS[path.suffix], data_files=str(path), split="train")
+            was_enabled = datasets.is_progress_bar_enabled()
+            datasets.disable_progress_bars()  # a local file loads at once; keep stderr for what matters
+            try:
+                return datasets.load_dataset(LOCAL_KINDS[path.suffix], data_files=str(path), split="train")
+            finally:
+                if was_enabled:
+                    datasets.enable_progress_bars()
         data = datasets.load_dataset(source, config, revision=revision)
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
         raise FootprintError(f"cannot load dataset {source!r} ({str(e).splitlines()[0]}); pass a local "
