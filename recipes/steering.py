@@ -8,7 +8,9 @@
 
 Which positions are steered is decided from the ``position_ids`` each decoder layer receives (absolute positions
 of the real tokens, also under left padding, KV caching and speculative decoding), never by counting calls as
-the official app does. ``prompt`` = positions before each row's prompt length, ``generated`` = the rest.
+the official app does. ``prompt`` = positions before each row's prompt length, ``generated`` = the rest; the prompt
+length is re-read at every prefill (a forward starting at position 0), so one ``with steer(...)`` block may run
+several prompts.
 """
 
 from __future__ import annotations
@@ -94,14 +96,23 @@ def _position_mask(kwargs: dict, hidden: torch.Tensor, spec: SteeringSpec,
         raise SteeringError("this model's decoder layers receive no position_ids; only positions='all' works here")
     pos = pos[0] if pos.ndim == 3 else pos  # multimodal rope passes (3, batch, seq)
     pos = pos.expand(hidden.shape[0], -1).to(hidden.device)
-    if "prompt_length" not in state:  # the first forward in the context is the prefill
-        state["prompt_length"] = pos.max(dim=-1, keepdim=True).values + 1
-    plen = torch.as_tensor(state["prompt_length"], device=hidden.device).reshape(-1, 1)
+    if not isinstance(spec.positions, str):
+        return torch.isin(pos, torch.as_tensor(list(spec.positions), device=hidden.device))
+    plen = state.get("prompt_length")
+    if plen is None or not state.get("fixed"):
+        # A row whose positions start at 0 is a prefill (no past cache): a new prompt, whose length holds until the
+        # next prefill. Its last column is a real token even under left padding, whatever positions pads get.
+        # Decided on the device with torch.where (no host sync per layer and step).
+        fresh = pos[:, -1:] + 1
+        if plen is None or plen.shape != fresh.shape:
+            plen = fresh  # first forward in the block, or a new batch size: necessarily a prefill
+        else:
+            plen = torch.where((pos == 0).any(dim=-1, keepdim=True), fresh, plen.to(fresh.device))
+        state["prompt_length"] = plen
+    plen = torch.as_tensor(plen, device=hidden.device).reshape(-1, 1)
     if spec.positions == "prompt":
         return pos < plen
-    if spec.positions == "generated":
-        return pos >= plen
-    return torch.isin(pos, torch.as_tensor(list(spec.positions), device=hidden.device))
+    return pos >= plen  # "generated"
 
 
 @contextmanager
@@ -112,8 +123,10 @@ def steer(model: object, spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE], *
     Args:
         model: a transformers model, a TransformerLens bridge or an nnsight model (hooks go on the transformers
             decoder layers underneath, so all three steer identically).
-        prompt_length: real prompt tokens per row, for ``prompt``/``generated``; default: taken from the first
-            forward inside the block.
+        prompt_length: real prompt tokens per row, for ``prompt``/``generated``, fixed for the whole block;
+            default: taken afresh from every prefill forward inside the block (one whose positions start at 0,
+            i.e. no past cache), so consecutive ``generate`` calls on different prompts each steer their own
+            prompt / generated positions.
     """
     module = hf_model(model)
     layers = resolve_layers(module)
@@ -122,7 +135,7 @@ def steer(model: object, spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE], *
     for layer in spec.layers:
         if not 0 <= layer < len(layers):
             raise SteeringError(f"layer {layer} is out of range for this model ({len(layers)} layers)")
-    state: dict = {} if prompt_length is None else {"prompt_length": prompt_length}
+    state: dict = {} if prompt_length is None else {"prompt_length": prompt_length, "fixed": True}
     on_device: dict[tuple, torch.Tensor] = {}
 
     def edit(layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -211,12 +224,24 @@ def greedy_tokens(model: object, input_ids: torch.Tensor, max_new_tokens: int, e
 
 
 @torch.no_grad()
-def _score(module, tokenizer, prompt_ids: torch.Tensor, new_ids: list[int], n_alt: int) -> list[TokenChoice]:
-    """Probability of each chosen token and the top alternatives, from one teacher-forced forward."""
+def backend_logits(model: object, input_ids: torch.Tensor) -> torch.Tensor:
+    """``(batch, seq, vocab)`` logits from the backend's own forward (bridge forward, nnsight trace or HF)."""
+    if _is_bridge(model):
+        return model(input_ids, return_type="logits")
+    if _is_nnsight(model):
+        with model.trace(input_ids):
+            out = model.output.save()
+        return out.logits
+    return hf_model(model)(input_ids).logits
+
+
+@torch.no_grad()
+def _score(model: object, tokenizer, prompt_ids: torch.Tensor, new_ids: list[int], n_alt: int) -> list[TokenChoice]:
+    """Probability of each chosen token and the top alternatives, from one teacher-forced forward of the backend."""
     if not new_ids:
         return []
     ids = torch.cat([prompt_ids, torch.tensor([new_ids], device=prompt_ids.device)], dim=1)
-    logits = module(ids).logits[0, prompt_ids.shape[1] - 1 : -1].float()
+    logits = backend_logits(model, ids)[0, prompt_ids.shape[1] - 1 : -1].float()
     probs = logits.softmax(-1)
     choices = []
     for step, tok in enumerate(new_ids):
@@ -242,10 +267,10 @@ def generate(model: object, tokenizer, prompt: str, spec: SteeringSpec, saes: Ma
         if steered:
             with steer(model, spec, saes, prompt_length=prompt_ids.shape[1]):
                 new = greedy_tokens(model, prompt_ids, max_new_tokens, eos)
-                tokens = _score(module, tokenizer, prompt_ids, new, top_alternatives)
+                tokens = _score(model, tokenizer, prompt_ids, new, top_alternatives)
         else:
             new = greedy_tokens(model, prompt_ids, max_new_tokens, eos)
-            tokens = _score(module, tokenizer, prompt_ids, new, top_alternatives)
+            tokens = _score(model, tokenizer, prompt_ids, new, top_alternatives)
         completions.append(Completion(tokenizer.decode(new, skip_special_tokens=True), new, tokens))
     return SteeringResult(text, *completions)
 

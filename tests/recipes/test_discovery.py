@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
+from qscope_testing import FAMILIES, qwen3_tokenizer, tiny_model, tiny_qwen3, tiny_saes
 
 from qscope_plugin.hooks import add_to_residual, capture_residual
 from qscope_plugin.recipes._common import EmptyInputError, dense_codes, encode_texts
@@ -29,17 +29,33 @@ def test_codes_equal_the_sae_on_each_text_alone(setup):
             assert torch.allclose(dense_codes(c, layer, 128), expected, atol=1e-5)
 
 
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_setup(request):
+    """A tiny random model of each family (Qwen3, Qwen3-MoE, Qwen3.5 with Gated DeltaNet, Qwen3.5-MoE)."""
+    model = tiny_model(request.param)
+    return model, qwen3_tokenizer(), tiny_saes(model)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_batch_composition_and_padding_side_do_not_matter(setup, side):
-    model, tok, saes = setup
+def test_batch_composition_and_padding_side_do_not_matter(family_setup, side):
+    """Each text's codes in a padded batch equal its codes alone, on every family (the texts differ in length,
+    so every row but the longest is padded)."""
+    model, tok, saes = family_setup
     tok.padding_side = side
-    batched = encode_texts(model, tok, TEXTS, saes, batch_size=4)
-    tok.padding_side = "right"
+    try:
+        batched = encode_texts(model, tok, TEXTS, saes, batch_size=4)
+    finally:
+        tok.padding_side = "right"
     alone = encode_texts(model, tok, TEXTS, saes, batch_size=1)
+    assert len({len(c.token_ids) for c in alone}) == len(TEXTS)
     for a, b in zip(batched, alone, strict=True):
         assert torch.equal(a.token_ids, b.token_ids)
-        for layer in (0, 1):
+        for layer in (0, 3):
             assert torch.allclose(dense_codes(a, layer, 128), dense_codes(b, layer, 128), atol=1e-4)
+    # and contrastive rankings built on them agree too
+    opts = ContrastOptions(top_k=128)
+    got, want = (contrast_codes(c[:2], c[2:], {3: 128}, opts)[3] for c in (batched, alone))
+    assert {s.feature: s.score for s in got} == pytest.approx({s.feature: s.score for s in want}, abs=1e-4)
 
 
 def test_analyze_lists_top_features_per_token(setup):

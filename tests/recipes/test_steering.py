@@ -4,10 +4,19 @@ import copy
 
 import pytest
 import torch
-from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
+from qscope_testing import FAMILIES, qwen3_tokenizer, tiny_model, tiny_qwen3, tiny_saes
 
-from qscope_plugin.hooks import add_to_residual, capture_residual, resolve_layers
-from qscope_plugin.recipes.steering import SteeringError, SteeringSpec, Term, generate, steer, sweep
+from qscope_plugin.hooks import _replace_residual, _residual, add_to_residual, capture_residual, resolve_layers
+from qscope_plugin.recipes.steering import (
+    SteeringError,
+    SteeringSpec,
+    Term,
+    _score,
+    backend_logits,
+    generate,
+    steer,
+    sweep,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +77,12 @@ def manual_greedy(model, ids, n_new, layer, vector, mode):
             mask[:n_prompt] = True
         if mode in ("all", "generated"):
             mask[n_prompt:] = True
-        return out + mask[None, :, None] * vector
+        return _replace_residual(out, _residual(out) + mask[None, :, None] * vector)
 
     handle = layers[layer].register_forward_hook(hook)
     try:
         for _ in range(n_new):
-            nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+            nxt = model(ids, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
     finally:
         handle.remove()
@@ -91,6 +100,33 @@ def test_cached_generation_steers_the_right_positions(setup, mode):
                              pad_token_id=tok.eos_token_id)
     expected = manual_greedy(model, ids, n_new, 1, alpha * saes[1].direction(11), mode)
     assert out[0, ids.shape[1]:].tolist() == expected
+
+
+def greedy(model, tok, ids, n_new=6):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                         pad_token_id=tok.eos_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("mode", ["prompt", "generated"])
+def test_each_prompt_in_one_block_steers_its_own_positions(setup, mode):
+    """A plain forward, then two generates of different prompt lengths, all inside one ``with steer(...)``:
+    each generate must equal a fresh single call (the prompt length is re-read at every prefill)."""
+    model, tok, saes = setup
+    spec = SteeringSpec.single(1, 11, 3.0, positions=mode)
+    first, long_, short = (ids_of(tok, t) for t in ("Hi", "Once upon a time there was a little", "Hello"))
+    fresh = {}
+    for ids in (long_, short):
+        with steer(model, spec, saes):
+            fresh[ids.shape[1]] = greedy(model, tok, ids)
+    with steer(model, spec, saes):
+        model(first)
+        together = [greedy(model, tok, long_), greedy(model, tok, short)]
+    assert together == [fresh[long_.shape[1]], fresh[short.shape[1]]]
+    # guard: a stale prompt length (the previous forward's) would change both continuations
+    for ids, stale in ((long_, first.shape[1]), (short, long_.shape[1])):
+        with steer(model, spec, saes, prompt_length=stale):
+            assert greedy(model, tok, ids) != fresh[ids.shape[1]]
 
 
 def test_modes_differ(setup):
@@ -117,6 +153,45 @@ def test_left_padded_batch_matches_single_rows(setup):
             single = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                                     pad_token_id=tok.eos_token_id)
         assert batch[row, -8:].tolist() == single[0, -8:].tolist()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_setup(request):
+    """A tiny random model of each family (Qwen3, Qwen3-MoE, Qwen3.5 with Gated DeltaNet, Qwen3.5-MoE)."""
+    model = tiny_model(request.param)
+    return model, qwen3_tokenizer(), tiny_saes(model)
+
+
+def test_position_modes_on_every_family(family_setup):
+    """Cached steered generation equals an uncached reference that steers by index, in each position mode, and
+    the three modes give three different continuations (so each comparison can fail)."""
+    model, tok, saes = family_setup
+    ids = ids_of(tok, "Once upon a time")
+    vector = 3.0 * saes[1].direction(11)
+    outs = {}
+    for mode in ("all", "prompt", "generated"):
+        with steer(model, SteeringSpec.single(1, 11, 3.0, positions=mode), saes):
+            got = greedy(model, tok, ids, n_new=6)
+        outs[mode] = manual_greedy(model, ids, 6, 1, vector, mode)
+        assert got == outs[mode], mode
+    assert len({tuple(o) for o in outs.values()}) == 3
+
+
+def test_left_padding_does_not_change_steering_on_every_family(family_setup):
+    """A left-padded batch steered in ``prompt`` mode gives each row the tokens it gets alone."""
+    model, tok, saes = family_setup
+    prompts = ["Once upon a time there was", "Hi"]
+    spec = SteeringSpec.single(1, 3, 5.0, positions="prompt")
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    tok.padding_side = "right"
+    with steer(model, spec, saes):
+        batch = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.eos_token_id)[:, -5:]
+    for row, prompt in enumerate(prompts):
+        ids = ids_of(tok, prompt)
+        with steer(model, spec, saes):
+            assert batch[row].tolist() == greedy(model, tok, ids, n_new=5), prompt
+        assert batch[row].tolist() != greedy(model, tok, ids, n_new=5), prompt  # the steering did something
 
 
 def test_clamp_writes_back_the_difference(setup):
@@ -224,13 +299,41 @@ def test_other_backends_generate_identical_tokens(setup, mode, make_backend):
 
 
 def test_generate_is_identical_on_the_three_backends(setup):
+    """Tokens from each backend's own generate, probabilities from each backend's own forward (bridge forward,
+    nnsight trace), both under steering."""
     model, tok, saes = setup
     spec = SteeringSpec.single(1, 11, 3.0)
     results = [generate(backend, tok, "Once upon a time", spec, saes, max_new_tokens=8)
                for backend in (model, bridge_backend(model, tok), nnsight_backend(model, tok))]
-    assert results[0].steered.token_ids != results[0].unsteered.token_ids
+    steered = results[0].steered
+    assert steered.token_ids != results[0].unsteered.token_ids
+    # The tiny model's distributions are nearly flat (p ~ 1e-5 over 151k tokens): compare relatively. Guard: an
+    # unsteered forward gives the same tokens clearly different probabilities, so a backend whose own forward
+    # ignored the steering hooks would fail the comparison below.
+    prompt_ids = ids_of(tok, "Once upon a time")
+    unsteered_probs = [t.prob for t in _score(model, tok, prompt_ids, steered.token_ids, 0)]
+    assert unsteered_probs != pytest.approx([t.prob for t in steered.tokens], rel=0.05)
     for other in results[1:]:
-        assert other.steered.token_ids == results[0].steered.token_ids
+        assert other.steered.token_ids == steered.token_ids
         assert other.unsteered.token_ids == results[0].unsteered.token_ids
-        assert [t.prob for t in other.steered.tokens] == pytest.approx([t.prob for t in results[0].steered.tokens],
-                                                                        abs=1e-5)
+        for mine, ref in ((other.steered, steered), (other.unsteered, results[0].unsteered)):
+            assert [t.prob for t in mine.tokens] == pytest.approx([t.prob for t in ref.tokens], rel=1e-4)
+            assert [sorted(p for _, p in t.alternatives) for t in mine.tokens] == [
+                pytest.approx(sorted(p for _, p in t.alternatives), rel=1e-4) for t in ref.tokens]
+
+
+@pytest.mark.parametrize("make_backend", [nnsight_backend, bridge_backend], ids=["nnsight", "bridge"])
+def test_backend_forward_logits_are_steered(setup, make_backend):
+    """The backend's own forward under ``steer`` equals steered HF logits, exactly at the positions asked."""
+    model, tok, saes = setup
+    ids = ids_of(tok, "one two three four five")
+    spec = SteeringSpec.single(1, 11, 3.0, positions=[2, 3])
+    clean = model(ids).logits
+    with steer(model, spec, saes):
+        expected = model(ids).logits
+    backend = make_backend(model, tok)
+    with steer(backend, spec, saes):
+        got = backend_logits(backend, ids)
+    assert torch.allclose(got, expected, atol=1e-4)
+    changed = (got - clean).abs().amax(-1)[0] > 1e-3
+    assert changed.tolist() == [False, False, True, True, True]  # 5 tokens; from position 2 on (causal)
