@@ -301,20 +301,26 @@ def _performance_similarity(scores: pd.DataFrame, overlap_min: pd.DataFrame, ref
 
 
 def _summary(overlap: pd.DataFrame, drop_threshold: float, distinct_threshold: float) -> dict:
-    """Which benchmarks another one covers (drop candidates) and which no other one covers (keep)."""
+    """Which benchmarks another one covers (drop candidates) and which no other one covers (keep).
+
+    When two benchmarks cover each other (a subset and its superset), only the more-covered one is a drop
+    candidate: dropping both would lose what they share.
+    """
     drop, keep = [], []
     for name in overlap.index:
         others = overlap.loc[name].drop(name)
         if others.empty:
             continue
-        best = others.idxmax()
-        if others[best] >= drop_threshold:
+        covering = [other for other in others.index if others[other] >= drop_threshold and
+                    (others[other], other) > (overlap.loc[other, name], name)]
+        if covering:
+            best = max(covering, key=lambda other: others[other])
             drop.append({"benchmark": name, "covered_by": best, "overlap": float(others[best])})
-        elif others[best] <= distinct_threshold:
-            keep.append({"benchmark": name, "max_overlap": float(others[best])})
+        elif others.max() <= distinct_threshold:
+            keep.append({"benchmark": name, "max_overlap": float(others.max())})
     return {"drop_candidates": drop, "distinct": keep,
-            "rule": f"drop D if some other benchmark covers >= {drop_threshold:.0%} of F(D) (overlap R11); "
-                    f"keep D as distinct if none covers more than {distinct_threshold:.0%}"}
+            "rule": f"drop D if another benchmark D2 covers >= {drop_threshold:.0%} of F(D) and D covers less of "
+                    f"F(D2) (overlap R11); keep D as distinct if none covers more than {distinct_threshold:.0%}"}
 
 
 def write_report(report: dict, out: str | Path) -> Path:

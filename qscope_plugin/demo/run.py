@@ -5,7 +5,9 @@
 
 Steps: (1) per-token features of a mixed Chinese/English sentence; (2) contrastive discovery of the Chinese
 feature at every layer, checked on held-out sentences; (3) steering with that feature (suppress / amplify), with a
-random direction of the same norm as control and a Han / Latin / other character breakdown of the output.
+random direction of the same norm as control and a Han / Latin / other character breakdown of the output;
+(4) an OR-rule classifier (report §5) telling Chinese from English lines, fitted on the even and scored on the odd
+lines; (5) benchmark redundancy (report §4) of a toy suite of sentence sets through their footprints.
 Suppression means *adding* the direction with α < 0: zeroing one feature does little, because the signal is spread
 over many features.
 """
@@ -170,6 +172,9 @@ def run_demo(out_dir: str | Path = "qscope-demo-report", *, assets: Path = DEMO_
     heat = torch.stack([((mixed.indices[r.layer] == r.feature) * mixed.values[r.layer]).sum(-1) for r in results])
     images = _plots(out, results, tokens, heat)
 
+    classifier = _classifier_step(model, tok, saes)
+    redundancy = _redundancy_step(model, tok, saes[max(saes)], out / "redundancy")
+
     best = min(results, key=lambda r: r.han_share["suppress"] - r.han_share["amplify"])
     summary = {
         "release": DEMO_RELEASE,
@@ -177,11 +182,43 @@ def run_demo(out_dir: str | Path = "qscope-demo-report", *, assets: Path = DEMO_
         "layers": [asdict(r) for r in results],
         "best_steering_layer": best.layer,
         "examples": outputs,
+        "classifier": classifier,
+        "redundancy": redundancy,
         "seconds": round(time.perf_counter() - start, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
     (out / "report.md").write_text(_markdown(summary, rows, images), encoding="utf-8")
     return summary
+
+
+def _classifier_step(model, tok, saes) -> dict:
+    """OR rule over the top-3 features of the best layer (top1-diff), fitted on even lines, scored on odd ones."""
+    from qscope_plugin.recipes.classifiers import ORRuleClassifier
+
+    zh, en = SENTENCES["zh"], SENTENCES["en"]
+    clf = ORRuleClassifier(model, tok, saes, k_features=3)
+    clf.fit(zh[::2] + en[::2], [1] * len(zh[::2]) + [0] * len(en[::2]))
+    scores = clf.score(zh[1::2] + en[1::2], [1] * len(zh[1::2]) + [0] * len(en[1::2]))
+    return {"features": {str(layer): feats for layer, feats in clf.features.items()},
+            "precision": scores.precision, "recall": scores.recall, "f1": scores.f1}
+
+
+def _redundancy_step(model, tok, sae, out: Path) -> dict:
+    """Footprints of a toy suite at the last layer; zh_half is a subset of zh, so it must be a drop candidate."""
+    from qscope_plugin.recipes.footprints import harvest_footprints
+    from qscope_plugin.recipes.redundancy import redundancy_report, write_report
+
+    suite = {"zh": SENTENCES["zh"], "zh_half": SENTENCES["zh"][::2], "en": SENTENCES["en"],
+             "mixed_prompts": SENTENCES["mixed_prompts"]}
+    layer = sae.cfg.layer
+    footprints = {name: harvest_footprints(model, tok, texts, {layer: sae}, name=name, progress=False)[layer]
+                  for name, texts in suite.items()}
+    report = redundancy_report(footprints)
+    write_report(report, out)
+    return {"layer": layer, "benchmarks": {name: {key: row[key] for key in ("n_samples", "footprint_size",
+                                                                           "feature_redundancy")}
+                                           for name, row in report["benchmarks"].items()},
+            "summary": report["summary"], "report": f"{out.name}/report.md"}
 
 
 def _markdown(summary: dict, rows, images: list[str]) -> str:
@@ -204,4 +241,16 @@ def _markdown(summary: dict, rows, images: list[str]) -> str:
     for name in ("suppress", "amplify"):
         ex = summary["examples"][f"layer{best}_{name}"]["examples"]
         lines += [f"- **{name}**: " + " / ".join(repr(e) for e in ex)]
+    clf = summary["classifier"]
+    lines += ["", "## OR-rule classifier, Chinese vs English (report §5)", "",
+              f"Features {clf['features']}; held-out precision {clf['precision']:.2f}, recall {clf['recall']:.2f}, "
+              f"F1 {clf['f1']:.2f}."]
+    red = summary["redundancy"]
+    lines += ["", f"## Benchmark redundancy of a toy suite, layer {red['layer']} (report §4)", "",
+              "| set | N | \\|F(D)\\| | R̂(D) |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {row['n_samples']} | {row['footprint_size']} | {row['feature_redundancy']:.3g} |"
+              for name, row in red["benchmarks"].items()]
+    lines += ["", *(f"- drop candidate: {d['benchmark']} ({d['overlap']:.0%} covered by {d['covered_by']})"
+                    for d in red["summary"]["drop_candidates"]),
+              f"- full report: [{red['report']}]({red['report']})"]
     return "\n".join(lines) + "\n"

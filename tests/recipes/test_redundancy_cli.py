@@ -47,6 +47,7 @@ def test_footprints_then_redundancy(tmp_path, capsys):
     names = report["overlap"]["names"]
     assert overlap["zh_half"][names.index("zh")] == 1.0  # a subset is fully covered
     assert "drop candidate: zh_half (100% of its footprint is in zh)" in printed
+    assert "drop candidate: zh " not in printed  # the superset stays: dropping both would lose what they share
     assert set(report["benchmarks"]) == set(suites) and "partial_pearson" in report
     assert (out / "overlap.png").is_file() and (out / "report.md").is_file()
 
