@@ -7,6 +7,10 @@
 # `qscope_plugin.recipes.toxicity.load_splits("textdetox/multilingual_toxicity_dataset", ["en", "ru"])`.
 
 # %%
+import json
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
 from qscope_plugin import load_sae
@@ -33,10 +37,24 @@ print("features", clf.features, "top1-diff", clf.top1_diff)
 print(clf.score([texts[i] for i in np.flatnonzero(odd)], labels[odd]))
 
 # %% [markdown]
-# The full evaluation: F1 by layer and K, multi-layer composition (R20), data efficiency.
+# Save and reload: the JSON records the backbone, the SAE release and geometry, layers, features, ε, thresholds and
+# provenance; `load` refuses SAEs of another release, width or k.
+
+# %%
+path = Path(tempfile.mkdtemp()) / "zh_vs_en.json"
+clf.save(path)
+saved = json.loads(path.read_text())
+print({key: saved[key] for key in ("model_id", "release", "layers", "features", "eps", "thresholds", "saes")})
+again = ORRuleClassifier.load(path, model, tokenizer, saes)
+assert (again.predict(texts) == clf.predict(texts)).all()
+
+# %% [markdown]
+# The full evaluation: precision / recall / F1 by layer and K (per language and macro), multi-layer composition
+# (R20), transfer, data efficiency.
 
 # %%
 split = Split([texts[i] for i in np.flatnonzero(even)], labels[even], [texts[i] for i in np.flatnonzero(odd)],
               labels[odd])
 report = evaluate(model, tokenizer, saes, {"zh-vs-en": split}, ks=(1, 2, 5), m_layers=2, fractions=(0.25, 0.5))
 print(report["languages"]["zh-vs-en"]["best_layer_f1"], report["data_efficiency"])
+print("macro P/R/F1 at ℓ* by K:", report["macro"]["selected_layer"])

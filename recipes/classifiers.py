@@ -4,6 +4,10 @@
     >>> clf.predict(["you are an idiot", "have a nice day"])          # array([ True, False])
     >>> clf.save("toxicity.json"); ORRuleClassifier.load("toxicity.json", model, tok, saes)
 
+The saved JSON records the backbone (``model``: its ``name_or_path``), the SAE ``release`` (name or folder) and
+each used layer's SAE geometry (d_model, d_sae, k), the layers, features, ε, per-feature thresholds, K / m and
+provenance; ``load`` refuses SAEs whose release or geometry differ from the saved ones.
+
 Equations (spec §3.3), with a^{(ℓ)}_{i,t,f} the SAE activation z_f of token t of example i at layer ℓ:
 
     (R15) h_{i,f} = 1[ max_t a_{i,t,f} > ε ]                       example-level firing, ε = 0
@@ -21,8 +25,11 @@ harvested in one forward pass per batch; ε can then be changed without running 
 from __future__ import annotations
 
 import json
+import platform
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,15 +37,19 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from qscope_plugin.errors import QScopeError
-from qscope_plugin.recipes._common import check_texts, encode_texts
+from qscope_plugin.errors import QScopeError, QScopeWarning
+from qscope_plugin.recipes._common import check_texts, encode_texts, hf_model
 from qscope_plugin.sae import QwenScopeSAE
 
 MaxActivations = dict[int, sp.csr_matrix]
 """Per layer, a CSR matrix ``(n_examples, d_sae)`` of ``max_t a_{i,t,f}`` (only positive entries stored)."""
 
 
-SAVED_FIELDS = ("k_features", "m_layers", "eps", "exclude_first_token", "features", "top1_diff", "provenance")
+SAVED_FIELDS = ("k_features", "m_layers", "eps", "exclude_first_token", "features", "top1_diff", "provenance",
+                "model_id", "release")
+"""Constructor fields written to (and restored from) the JSON; ``layers``, ``thresholds`` and ``saes`` are derived."""
+FORMAT = "qscope-or-rule/1"
+"""Unchanged by the added keys: files written before them still load (their SAEs are then not checked)."""
 
 
 class ClassifierError(QScopeError, ValueError):
@@ -52,18 +63,26 @@ def max_activations(model: object, tokenizer, texts: Sequence[str], saes: Mappin
 
     ``exclude_first_token`` defaults to False: the report takes the max over all tokens (spec §4 row 7).
     """
-    rows: dict[int, list[sp.csr_matrix]] = {layer: [] for layer in saes}
+    cols: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
+    vals: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
+    counts: dict[int, list[int]] = {layer: [] for layer in saes}
+    start = int(exclude_first_token)
     for codes in encode_texts(model, tokenizer, texts, saes, batch_size=batch_size, max_length=max_length,
                               progress=progress):
-        start = int(exclude_first_token)
         for layer, sae in saes.items():
             values = codes.values[layer][start:].flatten().float()
             indices = codes.indices[layer][start:].flatten()
             best = torch.zeros(sae.cfg.d_sae).scatter_reduce_(0, indices, values, reduce="amax")
-            nz = best.nonzero().flatten()
-            rows[layer].append(sp.csr_matrix((best[nz].numpy(), (np.zeros(len(nz)), nz.numpy())),
-                                             shape=(1, sae.cfg.d_sae)))
-    return {layer: sp.vstack(r, format="csr") for layer, r in rows.items()}
+            nz = best.nonzero().flatten()  # sorted feature ids: one CSR row
+            cols[layer].append(nz)
+            vals[layer].append(best[nz])
+            counts[layer].append(len(nz))
+    out = {}
+    for layer, sae in saes.items():  # one CSR per layer, built once (no per-row matrices)
+        indptr = np.concatenate([[0], np.cumsum(counts[layer])])
+        out[layer] = sp.csr_matrix((torch.cat(vals[layer]).numpy(), torch.cat(cols[layer]).numpy(),
+                                    indptr), shape=(len(counts[layer]), sae.cfg.d_sae))
+    return out
 
 
 def _labels(labels: Sequence, n: int) -> np.ndarray:
@@ -151,6 +170,10 @@ class ORRuleClassifier:
     features: dict[int, list[int]] = field(default_factory=dict)
     top1_diff: dict[int, float] = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    model_id: str | None = None
+    """The backbone's ``name_or_path``; filled by ``fit`` when left None."""
+    release: str | None = None
+    """Release name or SAE folder the SAEs came from (the CLI passes ``--release``); default ``sae.cfg.release``."""
 
     def _acts(self, texts: Sequence[str]) -> MaxActivations:
         return max_activations(self.model, self.tokenizer, check_texts(texts), self.saes,
@@ -166,8 +189,14 @@ class ORRuleClassifier:
             self.features = {layers[0]: top_features(deltas[layers[0]], self.k_features)}
         else:
             self.features = {layer: top_features(deltas[layer], 1) for layer in layers}
-        first = next(iter(self.saes.values())).cfg
-        self.provenance = {"release": first.release, "n_examples": len(texts), "n_positive": int(np.sum(labels))}
+        if self.model_id is None:
+            self.model_id = model_name(self.model)
+        if self.release is None:
+            self.release = next((s.cfg.release for s in self.saes.values() if s.cfg.release), None)
+        self.provenance = {"release": self.release, "model": self.model_id, "n_examples": len(texts),
+                           "n_positive": int(np.sum(np.asarray(labels).astype(bool))),
+                           "searched_layers": sorted(acts), "created": datetime.now(UTC).isoformat(
+                               timespec="seconds"), **_versions()}
         return self
 
     def predict(self, texts: Sequence[str]) -> np.ndarray:
@@ -179,18 +208,79 @@ class ORRuleClassifier:
         return prf(labels, self.predict(texts))
 
     def save(self, path: str | Path) -> None:
-        """A small JSON: release, layers, features, ε, provenance; enough to share and re-run."""
+        """A small JSON: model, release, SAE geometry, layers, features, ε, thresholds, provenance."""
+        if not self.features:
+            raise ClassifierError("nothing to save: call fit() first")
         state = {key: getattr(self, key) for key in SAVED_FIELDS}
-        Path(path).write_text(json.dumps({"format": "qscope-or-rule/1", **state}, indent=2) + "\n")
+        state["layers"] = sorted(self.features)
+        state["thresholds"] = {layer: [self.eps] * len(feats) for layer, feats in self.features.items()}
+        state["saes"] = {layer: sae_signature(self.saes[layer]) for layer in sorted(self.features)}
+        Path(path).write_text(json.dumps({"format": FORMAT, **state}, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, model: object, tokenizer, saes: Mapping[int, QwenScopeSAE]) -> ORRuleClassifier:
-        state = json.loads(Path(path).read_text())
-        if state.pop("format", None) != "qscope-or-rule/1":
+        """Restore a saved classifier onto ``model`` and ``saes``; refuses SAEs other than the saved ones."""
+        try:
+            state = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ClassifierError(f"{str(path)!r} is not a saved qscope OR-rule classifier ({e})") from None
+        if not isinstance(state, dict) or state.pop("format", None) != FORMAT:
             raise ClassifierError(f"{str(path)!r} is not a saved qscope OR-rule classifier")
-        state["features"] = {int(layer): feats for layer, feats in state["features"].items()}
-        state["top1_diff"] = {int(layer): d for layer, d in state["top1_diff"].items()}
-        missing = sorted(set(state["features"]) - set(saes))
+        features = {int(layer): feats for layer, feats in state["features"].items()}
+        missing = sorted(set(features) - set(saes))
         if missing:
-            raise ClassifierError(f"the classifier uses layers {missing}; pass SAEs for them")
-        return cls(model, tokenizer, saes, **state)
+            raise ClassifierError(f"the classifier uses layers {missing}; pass SAEs for them"
+                                  + (f" (release {state['release']!r})" if state.get("release") else ""))
+        for layer, saved in state.get("saes", {}).items():
+            _check_sae(int(layer), saved, saes[int(layer)], state.get("release"))
+        for layer, thresholds in state.get("thresholds", {}).items():
+            if any(t != state["eps"] for t in thresholds):
+                raise ClassifierError(f"layer {layer} has per-feature thresholds {thresholds}; this version applies "
+                                      f"one threshold ε = {state['eps']} to every feature. Set them all to ε")
+        saved_model, ours = state.get("model_id"), model_name(model)
+        if saved_model and ours and saved_model != ours:
+            warnings.warn(f"the classifier was fitted on model {saved_model!r}; running it on {ours!r}",
+                          QScopeWarning, stacklevel=2)
+        kept = {key: state[key] for key in SAVED_FIELDS if key in state}
+        kept["features"] = features
+        kept["top1_diff"] = {int(layer): d for layer, d in state.get("top1_diff", {}).items()}
+        return cls(model, tokenizer, saes, **kept)
+
+
+def model_name(model: object) -> str | None:
+    """The backbone's ``name_or_path`` (hub id or folder), or None when it has none."""
+    try:
+        module = hf_model(model)
+    except QScopeError:
+        return None
+    name = getattr(module, "name_or_path", None) or getattr(getattr(module, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def sae_signature(sae: QwenScopeSAE) -> dict:
+    """What must match between the SAEs a classifier was fitted on and the ones it runs on."""
+    c = sae.cfg
+    return {"release": c.release, "d_model": c.d_model, "d_sae": c.d_sae, "k": c.k}
+
+
+def _describe(sig: Mapping) -> str:
+    return f"release {sig.get('release')!r} (d_model={sig.get('d_model')}, d_sae={sig.get('d_sae')}, k={sig.get('k')})"
+
+
+def _check_sae(layer: int, saved: Mapping, sae: QwenScopeSAE, release: str | None) -> None:
+    got = sae_signature(sae)
+    differs = any(saved.get(key) != got[key] for key in ("d_model", "d_sae", "k"))
+    differs |= bool(saved.get("release") and got["release"] and saved["release"] != got["release"])
+    if differs:
+        raise ClassifierError(
+            f"layer {layer}: the classifier was fitted on SAEs of {_describe(saved)} but got {_describe(got)}; "
+            f"pass the SAEs it was fitted on" + (f" (release {release!r})" if release else ""))
+
+
+def _versions() -> dict:
+    import transformers
+
+    from qscope_plugin import __version__
+
+    return {"qscope_plugin": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}

@@ -12,6 +12,7 @@ Any dataset with a text and a label column works (hub id, or local json / jsonl 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 from qscope_plugin.errors import QScopeError
 from qscope_plugin.recipes.classifiers import (
     MaxActivations,
+    Scores,
     f1_grid,
     feature_deltas,
     jaccard,
@@ -34,6 +36,8 @@ from qscope_plugin.sae import QwenScopeSAE
 
 LANGUAGES = ("en", "ru", "uk", "de", "es", "am", "zh", "ar", "hi", "it", "fr", "tt", "ja")
 """The 13 languages of the report's corpus (Dementieva et al. 2024)."""
+METRICS = ("precision", "recall", "f1")
+_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
 class DataError(QScopeError, ValueError):
@@ -141,13 +145,29 @@ def best_f1(train: MaxActivations, y_train: np.ndarray, h: Harvest, ks: Sequence
     return max(s.f1 for per_k in grid.values() for s in per_k.values())
 
 
+def _as_dict(s: Scores) -> dict[str, float]:
+    return {"precision": float(s.precision), "recall": float(s.recall), "f1": float(s.f1)}
+
+
+def _mean(scores: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Macro average: the unweighted mean over languages of each metric (macro F1 = mean of per-language F1)."""
+    return {metric: float(np.mean([s[metric] for s in scores])) for metric in METRICS}
+
+
 def evaluate(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], splits: Mapping[str, Split], *,
              ks: Sequence[int] = (1, 2, 5, 10), eps: float = 0.0, m_layers: int = 3, jaccard_k: int = 10,
-             fractions: Sequence[float] = (0.1, 0.25, 0.5), repeats: int = 3, seed: int = 0,
-             harvests: Mapping[str, Harvest] | None = None, **harvest_options) -> dict:
-    """Everything §5 reports, as one JSON-able dict: per-language F1 grids, ℓ*, multi-layer composition,
-    cross-lingual transfer and Jaccard overlap, and the data-efficiency curve."""
+             transfer_k: int | None = None, fractions: Sequence[float] = (0.1, 0.25, 0.5), repeats: int = 3,
+             seed: int = 0, harvests: Mapping[str, Harvest] | None = None, **harvest_options) -> dict:
+    """Everything §5 reports, as one JSON-able dict: per-language precision / recall / F1 grids (layer × K) and
+    their macro averages, ℓ*, multi-layer composition, cross-lingual transfer (top-``transfer_k`` features of the
+    source's ℓ*, default K = min(ks)) and Jaccard overlap, and the data-efficiency curve.
+
+    Per language: ``precision``, ``recall``, ``f1`` are ``{layer: {K: value}}``; ``selected_layer_scores`` is
+    ``{K: {precision, recall, f1}}`` at ℓ*. ``macro``: the three grids averaged over languages, ``selected_layer``
+    (``{K: scores}``, each language at its own ℓ*) and ``multi_layer``. ``transfer``: ``{src: {dst: scores}}``.
+    """
     hv = dict(harvests) if harvests is not None else harvest(model, tokenizer, saes, splits, **harvest_options)
+    transfer_k = min(ks) if transfer_k is None else transfer_k
     deltas = {lang: {layer: feature_deltas(a, h.y_discovery, eps) for layer, a in h.discovery.items()}
               for lang, h in hv.items()}
     languages = {}
@@ -156,22 +176,30 @@ def evaluate(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], splits:
         star = select_layers(deltas[lang])[0]
         top = select_layers(deltas[lang], m_layers)
         composed = {layer: top_features(deltas[lang][layer], 1) for layer in top}
+        multi = prf(h.y_test, predict_or(h.test, composed, eps))
         languages[lang] = {
-            "f1": {layer: {k: s.f1 for k, s in per_k.items()} for layer, per_k in grid.items()},
+            **{metric: {layer: {k: float(getattr(s, metric)) for k, s in per_k.items()}
+                        for layer, per_k in grid.items()} for metric in METRICS},
             "top1_diff": {layer: float(d.max()) for layer, d in deltas[lang].items()},
             "selected_layer": star,
             "selected_layer_f1": {k: grid[star][k].f1 for k in ks},
+            "selected_layer_scores": {k: _as_dict(grid[star][k]) for k in ks},
             "best_layer_f1": max(s.f1 for per_k in grid.values() for s in per_k.values()),
-            "multi_layer": {"layers": top,
-                            "f1": prf(h.y_test, predict_or(h.test, composed, eps)).f1},
+            "multi_layer": {"layers": top, **_as_dict(multi)},
         }
+    layers = list(next(iter(deltas.values())))
+    per_lang = languages.values()
+    macro = {
+        **{metric: {layer: {k: float(np.mean([r[metric][layer][k] for r in per_lang])) for k in ks}
+                    for layer in layers} for metric in METRICS},
+        "selected_layer": {k: _mean([r["selected_layer_scores"][k] for r in per_lang]) for k in ks},
+        "multi_layer": _mean([r["multi_layer"] for r in per_lang]),
+    }
     transfer = {}
     for src in hv:
         star = languages[src]["selected_layer"]
-        feats = top_features(deltas[src][star], min(ks))
-        transfer[src] = {dst: prf(h.y_test, predict_or(h.test, {star: feats}, eps)).f1
-                         for dst, h in hv.items()}
-    layers = list(next(iter(deltas.values())))
+        feats = top_features(deltas[src][star], transfer_k)
+        transfer[src] = {dst: _as_dict(prf(h.y_test, predict_or(h.test, {star: feats}, eps))) for dst, h in hv.items()}
     overlap = {layer: {a: {b: jaccard(top_features(deltas[a][layer], jaccard_k), top_features(deltas[b][layer],
                                                                                                jaccard_k))
                            for b in hv} for a in hv} for layer in layers}
@@ -184,9 +212,33 @@ def evaluate(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], splits:
         relative = float(np.mean(runs) / full) if full > 0 else float("nan")
         efficiency[fraction] = {"macro_best_f1": float(np.mean(runs)), "relative": relative}
     efficiency[1.0] = {"macro_best_f1": float(full), "relative": 1.0}
-    return {"ks": list(ks), "eps": eps, "languages": languages, "transfer_f1": transfer,
-            "jaccard_top_k": jaccard_k, "jaccard": overlap, "data_efficiency": efficiency,
+    return {"ks": list(ks), "eps": eps, "languages": languages, "macro": macro, "transfer_k": transfer_k,
+            "transfer_f1": {a: {b: s["f1"] for b, s in row.items()} for a, row in transfer.items()},
+            "transfer": transfer, "jaccard_top_k": jaccard_k, "jaccard": overlap, "data_efficiency": efficiency,
             "macro_best_f1": float(full)}
+
+
+def _prf_cell(s: Mapping[str, float]) -> str:
+    return f"{s['precision']:.3f} / {s['recall']:.3f} / {s['f1']:.3f}"
+
+
+def _grid_rows(name: str, r: Mapping) -> list[str]:
+    """One row per layer: ``P / R / F1`` for every K (keys as stored, so a report read back from JSON works too)."""
+    rows = []
+    for layer, per_k in r["f1"].items():
+        cells = [_prf_cell({m: r[m][layer][k] for m in METRICS}) for k in per_k]
+        rows.append(f"| {name} | {layer} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _numeric_keys(obj):
+    """Dict keys such as ``"14"`` / ``"0.5"`` (JSON's) back to ``14`` / ``0.5``, recursively; other keys unchanged."""
+    if isinstance(obj, dict):
+        return {(float(k) if "." in k else int(k)) if isinstance(k, str) and _NUMBER.fullmatch(k) else k:
+                _numeric_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_numeric_keys(v) for v in obj]
+    return obj
 
 
 def write_report(report: dict, out_dir: str | Path) -> list[Path]:
@@ -199,6 +251,7 @@ def write_report(report: dict, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report = _numeric_keys(report)  # a report read back from report.json has string layer / K keys
     langs = list(report["languages"])
     fig, axes = plt.subplots(1, len(langs), figsize=(4 * len(langs), 3), squeeze=False)
     for ax, lang in zip(axes[0], langs, strict=True):
@@ -224,16 +277,29 @@ def write_report(report: dict, out_dir: str | Path) -> list[Path]:
     fig.savefig(out / "jaccard.png", dpi=110)
     plt.close(fig)
 
-    lines = ["# OR-rule classifier report", "", f"Macro-average best-over-layers F1: {report['macro_best_f1']:.3f}",
-             "", "| language | ℓ* (top1-diff) | F1 at ℓ* by K | best F1 | multi-layer F1 (layers) |",
-             "|---|---|---|---|---|"]
+    macro = report.get("macro")
+    lines = ["# OR-rule classifier report", "", f"Macro-average best-over-layers F1: {report['macro_best_f1']:.3f}"]
+    if macro:
+        lines += ["", "Macro-average at ℓ* (precision / recall / F1): "
+                  + "; ".join(f"K={k}: {_prf_cell(s)}" for k, s in macro["selected_layer"].items()),
+                  "", f"Macro-average multi-layer (precision / recall / F1): {_prf_cell(macro['multi_layer'])}"]
+    lines += ["", "| language | ℓ* (top1-diff) | F1 at ℓ* by K | best F1 | multi-layer F1 (layers) |",
+              "|---|---|---|---|---|"]
     for lang, r in report["languages"].items():
         by_k = ", ".join(f"K={k}: {f:.3f}" for k, f in r["selected_layer_f1"].items())
         ml = r["multi_layer"]
         lines.append(f"| {lang} | {r['selected_layer']} | {by_k} | {r['best_layer_f1']:.3f} | "
                      f"{ml['f1']:.3f} ({', '.join(map(str, ml['layers']))}) |")
-    lines += ["", "Cross-lingual transfer (discover on row, test on column), F1:", "",
-              "| from \\ to | " + " | ".join(langs) + " |", "|---" * (len(langs) + 1) + "|"]
+    if macro:
+        lines += ["", "Precision / recall / F1 by layer and K (held-out; macro = unweighted mean over languages):", "",
+                  "| language | layer | " + " | ".join(f"K={k} P / R / F1" for k in report["ks"]) + " |",
+                  "|---|---|" + "---|" * len(report["ks"])]
+        lines += _grid_rows("macro", macro)
+        for lang, r in report["languages"].items():
+            lines += _grid_rows(lang, r)
+    k = report.get("transfer_k")
+    lines += ["", f"Cross-lingual transfer (discover on row, test on column{f', top-{k} at ℓ*' if k else ''}), F1:",
+              "", "| from \\ to | " + " | ".join(langs) + " |", "|---" * (len(langs) + 1) + "|"]
     lines += [f"| {a} | " + " | ".join(f"{report['transfer_f1'][a][b]:.3f}" for b in langs) + " |" for a in langs]
     lines += ["", "Data efficiency (share of the discovery split, balanced, seeded repeats):", "",
               "| fraction | macro best F1 | relative |", "|---|---|---|"]

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
 from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
 
+from qscope_plugin.errors import QScopeWarning
 from qscope_plugin.hooks import capture_residual
 from qscope_plugin.recipes.classifiers import (
     ClassifierError,
@@ -19,6 +23,7 @@ from qscope_plugin.recipes.classifiers import (
     select_layers,
     top_features,
 )
+from qscope_plugin.sae import SAE_KEYS, QScopeSAEConfig, QwenScopeSAE
 
 # 4 examples x 5 features of max activations; examples 0, 1 are positive
 ACTS = sp.csr_matrix(np.array([
@@ -118,6 +123,13 @@ def test_fit_predict_save_load_end_to_end(setup, tmp_path):
     assert clf.score(texts, labels).f1 > 0.6
     path = tmp_path / "clf.json"
     clf.save(path)
+    saved = json.loads(path.read_text())
+    (layer,) = clf.features
+    assert saved["layers"] == [layer] and saved["eps"] == 0.0 and saved["k_features"] == 2
+    assert saved["thresholds"] == {str(layer): [0.0, 0.0]}
+    assert saved["saes"] == {str(layer): {"release": None, "d_model": 64, "d_sae": 128, "k": 8}}
+    assert saved["provenance"]["n_examples"] == 12 and saved["provenance"]["n_positive"] == 6
+    assert saved["provenance"]["searched_layers"] == [0, 1] and "torch" in saved["provenance"]
     again = ORRuleClassifier.load(path, model, tok, saes)
     assert again.features == clf.features
     assert (again.predict(texts) == clf.predict(texts)).all()
@@ -130,3 +142,70 @@ def test_load_rejects_other_files(setup, tmp_path):
     (tmp_path / "x.json").write_text('{"k": 1}')
     with pytest.raises(ClassifierError, match="not a saved qscope OR-rule classifier"):
         ORRuleClassifier.load(tmp_path / "x.json", model, tok, saes)
+
+
+def _renamed(sae: QwenScopeSAE, **changes) -> QwenScopeSAE:
+    return QwenScopeSAE({key: getattr(sae, key) for key in SAE_KEYS}, dataclasses.replace(sae.cfg, **changes))
+
+
+class _Named(torch.nn.Module):
+    """A stand-in backbone with a ``name_or_path`` (load never runs it)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name_or_path = name
+        self.w = torch.nn.Linear(1, 1)
+
+
+def test_saved_model_and_release_are_recorded_and_checked_on_load(tmp_path):
+    """No forward pass: a hand-set classifier saved with release 'rel-a' (d_sae 16, k 4) on layer 2."""
+    sae = QwenScopeSAE({"W_enc": torch.zeros(16, 8), "W_dec": torch.zeros(8, 16), "b_enc": torch.zeros(16),
+                        "b_dec": torch.zeros(8)}, QScopeSAEConfig(8, 16, 4, 2, "rel-a"))
+    clf = ORRuleClassifier(_Named("org/backbone"), None, {2: sae}, eps=0.5, features={2: [3, 1]},
+                           top1_diff={2: 0.7})
+    clf.model_id, clf.release = "org/backbone", "rel-a"
+    path = tmp_path / "clf.json"
+    clf.save(path)
+    saved = json.loads(path.read_text())
+    assert (saved["model_id"], saved["release"], saved["layers"]) == ("org/backbone", "rel-a", [2])
+    assert saved["thresholds"] == {"2": [0.5, 0.5]}
+    again = ORRuleClassifier.load(path, _Named("org/backbone"), None, {2: sae})
+    assert (again.release, again.model_id, again.features, again.eps) == ("rel-a", "org/backbone", {2: [3, 1]}, 0.5)
+    for other, what in ((_renamed(sae, release="rel-b"), "'rel-b'"), (_renamed(sae, k=5), "k=5")):
+        match = rf"layer 2: .*fitted on SAEs of release 'rel-a' .*k=4.* got .*{what}"
+        with pytest.raises(ClassifierError, match=match):
+            ORRuleClassifier.load(path, _Named("org/backbone"), None, {2: other})
+    # a folder without qscope.json gives SAEs without a release name: the geometry is still checked
+    assert ORRuleClassifier.load(path, None, None, {2: _renamed(sae, release=None)}).features == {2: [3, 1]}
+    with pytest.raises(ClassifierError, match=r"uses layers \[2\]; pass SAEs for them \(release 'rel-a'\)"):
+        ORRuleClassifier.load(path, None, None, {1: sae})
+    with pytest.warns(QScopeWarning, match="fitted on model 'org/backbone'; running it on 'org/other'"):
+        ORRuleClassifier.load(path, _Named("org/other"), None, {2: sae})
+    saved["thresholds"]["2"] = [0.5, 0.9]
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ClassifierError, match="per-feature thresholds"):
+        ORRuleClassifier.load(path, None, None, {2: sae})
+
+
+def test_fit_fills_model_id_and_release_from_the_backbone_and_saes(setup):
+    model, tok, saes = setup
+    named = {n: _renamed(s, release="tiny-rel") for n, s in saes.items()}
+    old = model.name_or_path
+    model.name_or_path = "org/tiny"
+    try:
+        clf = ORRuleClassifier(model, tok, named, k_features=1).fit(["你好", "hello", "再见", "bye"], [1, 0, 1, 0])
+    finally:
+        model.name_or_path = old
+    assert (clf.model_id, clf.release) == ("org/tiny", "tiny-rel")
+    assert clf.provenance["model"] == "org/tiny" and clf.provenance["release"] == "tiny-rel"
+    explicit = ORRuleClassifier(model, tok, named, k_features=1, release="/saes/folder").fit(
+        ["你好", "hello", "再见", "bye"], [1, 0, 1, 0])
+    assert explicit.release == "/saes/folder"
+
+
+def test_old_files_without_the_new_keys_still_load(setup, tmp_path):
+    model, tok, saes = setup
+    old = {"format": "qscope-or-rule/1", "k_features": 1, "m_layers": 1, "eps": 0.0, "exclude_first_token": False,
+           "features": {"1": [5]}, "top1_diff": {"1": 0.5}, "provenance": {}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert ORRuleClassifier.load(tmp_path / "old.json", model, tok, saes).features == {1: [5]}

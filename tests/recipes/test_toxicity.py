@@ -7,6 +7,7 @@ import pytest
 import scipy.sparse as sp
 from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
 
+from qscope_plugin.recipes.classifiers import feature_deltas, predict_or, prf, top_features
 from qscope_plugin.recipes.toxicity import DataError, Harvest, balanced_split, evaluate, load_splits, write_report
 
 
@@ -74,7 +75,40 @@ def test_evaluate_on_planted_harvests(tmp_path):
     assert 0.8 < report["data_efficiency"][0.1]["relative"] <= 1.05
     files = write_report(report, tmp_path / "report")
     assert all(f.stat().st_size > 0 for f in files)
-    assert "| a | " in (tmp_path / "report" / "report.md").read_text()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| a | " in md
+    # precision / recall / F1 per language, layer and K, and their macro averages, in the dict and the markdown
+    h = hv["c"]
+    expected = prf(h.y_test, predict_or(h.test, {1: top_features(feature_deltas(h.discovery[1], h.y_discovery), 2)}))
+    c = report["languages"]["c"]
+    assert (c["precision"][1][2], c["recall"][1][2], c["f1"][1][2]) == pytest.approx(tuple(expected))
+    assert c["selected_layer_scores"][2]["recall"] == pytest.approx(c["recall"][c["selected_layer"]][2])
+    for metric in ("precision", "recall", "f1"):
+        langs = report["languages"].values()
+        assert report["macro"][metric][0][1] == pytest.approx(np.mean([r[metric][0][1] for r in langs]))
+        assert report["macro"]["selected_layer"][2][metric] == pytest.approx(
+            np.mean([r["selected_layer_scores"][2][metric] for r in langs]))
+        assert report["macro"]["multi_layer"][metric] == pytest.approx(
+            np.mean([r["multi_layer"][metric] for r in langs]))
+    assert report["transfer"]["a"]["c"]["f1"] == report["transfer_f1"]["a"]["c"] and report["transfer_k"] == 1
+    m = report["macro"]
+    assert "| language | layer | K=1 P / R / F1 | K=2 P / R / F1 |" in md
+    assert f"| macro | 1 | {m['precision'][1][1]:.3f} / {m['recall'][1][1]:.3f} / {m['f1'][1][1]:.3f} |" in md
+    assert f"| c | 1 | {c['precision'][1][1]:.3f} / {c['recall'][1][1]:.3f} / {c['f1'][1][1]:.3f} |" in md
+    # the report survives a JSON round trip (string keys) through write_report
+    again = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert write_report(again, tmp_path / "again") and (tmp_path / "again" / "report.md").read_text() == md
+
+
+def test_transfer_k_is_a_parameter():
+    """With every feature in the transfer set, a's rule fires on c's noise too: recall 1, precision about 1/2."""
+    rng = np.random.default_rng(1)
+    hv = {"a": _synthetic_harvest(rng, 3), "c": _synthetic_harvest(rng, 9)}
+    default = evaluate(None, None, {}, {}, harvests=hv, ks=(1, 2), fractions=(), repeats=1)
+    wide = evaluate(None, None, {}, {}, harvests=hv, ks=(1, 2), fractions=(), repeats=1, transfer_k=32)
+    assert default["transfer_k"] == 1 and wide["transfer_k"] == 32
+    assert default["transfer"]["a"]["c"]["recall"] < 0.2
+    assert wide["transfer"]["a"]["c"]["recall"] == 1.0 and wide["transfer"]["a"]["c"]["precision"] < 0.6
 
 
 def test_evaluate_end_to_end_on_a_tiny_model(tmp_path):
@@ -85,4 +119,5 @@ def test_evaluate_end_to_end_on_a_tiny_model(tmp_path):
     splits = load_splits(str(tmp_path), n_discovery=4, n_test=4, split_seed=0)
     report = evaluate(model, tok, tiny_saes(model), splits, ks=(1, 2), m_layers=2, fractions=(0.5,), repeats=1)
     assert set(report["languages"]["en"]["f1"]) == {0, 1}
+    assert set(report["macro"]["precision"][1]) == {1, 2} and set(report["languages"]["en"]["recall"][0]) == {1, 2}
     assert 0.0 <= report["languages"]["en"]["best_layer_f1"] <= 1.0
