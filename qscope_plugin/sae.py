@@ -22,6 +22,7 @@ import math
 import pickle
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -120,6 +121,8 @@ class QwenScopeSAE:
         if not 0 < cfg.k <= cfg.d_sae:
             raise SAEInputError(f"k={cfg.k} is invalid for d_sae={cfg.d_sae}; expected 1 <= k <= d_sae")
         self._decoder_norms: torch.Tensor | None = None
+        self._on_invalid: list[Callable[[], None]] = []
+        """Called once when ``validate()`` fails, e.g. to drop this SAE from the LRU of ``load_sae``."""
 
     @classmethod
     def from_file(cls, path: str | Path, k: int, *, layer: int | None = None, release: str | None = None,
@@ -230,7 +233,21 @@ class QwenScopeSAE:
         return self.W_enc.index_select(0, ids).float(), self.b_enc.index_select(0, ids).float()
 
     def validate(self) -> QwenScopeSAE:
-        """Read every value once: all finite, decoder not degenerate. Raises ``SAEFileError``; returns self."""
+        """Read every value once: all finite, decoder not degenerate. Raises ``SAEFileError``; returns self.
+
+        On failure the SAE is also dropped from every ``SAECache`` that holds it, so the next ``load_sae``
+        reads the file again instead of returning the bad SAE.
+        """
+        try:
+            self._validate()
+        except SAEFileError:
+            hooks, self._on_invalid = self._on_invalid, []
+            for hook in hooks:
+                hook()
+            raise
+        return self
+
+    def _validate(self) -> None:
         where = f"{self.cfg.release or 'SAE'} layer {self.cfg.layer}"
         for key in SAE_KEYS:
             t = getattr(self, key)
@@ -247,7 +264,6 @@ class QwenScopeSAE:
                           stacklevel=2)
         if not math.isfinite(norms.max().item()):
             raise SAEFileError(f"{where}: decoder norms overflow")
-        return self
 
     def to_sae_lens(self) -> TopKSAE:
         """A SAELens ``TopKSAE`` whose parameters are views of this SAE's tensors (no copy)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -42,11 +43,109 @@ def _drop_from_hub_cache(path: Path) -> None:
         blob.unlink(missing_ok=True)
 
 
+class HubError(QScopeError, OSError):
+    """The hub refused or failed a download: unknown repo, revision or file, an HTTP error, or no network."""
+
+
+class HubRepoNotFoundError(HubError):
+    """The repository does not exist on the hub, or is private or gated for the current token."""
+
+
+class HubRevisionNotFoundError(HubError):
+    """The requested branch, tag or commit does not exist in the repository."""
+
+
+class HubFileNotFoundError(HubError, FileNotFoundError):
+    """The repository has no such file at the requested revision."""
+
+
+class HubUnreachableError(HubError, ConnectionError):
+    """The hub could not be reached (connection refused, DNS failure, timeout, interrupted transfer)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _error_classes(names: dict[str, tuple[str, ...]], *builtin: type[BaseException]) -> tuple[type, ...]:
+    """Exception classes of HTTP clients that are already imported (a module not imported cannot raise)."""
+    out: list[type] = list(builtin)
+    for module, attrs in names.items():
+        mod = sys.modules.get(module)
+        out += [getattr(mod, a) for a in attrs if isinstance(getattr(mod, a, None), type)]
+    return tuple(out)
+
+
+def _discard_partial_downloads(repo_id: str) -> None:
+    """Remove ``blobs/*.incomplete`` files of a repo that no process is writing (their etag lock is free)."""
+    from filelock import FileLock, Timeout
+    from huggingface_hub import constants
+
+    folder = f"models--{repo_id.replace('/', '--')}"
+    root = Path(constants.HF_HUB_CACHE)
+    for part in (root / folder / "blobs").glob("*.incomplete"):
+        lock_path = root / ".locks" / folder / f"{part.name.split('.')[0]}.lock"
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(lock_path, timeout=0):
+                part.unlink(missing_ok=True)
+        except (Timeout, OSError):  # another process is downloading it, or the cache is read-only
+            continue
+
+
+def _hub_error(e: BaseException, rel: Release, filename: str, revision: str | None, layer: int) -> QScopeError | None:
+    """The plugin error for an exception of ``hf_hub_download``; ``None`` when it is not a hub/network failure."""
+    from huggingface_hub import errors as hf
+
+    what = f"{filename} of {rel.repo_id} (revision {revision or 'main'})"
+    retry = f"run `qscope fetch {rel.name} --layers {layer}` again"
+    if isinstance(e, hf.GatedRepoError):
+        return HubRepoNotFoundError(
+            f"{rel.repo_id} is gated: cannot download {what}. Accept its terms on "
+            f"https://huggingface.co/{rel.repo_id} and log in (`hf auth login` or HF_TOKEN), then {retry}")
+    if isinstance(e, hf.RepositoryNotFoundError):
+        return HubRepoNotFoundError(
+            f"the hub has no repository {rel.repo_id!r} visible to you (release {rel.name}); expected a public "
+            f"Qwen-Scope repo. Check the release name with `qscope releases`; if the repo is private, log in "
+            f"(`hf auth login` or HF_TOKEN), then {retry}")
+    if isinstance(e, hf.RevisionNotFoundError):
+        return HubRevisionNotFoundError(
+            f"revision {revision!r} does not exist in {rel.repo_id}; expected a branch, tag or full commit hash "
+            f"of that repo (see https://huggingface.co/{rel.repo_id}/commits/main). Pass an existing revision "
+            "or leave revision unset")
+    if isinstance(e, hf.EntryNotFoundError):
+        return HubFileNotFoundError(
+            f"{rel.repo_id} has no {filename} at revision {revision or 'main'}; the catalogue expects layers "
+            f"0..{rel.n_layers - 1} there. Pick another revision or layer (`qscope info {rel.name}`)")
+    if isinstance(e, hf.HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        return HubError(
+            f"the hub answered HTTP {status or '?'} while downloading {what} ({_first_line(e)}); expected a "
+            f"file download. For 401/403 log in (`hf auth login` or HF_TOKEN); otherwise {retry} later")
+    network = _error_classes({"httpx2": ("TransportError",), "httpx": ("TransportError",),
+                              "requests": ("ConnectionError", "Timeout")}, ConnectionError, TimeoutError)
+    if isinstance(e, network):
+        return HubUnreachableError(
+            f"could not download {what}: the hub cannot be reached ({type(e).__name__}: {_first_line(e)}). "
+            f"Check the network or proxy (HTTPS_PROXY) and {retry}, or set HF_HUB_OFFLINE=1 to use the cache only")
+    other = _error_classes({"httpx2": ("HTTPError",), "httpx": ("HTTPError",), "requests": ("RequestException",)},
+                           OSError)
+    if isinstance(e, other):
+        return HubError(
+            f"downloading {what} failed ({type(e).__name__}: {_first_line(e)}); expected a complete file in "
+            f"the hub cache. Check free disk space and write access to HF_HUB_CACHE, then {retry}")
+    return None
+
+
 def fetch(rel: Release, layer: int, *, revision: str | None = None) -> Path:
     """Download (or find in the hub cache) ``layer{n}.sae.pt`` of a release; returns the local path.
 
     Raises:
         NotCachedError: offline, or the hub is unreachable, and the file is not cached.
+        HubError: the repo, revision or file does not exist, the hub answered an HTTP error, or the transfer
+            failed (``HubRepoNotFoundError``, ``HubRevisionNotFoundError``, ``HubFileNotFoundError``,
+            ``HubUnreachableError``). No partial download is left in the cache.
     """
     from huggingface_hub import hf_hub_download, is_offline_mode
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -62,6 +161,12 @@ def fetch(rel: Release, layer: int, *, revision: str | None = None) -> Path:
             f"Download it where the hub is reachable with `qscope fetch {rel.name} --layers {layer}` "
             "(or `hf download REPO FILE`) and point HF_HUB_CACHE at that cache"
         ) from None
+    except Exception as e:
+        error = _hub_error(e, rel, filename, revision, layer)
+        if error is None:
+            raise
+        _discard_partial_downloads(rel.repo_id)
+        raise error from e
 
 
 def _local_k(folder: Path, k: int | None) -> int:
@@ -145,14 +250,23 @@ class SAECache:
                 self._entries.move_to_end(key)
         if owner:
             try:
-                future.set_result(load())
+                result = load()
             except BaseException as e:
                 with self._lock:
                     self._entries.pop(key, None)  # nothing failed stays cached
                 future.set_exception(e)
                 raise
+            if isinstance(result, QwenScopeSAE):  # a later failed validate() evicts it too
+                result._on_invalid.append(lambda: self._discard(key, future))
+            future.set_result(result)
             self._evict()
         return future.result()
+
+    def _discard(self, key: tuple, future: Future) -> None:
+        """Drop ``key`` if it still maps to ``future`` (a newer load of the same key is kept)."""
+        with self._lock:
+            if self._entries.get(key) is future:
+                del self._entries[key]
 
     def _evict(self) -> None:
         with self._lock:

@@ -61,10 +61,42 @@ def test_bad_input_is_one_line_and_exit_2(hub_cache, capsys, argv, message):
     assert len(err.splitlines()) == 1 and re.search(message, err)
 
 
-def test_unknown_subcommand_exits_2():
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["frobnicate"], r"^qscope: error: argument command: invalid choice: 'frobnicate' .*`qscope --help`"),
+        ([], r"^qscope: error: the following arguments are required: command"),
+        (["fetch"], r"^qscope fetch: error: the following arguments are required: release "
+                    r"\(see `qscope fetch --help`\)$"),
+        (["fetch", RELEASE, "--layers"], r"^qscope fetch: error: argument --layers: expected one argument"),
+        (["info", RELEASE, "--bogus"], r"^qscope: error: unrecognized arguments: --bogus"),
+        (["classify"], r"^qscope classify: error: the following arguments are required: verb"),
+    ],
+)
+def test_argparse_errors_are_one_line_and_exit_2(capsys, argv, message):
+    import re
+
     with pytest.raises(SystemExit) as exc:
-        main(["frobnicate"])
+        main(argv)
     assert exc.value.code == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert captured.out == "" and len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_hub_error_is_one_line_and_exit_2(hub_cache, monkeypatch, capsys):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    def missing_revision(repo_id, filename, **kwargs):
+        request = httpx2.Request("GET", f"https://huggingface.co/{repo_id}/resolve/v9/{filename}")
+        raise RevisionNotFoundError("Invalid rev id: v9\nrequest id: 1", response=httpx2.Response(404, request=request))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing_revision)
+    assert main(["fetch", RELEASE, "--layers", "3", "--revision", "v9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("qscope fetch: error: revision 'v9' does not exist")
 
 
 def test_parse_layers():

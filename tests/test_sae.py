@@ -165,3 +165,50 @@ def test_cuda(sae_and_tensors, dtype):
     assert gpu.reconstruct(x).device.type == "cuda"
     rel = (gpu.reconstruct(x).float().cpu() - sae.reconstruct(x)).norm() / sae.reconstruct(x).norm()
     assert rel < (1e-5 if dtype == torch.float32 else 0.1)
+
+
+def _rss() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _mapped_file(ptr: int) -> str | None:
+    """The file behind the memory mapping that holds address ``ptr`` (``/proc/self/maps``), if any."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(a, 16) for a in fields[0].split("-"))
+            if lo <= ptr < hi:
+                return fields[5].strip() if len(fields) == 6 else None
+    return None
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_from_file_memory_maps_the_file(tmp_path):
+    import gc
+
+    path = tmp_path / "layer0.sae.pt"
+    d_model, d_sae = 256, 32768  # W_enc + W_dec = 64 MiB of fp32
+    torch.save({"W_enc": torch.ones(d_sae, d_model), "W_dec": torch.ones(d_model, d_sae),
+                "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(d_model)}, path)
+    gc.collect()
+    size = path.stat().st_size
+    assert size > 64 * 2**20
+
+    before = _rss()
+    sae = QwenScopeSAE.from_file(path, k=8)
+    grown = _rss() - before
+    assert grown < size / 16, f"loading grew RSS by {grown / 2**20:.1f} MiB for a {size / 2**20:.0f} MiB file"
+    for t in (sae.W_enc, sae.W_dec):  # the tensors live in a mapping of the file itself, not in a copy
+        assert _mapped_file(t.untyped_storage().data_ptr()) == str(path.resolve())
+    assert sae.W_enc.sum().item() == d_sae * d_model  # touching the pages maps them in: the RSS probe works
+    assert _rss() - before > 16 * 2**20
+
+    del sae
+    gc.collect()
+    before = _rss()
+    copied = QwenScopeSAE.from_file(path, k=8, mmap=False)  # control: a plain load reads the whole file
+    assert _rss() - before > size / 2
+    assert _mapped_file(copied.W_enc.untyped_storage().data_ptr()) != str(path.resolve())

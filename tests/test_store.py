@@ -126,3 +126,115 @@ def test_bad_hub_file_is_removed_from_the_cache(hub_cache):
     assert not path.exists() and not blob.exists()
     with pytest.raises(NotCachedError):  # next time it would be downloaded again, not re-read
         load_sae(RELEASE, 7)
+
+
+def _hub_exceptions():
+    """Real exception classes of huggingface_hub and its HTTP clients, built as the hub client builds them."""
+    import httpx
+    import httpx2
+    import requests
+    from huggingface_hub import errors as hf
+
+    url = f"https://huggingface.co/{REPO}/resolve/main/layer3.sae.pt"
+
+    def response(status):
+        return httpx2.Response(status, request=httpx2.Request("GET", url))
+
+    return {
+        "revision": (hf.RevisionNotFoundError("Invalid rev id: nope\nmore", response=response(404)),
+                     r"revision 'nope' does not exist in Qwen/SAE-Res.*expected a branch, tag or full commit"),
+        "repo": (hf.RepositoryNotFoundError("Repository Not Found", response=response(401)),
+                 r"no repository 'Qwen/SAE-Res-Qwen3-1\.7B-Base-W32K-L0_50'.*`qscope releases`"),
+        "gated": (hf.GatedRepoError("Access restricted", response=response(403)), r"is gated.*hf auth login"),
+        "entry": (hf.RemoteEntryNotFoundError("Entry Not Found", response=response(404)),
+                  r"has no layer3\.sae\.pt at revision nope.*layers 0\.\.27"),
+        "http": (hf.HfHubHTTPError("Server Error\nrequest id: x", response=response(503)),
+                 r"HTTP 503 .*Server Error\).*later"),
+        "httpx2": (httpx2.ConnectError("[Errno 111] Connection refused"), r"cannot be reached \(ConnectError.*proxy"),
+        "httpx": (httpx.ReadTimeout("timed out"), r"cannot be reached \(ReadTimeout"),
+        "requests": (requests.exceptions.ConnectionError("Max retries exceeded"), r"cannot be reached"),
+        "disk": (OSError(28, "No space left on device"), r"downloading .* failed .*free disk space"),
+    }
+
+
+@pytest.mark.parametrize("case", ["revision", "repo", "gated", "entry", "http", "httpx2", "httpx", "requests", "disk"])
+def test_hub_errors_are_one_clear_error_and_leave_nothing(hub_cache, monkeypatch, case):
+    import huggingface_hub
+
+    from qscope_plugin.store import DEFAULT_CACHE, HubError
+
+    exc, message = _hub_exceptions()[case]
+    blobs = hub_cache.root / f"models--{REPO.replace('/', '--')}" / "blobs"
+
+    def failing_download(repo_id, filename, **kwargs):
+        blobs.mkdir(parents=True, exist_ok=True)
+        (blobs / "abc123.0f0f0f0f.incomplete").write_bytes(b"half a file")  # as a transfer cut short leaves it
+        raise exc
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing_download)
+    with pytest.raises(HubError, match=message) as info:
+        load_sae(RELEASE, 3, revision="nope")
+    assert isinstance(info.value, QScopeError) and "\n" not in str(info.value)
+    assert not list(blobs.glob("*.incomplete")) and len(DEFAULT_CACHE) == 0
+
+
+def test_partial_download_being_written_by_another_process_is_kept(hub_cache, monkeypatch):
+    import httpx2
+    import huggingface_hub
+    from filelock import FileLock
+
+    from qscope_plugin.store import HubUnreachableError
+
+    folder = f"models--{REPO.replace('/', '--')}"
+    blobs = hub_cache.root / folder / "blobs"
+    mine, theirs = blobs / "aaa.1.incomplete", blobs / "bbb.2.incomplete"
+
+    def failing_download(repo_id, filename, **kwargs):
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        mine.write_bytes(b"x")
+        theirs.write_bytes(b"y")
+        raise httpx2.ReadError("connection reset")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing_download)
+    lock_path = hub_cache.root / ".locks" / folder / "bbb.lock"
+    lock_path.parent.mkdir(parents=True)
+    other = FileLock(lock_path)
+    with other:  # another download holds the lock of its etag
+        with pytest.raises(HubUnreachableError):
+            load_sae(RELEASE, 3)
+        assert theirs.exists() and not mine.exists()
+
+
+def test_unrelated_errors_are_not_disguised(hub_cache, monkeypatch):
+    import huggingface_hub
+
+    def buggy(*args, **kwargs):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", buggy)
+    with pytest.raises(KeyError):
+        load_sae(RELEASE, 3)
+
+
+def test_sae_failing_validate_is_evicted_from_the_lru(hub_cache):
+    from qscope_testing import make_sae_tensors
+
+    from qscope_plugin.store import DEFAULT_CACHE
+
+    tensors = make_sae_tensors(d_model=8, d_sae=64)
+    tensors["W_enc"][3, 1] = float("nan")
+    staging = hub_cache.root / "s.pt"
+    torch.save(tensors, staging)
+    hub_cache.add_file(REPO, "layer6.sae.pt", staging.read_bytes())
+    hub_cache.add_sae(REPO, 7, d_model=8, d_sae=64)
+    bad, good = load_sae(RELEASE, 6), load_sae(RELEASE, 7)  # loading stays cheap: no full read
+    assert load_sae(RELEASE, 6) is bad and len(DEFAULT_CACHE) == 2
+    with pytest.raises(SAEFileError, match="non-finite"):
+        bad.validate()
+    assert len(DEFAULT_CACHE) == 1 and load_sae(RELEASE, 7) is good.validate()
+    assert load_sae(RELEASE, 6) is not bad  # read again from the file, not the bad cached copy
+    cache = SAECache()
+    mine = load_sae(RELEASE, 6, cache=cache)
+    with pytest.raises(SAEFileError):
+        mine.validate()
+    assert len(cache) == 0
