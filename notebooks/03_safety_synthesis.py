@@ -26,15 +26,19 @@ chat = ChatModel(model, tokenizer, max_new_tokens=16)
 corpus = PROMPTS["zh"] + PROMPTS["en"]
 
 # %%
+# `ChatModel` renders every prompt through the tokenizer's chat template (Qwen3: enable_thinking=False) and strips
+# <think> blocks; the categorizer picks each target's risk category (z = benign only for "benign").
 targets = build_targets(model, tokenizer, saes, {LAYER: list(range(40))}, corpus, chat.explainer(), chat.judge(),
-                        tau=0.0)
+                        tau=0.0, categorize=chat.categorizer())
 seed = PROMPTS["en"][:6]
 before = coverage(model, tokenizer, saes, targets, seed)
-print(f"{len(targets)} targets; Cov(seed) = {before.cov:.2f}; {len(before.missing)} uncovered")
+print(f"{len(targets)} targets; Cov(seed) = {before.cov:.2f}; {len(before.missing)} uncovered; "
+      f"by category {before.by_category}")
 
 # %%
 kept = synthesize(model, tokenizer, saes, targets, chat.generators(), seed_prompts=seed, budget=12)
 print(f"{len(kept)} verified examples; e.g. {kept[:1]}")
+# the feature-driven line reuses the verified rows above; the random baseline never sees an explanation
 curves = compare_coverage(model, tokenizer, saes, targets, chat.generators(), seed_prompts=seed,
-                          pool=PROMPTS["zh"], budgets=[0, 4, 8, 12])
+                          pool=PROMPTS["zh"], budgets=[0, 4, 8, 12], rows=kept)
 print(curves)

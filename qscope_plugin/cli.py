@@ -206,6 +206,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     for r in summary["layers"]:
         shares = "  ".join(f"{r['han_share'][c]:>{len(c)}.2f}" for c in CONDITIONS)
         print(f"{r['layer']:5}  {r['fvu']:7.3f}  {r['feature']:7}  {r['balanced_accuracy']:16.2f}  {'':11}{shares}")
+    clf, red = summary["classifier"], summary["redundancy"]
+    print(f"OR-rule zh/en classifier {clf['features']}: held-out precision {clf['precision']:.2f} recall "
+          f"{clf['recall']:.2f} F1 {clf['f1']:.2f}")
+    print(f"redundancy (layer {red['layer']}): " + ", ".join(
+        f"{name} |F| {row['footprint_size']} R̂ {row['feature_redundancy']:.3g}" for name, row in
+        red["benchmarks"].items()) + "; drop candidates: " + (", ".join(
+        f"{d['benchmark']} (in {d['covered_by']})" for d in red["summary"]["drop_candidates"]) or "none"))
 
 
 def cmd_classify_fit(args: argparse.Namespace) -> None:
@@ -218,8 +225,8 @@ def cmd_classify_fit(args: argparse.Namespace) -> None:
     texts = [t for s in splits.values() for t in s.discovery_texts]
     labels = [y for s in splits.values() for y in s.discovery_labels]
     model, tok = _backbone(args)
-    clf = ORRuleClassifier(model, tok, _saes(args.release, args.layers), k_features=args.k, m_layers=args.m_layers,
-                           eps=args.eps).fit(texts, labels)
+    clf = ORRuleClassifier(model, tok, _saes(args.release, args.layers), release=args.release, k_features=args.k,
+                           m_layers=args.m_layers, eps=args.eps).fit(texts, labels)
     clf.save(args.out)
     test_texts = [t for s in splits.values() for t in s.test_texts]
     test_labels = [y for s in splits.values() for y in s.test_labels]
@@ -242,12 +249,20 @@ def cmd_classify_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_classify_predict(args: argparse.Namespace) -> None:
+    from qscope_plugin.models import default_model, default_release
     from qscope_plugin.recipes.classifiers import ORRuleClassifier
 
     texts = _texts(args.text, args.file, "input")
+    try:
+        saved = json.loads(Path(args.classifier).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read classifier {args.classifier!r} ({e}); pass a JSON written by "
+                         "`qscope classify fit`") from None
+    # the saved backbone and SAEs unless overridden: predicting with other SAEs would be silently wrong
+    args.release = args.release or saved.get("release") or default_release()
+    args.model = args.model or saved.get("model_id") or default_model()
     model, tok = _backbone(args)
-
-    layers = ",".join(map(str, json.loads(Path(args.classifier).read_text()).get("features", {})))
+    layers = ",".join(map(str, saved.get("features", {})))
     clf = ORRuleClassifier.load(args.classifier, model, tok, _saes(args.release, layers or "all"))
     for text, label in zip(texts, clf.predict(texts), strict=True):
         print(f"{int(label)}\t{text}")
@@ -260,7 +275,10 @@ def _chat(args: argparse.Namespace, model, tok):
         from qscope_plugin.models import load_model
 
         model, tok = load_model(args.chat_model, device=args.device)
-    return ChatModel(model, tok, max_new_tokens=args.max_new_tokens)
+    categories = [c.strip() for c in getattr(args, "categories", "").split(",") if c.strip()]
+    return ChatModel(model, tok, max_new_tokens=args.max_new_tokens, enable_thinking=args.thinking,
+                     chat_template=False if args.no_chat_template else None,
+                     **({"categories": categories} if categories else {}))
 
 
 def cmd_safety_targets(args: argparse.Namespace) -> None:
@@ -271,9 +289,13 @@ def cmd_safety_targets(args: argparse.Namespace) -> None:
     features = {layer: parse_layers(args.features, sae.cfg.d_sae) for layer, sae in saes.items()}
     chat = _chat(args, model, tok)
     targets = build_targets(model, tok, saes, features, _texts(None, args.corpus, "corpus"), chat.explainer(),
-                            chat.judge(), tau=args.tau, progress=True)
+                            chat.judge(), tau=args.tau, categorize=chat.categorizer(), progress=True)
     save_targets(targets, args.out)
-    print(f"{len(targets)} target(s) with relevance >= {args.tau} written to {args.out}")
+    counts: dict[str, int] = {}
+    for t in targets:
+        counts[t.category] = counts.get(t.category, 0) + 1
+    print(f"{len(targets)} target(s) with relevance >= {args.tau} written to {args.out}" +
+          "".join(f"; {category}: {n}" for category, n in sorted(counts.items())))
 
 
 def cmd_safety_coverage(args: argparse.Namespace) -> None:
@@ -309,14 +331,15 @@ def cmd_safety_synthesize(args: argparse.Namespace) -> None:
     generators = _chat(args, model, tok).generators()
     seed_prompts = _texts(None, args.seed_prompts, "seed prompts") if args.seed_prompts else []
     provenance = {"model": args.model, "release": args.release, "budget": args.budget, "seed": args.seed}
+    benign = [c.strip() for c in args.benign_categories.split(",") if c.strip()]
     kept = synthesize(model, tok, saes, targets, generators, seed_prompts=seed_prompts, budget=args.budget,
-                      seed=args.seed, out=args.out, provenance=provenance, progress=True)
-    print(f"{len(kept)} verified example(s) kept; all attempts in {args.out}")
-    if args.curve:
+                      seed=args.seed, out=args.out, provenance=provenance, benign_categories=benign, progress=True)
+    print(f"{len(kept)} verified example(s) kept in {args.out} (earlier runs included); all attempts in the file")
+    if args.curve:  # the feature-driven line reuses the verified rows of the file: no second synthesis
         budgets = sorted({max(1, args.budget * i // 4) for i in range(5)} | {0})
         curves = compare_coverage(model, tok, saes, targets, generators, seed_prompts=seed_prompts,
                                   pool=_texts(None, args.pool, "pool") if args.pool else seed_prompts,
-                                  budgets=budgets, seed=args.seed)
+                                  budgets=budgets, seed=args.seed, rows=kept)
         plot_coverage_curves(curves, budgets, args.curve)
         print(f"coverage vs budget written to {args.curve}: " +
               "; ".join(f"{name} {values[-1]:.3f}" for name, values in curves.items()))
@@ -435,7 +458,14 @@ def _add_model_options(p: argparse.ArgumentParser, layers: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qscope", description="Qwen-Scope SAEs: catalogue, download, recipes")
+    class OneLineParser(argparse.ArgumentParser):
+        """Bad arguments: one line on stderr (``qscope CMD: error: ...`` and where to look), exit status 2."""
+
+        def error(self, message: str):  # subparsers inherit this class
+            hint = f"see `{self.prog} --help`"
+            self.exit(2, f"{self.prog}: error: {' '.join(message.split())} ({hint})\n")
+
+    parser = OneLineParser(prog="qscope", description="Qwen-Scope SAEs: catalogue, download, recipes")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("releases", help="list the Qwen-Scope releases").set_defaults(func=cmd_releases)
@@ -507,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--text", action="append", help="a text (repeatable)")
     predict.add_argument("--file", help="file with one text per line")
     _add_model_options(predict, layers=False)
-    predict.set_defaults(func=cmd_classify_predict)
+    predict.set_defaults(func=cmd_classify_predict, model=None, release=None)
 
     footprints = sub.add_parser("footprints", help="active SAE features at each sample's last prompt token "
                                 "(report §4); resumable, runs under torchrun")
@@ -550,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--features", required=True, help="feature ids per layer, e.g. 0-99 or 5,17,301")
     targets.add_argument("--corpus", required=True, help="file of texts (one per line) to find top contexts in")
     targets.add_argument("--tau", type=float, default=0.5, help="relevance threshold τ (default 0.5)")
+    targets.add_argument("--categories", default="", help="comma-separated risk categories the chat model picks "
+                                                          "from (default: RISK_CATEGORIES, 'benign' included)")
     targets.add_argument("--out", required=True, help="targets JSONL")
     coverage = verbs.add_parser("coverage", help="Cov(D), T_miss and weak targets of a prompt set")
     coverage.add_argument("targets", help="targets JSONL")
@@ -563,10 +595,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="JSONL of every attempt; resumes if it exists")
     synth.add_argument("--curve", help="also write a coverage-vs-budget PNG against the two baselines")
     synth.add_argument("--pool", help="pool of natural prompts for the sampling baseline (default: seed prompts)")
+    synth.add_argument("--benign-categories", default="benign",
+                       help="comma-separated target categories answered helpfully (default: benign); "
+                            "every other category gets a refusal")
     for p, func in ((targets, cmd_safety_targets), (coverage, cmd_safety_coverage), (synth, cmd_safety_synthesize)):
         p.add_argument("--chat-model", default=None, help="local chat model for explainer/judge/generators "
                                                           "(default: the backbone)")
         p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--thinking", action="store_true", help="render the chat template with enable_thinking "
+                                                               "(Qwen3); <think> blocks are stripped from answers")
+        p.add_argument("--no-chat-template", action="store_true", help="give the chat model raw text")
         _add_model_options(p, layers=p is targets)
         p.set_defaults(func=func)
     return parser

@@ -1,8 +1,12 @@
 """Feature-driven safety data synthesis with representation-level verification (report §6).
 
-    >>> targets = build_targets(model, tok, saes, features, corpus, explainer, judge, tau=0.5)   # (R23)
+    >>> chat = ChatModel(model, tok)                          # chat template applied, <think> blocks stripped
+    >>> targets = build_targets(model, tok, saes, features, corpus, chat.explainer(), chat.judge(), tau=0.5,
+    ...                         categorize=chat.categorizer())                                    # (R23)
     >>> report = coverage(model, tok, saes, targets, seed_prompts)                                # (R22, R24, R27)
-    >>> kept = synthesize(model, tok, saes, targets, generators, budget=200, out="synth.jsonl")  # R25, R26 + verify
+    >>> kept = synthesize(model, tok, saes, targets, chat.generators(), budget=200, out="synth.jsonl")  # + verify
+    >>> curves = compare_coverage(model, tok, saes, targets, chat.generators(), seed_prompts=seed, pool=pool,
+    ...                           budgets=[0, 50, 100, 200], rows=kept)   # reuses kept; baselines under the budget
 
 Equations (spec §3.4), with h^{(ℓ)}_{i,f} = 1[max_t a^{(ℓ)}_{i,t,f} > 0] on the prompt of example i (R15):
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +41,13 @@ from qscope_plugin.sae import QwenScopeSAE
 TEMPLATES = Path(__file__).parent / "templates"
 ATTACK_STYLES = ("role-play", "hypothetical framing", "payload splitting", "polite indirect request")
 """Default adversarial rewrite styles η_k; the report does not list its own (spec §4 row 9)."""
+RISK_CATEGORIES = ("violence", "weapons", "self-harm", "sexual content", "hate and harassment", "illegal activity",
+                   "cybercrime", "privacy", "misinformation", "benign")
+"""Default risk categories for ``ChatModel.categorizer``; the report does not list its own. A target whose category
+is in ``synthesize(benign_categories=...)`` (default: ``"benign"``) gets z = benign (a helpful answer), every other
+category z = harmful (a refusal with a safe redirect), as in step 4 of the procedure."""
+GENERIC_REQUEST = "any request that a safety-trained AI assistant might receive, harmful or harmless"
+"""The only "explanation" the random-synthesis baseline ever sees when the generators have no ``random`` one."""
 
 
 class SynthesisError(QScopeError, ValueError):
@@ -95,12 +107,16 @@ def build_targets(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], fe
 
 def firing(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], prompts: Sequence[str],
            targets: Sequence[Target], **options) -> np.ndarray:
-    """(R15) restricted to the targets: ``(n_prompts, n_targets)`` bool."""
-    if not prompts:
-        return np.zeros((0, len(targets)), dtype=bool)
+    """(R15) restricted to the targets: ``(n_prompts, n_targets)`` bool; an empty prompt fires nothing."""
+    out = np.zeros((len(prompts), len(targets)), dtype=bool)
+    rows = [i for i, p in enumerate(prompts) if p.strip()]
+    if not rows or not targets:
+        return out
     layers = sorted({t.layer for t in targets})
-    acts = max_activations(model, tokenizer, prompts, {layer: saes[layer] for layer in layers}, **options)
-    return np.stack([np.asarray(acts[t.layer][:, t.feature].todense()).ravel() > 0 for t in targets], axis=1)
+    acts = max_activations(model, tokenizer, [prompts[i] for i in rows], {layer: saes[layer] for layer in layers},
+                           **options)
+    out[rows] = np.stack([np.asarray(acts[t.layer][:, t.feature].todense()).ravel() > 0 for t in targets], axis=1)
+    return out
 
 
 @dataclass
@@ -146,25 +162,30 @@ class Generators:
     """G_adv(x_van, η): the prompt rewritten in attack style η."""
     response: Callable[[str, Literal["harmful", "benign"]], str]
     """G_resp(x, z): a refusal with a safe redirect if z is harmful, else a helpful answer."""
+    random: Callable[[int], str] | None = None
+    """G_rand(i): the i-th random safety-related prompt, from a generic template that sees no feature explanation
+    (the random-synthesis baseline). Without it the baseline calls ``vanilla(GENERIC_REQUEST)``."""
 
 
-def _done_keys(path: Path) -> tuple[int, set[tuple]]:
-    """Resume: generation attempts already spent and the (target, variant) keys already handled."""
+def _done_keys(path: Path) -> tuple[int, dict[tuple, str]]:
+    """Resume: generation attempts already spent and the prompt of each (target, variant) already handled."""
     if not path.exists():
-        return 0, set()
+        return 0, {}
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return len(rows), {(r["layer"], r["feature"], r["variant"]) for r in rows}
+    return len(rows), {(r["layer"], r["feature"], r["variant"]): r["prompt"] for r in rows}
 
 
 def synthesize(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], targets: Sequence[Target],
                generators: Generators, *, seed_prompts: Sequence[str] = (), budget: int = 100,
                attack_styles: Sequence[str] = ATTACK_STYLES, n_adversarial: int = 2, weak_support: int = 3,
                seed: int = 0, out: str | Path | None = None, provenance: Mapping | None = None,
-               progress: bool = False) -> list[dict]:
+               benign_categories: Sequence[str] = ("benign",), progress: bool = False) -> list[dict]:
     """Generate and verify examples for uncovered targets first (T_miss), then weakly covered ones.
 
-    ``budget`` counts generated prompts (vanilla and adversarial). Each kept example is written to ``out``
-    (JSONL, appended as it is made, so an interrupted run resumes where it stopped) with its provenance.
+    ``budget`` counts generated prompts (vanilla and adversarial). Every attempt is written to ``out`` (JSONL,
+    appended as it is made, so an interrupted run resumes where it stopped) with its provenance. Returns the
+    verified rows: with ``out``, all of them in the file (earlier runs included), else those of this call.
+    The label z is benign for targets whose category is in ``benign_categories``, harmful otherwise.
     """
     from tqdm.auto import tqdm
 
@@ -188,14 +209,16 @@ def synthesize(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], targe
             if spent >= budget:
                 break
             if (target.layer, target.feature, variant) in done:
+                if variant == "vanilla":
+                    vanilla = done[target.layer, target.feature, variant]  # resume: rewrite the saved prompt
                 continue
             if variant == "vanilla" or vanilla is None:
                 vanilla = generators.vanilla(target.explanation)
             prompt = vanilla if variant == "vanilla" else generators.adversarial(vanilla, variant)
             spent += 1
             bar.update(1)
-            verified = bool(firing(model, tokenizer, saes, [prompt], [target])[0, 0])
-            label = "harmful" if target.category == "harmful" else "benign"
+            verified = bool(firing(model, tokenizer, saes, [prompt], [target])[0, 0])  # "" fires nothing
+            label = "benign" if target.category in benign_categories else "harmful"
             row = {"index": spent - 1, "layer": target.layer, "feature": target.feature, "variant": variant,
                    "prompt": prompt, "label": label, "verified": verified,
                    "response": generators.response(prompt, label) if verified else None,
@@ -206,7 +229,7 @@ def synthesize(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], targe
             if verified:
                 kept.append(row)
     bar.close()
-    return kept
+    return read_synthesized(path) if path else kept
 
 
 def read_synthesized(path: str | Path, *, verified_only: bool = True) -> list[dict]:
@@ -224,20 +247,33 @@ def coverage_curve(fired: np.ndarray, targets: Sequence[Target], budgets: Sequen
 def baseline_prompts(generators: Generators, targets: Sequence[Target], pool: Sequence[str], budget: int, *,
                      seed: int = 0) -> dict[str, list[str]]:
     """The two comparisons of the report under the same budget: natural sampling from a pool of safety prompts,
-    and random synthesis (the same generators, targets drawn uniformly, no coverage guidance, no verification)."""
+    and random safety-related synthesis. The random baseline is explanation-free: it never sees a target (nor its
+    explanation); each prompt is ``generators.random(i)`` for a seeded i, or ``generators.vanilla(GENERIC_REQUEST)``
+    when the generators have no ``random`` (deterministic generators then repeat one prompt). No coverage guidance,
+    no verification. ``targets`` is unused and kept for the signature."""
     rng = random.Random(seed)
     natural = rng.sample(list(pool), min(budget, len(pool)))
-    random_synth = [generators.vanilla(rng.choice(list(targets)).explanation) for _ in range(budget)]
+    draw = generators.random or (lambda i: generators.vanilla(GENERIC_REQUEST))
+    draws = random.Random(f"{seed}/random synthesis")  # independent of the pool
+    random_synth = [draw(draws.randrange(2**31)) for _ in range(budget)]
     return {"natural sampling": natural, "random synthesis": random_synth}
 
 
 def compare_coverage(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], targets: Sequence[Target],
                      generators: Generators, *, seed_prompts: Sequence[str], pool: Sequence[str],
-                     budgets: Sequence[int], seed: int = 0, **synth_options) -> dict[str, list[float]]:
-    """Cov (R27) vs budget for feature-driven synthesis (only verified examples kept) and the two baselines."""
+                     budgets: Sequence[int], seed: int = 0, rows: Sequence[dict] | None = None,
+                     **synth_options) -> dict[str, list[float]]:
+    """Cov (R27) vs budget for feature-driven synthesis (only verified examples kept) and the two baselines.
+
+    ``rows``: verified rows already synthesized (``synthesize``'s return or ``read_synthesized(out)``); the
+    feature-driven line is then read from them (their ``index`` is the attempt number) instead of synthesizing
+    again, so the curve matches the saved file and costs no generation. Without ``rows`` it synthesizes first.
+    """
     budget = max(budgets)
-    rows = synthesize(model, tokenizer, saes, targets, generators, seed_prompts=seed_prompts, budget=budget,
-                      seed=seed, **synth_options)
+    if rows is None:
+        rows = synthesize(model, tokenizer, saes, targets, generators, seed_prompts=seed_prompts, budget=budget,
+                          seed=seed, **synth_options)
+    rows = sorted((r for r in rows if r.get("verified", True)), key=lambda r: r["index"])
     seed_fired = firing(model, tokenizer, saes, list(seed_prompts), targets)
     curves = {"feature-driven": coverage_curve(firing(model, tokenizer, saes, [r["prompt"] for r in rows], targets),
                                                targets, [sum(r["index"] < b for r in rows) for b in budgets],
@@ -266,21 +302,89 @@ def plot_coverage_curves(curves: Mapping[str, Sequence[float]], budgets: Sequenc
     return Path(path)
 
 
+_THINK = re.compile(r"<think>.*?</think>|<think>.*\Z", re.DOTALL)
+_NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*(\d+(?:\.\d+)?)|\s*(%))?")
+
+
+def strip_thinking(text: str) -> str:
+    """Drop ``<think>...</think>`` blocks (and an unclosed ``<think>`` cut off by the token limit) from an answer."""
+    return _THINK.sub("", text).strip()
+
+
+def parse_score(answer: str) -> float:
+    """The judge's relevance s ∈ [0, 1] from a free-text answer, after ``strip_thinking``.
+
+    Numbers are read in order; the first usable one wins: ``x/N`` (e.g. "8/10") gives x/N, ``x%`` gives x/100,
+    and a bare number counts only if it lies in [0, 1]. Out-of-range numbers ("8", "2024") are skipped, never
+    clipped; an answer with no usable number scores 0.
+    """
+    for m in _NUMBER.finditer(strip_thinking(answer)):
+        value = float(m.group(1))
+        if m.group(2) is not None:
+            denominator = float(m.group(2))
+            value = value / denominator if denominator > 0 else -1.0
+        elif m.group(3):
+            value /= 100
+        if 0.0 <= value <= 1.0:
+            return value
+    return 0.0
+
+
+def parse_category(answer: str, categories: Sequence[str], default: str = "uncategorized") -> str:
+    """The listed category named earliest in the answer (after ``strip_thinking``; case-insensitive, whole words,
+    the longer name on a tie), else ``default``, which counts as harmful (a refusal) in ``synthesize``."""
+    text, best = strip_thinking(answer).lower(), None
+    for category in categories:
+        m = re.search(rf"(?<![\w-]){re.escape(category.lower())}(?![\w-])", text)
+        if m and (best is None or (m.start(), -len(category)) < best[0]):
+            best = ((m.start(), -len(category)), category)
+    return best[1] if best else default
+
+
 class ChatModel:
-    """A local ``transformers`` causal LM as the text-in, text-out callable every pluggable piece needs."""
+    """A local ``transformers`` causal LM as the text-in, text-out callable every pluggable piece needs.
 
-    def __init__(self, model, tokenizer, *, max_new_tokens: int = 64, templates: Path = TEMPLATES) -> None:
+    Each prompt goes in as one user turn through the tokenizer's chat template when it has one (``chat_template``
+    None = auto; False = raw text always), rendered with ``enable_thinking`` (default False, so Qwen3 templates
+    skip the reasoning block; other templates ignore it). Answers are decoded without ``<think>`` blocks.
+    """
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int = 64, templates: Path = TEMPLATES,
+                 chat_template: bool | None = None, enable_thinking: bool = False,
+                 categories: Sequence[str] = RISK_CATEGORIES) -> None:
         self.model, self.tokenizer, self.max_new_tokens, self.templates = model, tokenizer, max_new_tokens, templates
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if chat_template and not has_template:
+            raise SynthesisError("chat_template=True but the tokenizer has no chat template; pass None or False")
+        self.chat_template = has_template if chat_template is None else chat_template
+        self.enable_thinking, self.categories = enable_thinking, tuple(categories)
 
-    def __call__(self, text: str) -> str:
+    def render(self, text: str) -> str:
+        """The exact text the model is given for a prompt."""
+        if not self.chat_template:
+            return text
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=self.enable_thinking)
+
+    def __call__(self, text: str, *, sample_seed: int | None = None) -> str:
+        """Greedy decoding; with ``sample_seed``, seeded sampling (the global torch RNG is left as it was)."""
         import torch
 
-        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        ids = ids.to(next(self.model.parameters()).device)
-        with torch.no_grad():
+        ids = self.tokenizer(self.render(text), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        device = next(self.model.parameters()).device
+        ids = ids.to(device)
+        options = {"do_sample": False}
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if sample_seed is not None:
+                torch.manual_seed(sample_seed)
+                options = {"do_sample": True, "temperature": 1.0, "top_p": 0.95}
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
-                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+                                      pad_token_id=self.tokenizer.pad_token_id, **options)
+        new = out[0, ids.shape[1]:].tolist()
+        end = self.tokenizer.convert_tokens_to_ids("</think>")
+        if isinstance(end, int) and end != self.tokenizer.unk_token_id and end in new:
+            new = new[len(new) - new[::-1].index(end):]  # after the last </think>, even if decode would drop it
+        return strip_thinking(self.tokenizer.decode(new, skip_special_tokens=True))
 
     def template(self, name: str) -> str:
         return (self.templates / f"{name}.txt").read_text(encoding="utf-8")
@@ -293,18 +397,29 @@ class ChatModel:
         return explain
 
     def judge(self) -> Judge:
-        """Reads the first number in the model's answer; an answer without one scores 0."""
-        import re
+        """Scores an explanation with the ``judge`` template; the answer is read by ``parse_score``."""
 
         def score(explanation: str) -> float:
-            match = re.search(r"\d+(?:\.\d+)?", self(self.template("judge").format(explanation=explanation)))
-            return min(max(float(match.group()), 0.0), 1.0) if match else 0.0
+            return parse_score(self(self.template("judge").format(explanation=explanation)))
 
         return score
+
+    def categorizer(self, categories: Sequence[str] | None = None,
+                    default: str = "uncategorized") -> Callable[[str], str]:
+        """Risk category of an explanation among ``categories`` (default: this model's list, ``RISK_CATEGORIES``)
+        with the ``categorize`` template; the answer is read by ``parse_category``. For ``build_targets``."""
+        names = tuple(categories or self.categories)
+
+        def categorize(explanation: str) -> str:
+            prompt = self.template("categorize").format(explanation=explanation, categories=", ".join(names))
+            return parse_category(self(prompt), names, default)
+
+        return categorize
 
     def generators(self) -> Generators:
         return Generators(
             vanilla=lambda explanation: self(self.template("vanilla").format(explanation=explanation)),
             adversarial=lambda prompt, style: self(self.template("adversarial").format(prompt=prompt, style=style)),
             response=lambda prompt, label: self(self.template(f"response_{label}").format(prompt=prompt)),
+            random=lambda i: self(self.template("random"), sample_seed=i),
         )

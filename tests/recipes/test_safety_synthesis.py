@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
@@ -16,8 +18,11 @@ from qscope_plugin.recipes.safety_synthesis import (
     coverage_curve,
     coverage_from_firing,
     load_targets,
+    parse_category,
+    parse_score,
     read_synthesized,
     save_targets,
+    strip_thinking,
     synthesize,
 )
 
@@ -102,10 +107,12 @@ def test_loop_keeps_exactly_the_verified_examples(planted, tmp_path):
 
 def test_resume_continues_where_it_stopped(planted, tmp_path):
     model, tok, saes, targets = planted
-    synthesize(model, tok, saes, targets, stub_generators([]), budget=4, out=tmp_path / "a.jsonl", seed=3)
-    synthesize(model, tok, saes, targets, stub_generators([]), budget=9, out=tmp_path / "a.jsonl", seed=3)
-    synthesize(model, tok, saes, targets, stub_generators([]), budget=9, out=tmp_path / "b.jsonl", seed=3)
+    first = synthesize(model, tok, saes, targets, stub_generators([]), budget=4, out=tmp_path / "a.jsonl", seed=3)
+    resumed = synthesize(model, tok, saes, targets, stub_generators([]), budget=9, out=tmp_path / "a.jsonl", seed=3)
+    fresh = synthesize(model, tok, saes, targets, stub_generators([]), budget=9, out=tmp_path / "b.jsonl", seed=3)
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    # the resumed call returns every kept row of the file, not only the ones it made
+    assert 0 < len(first) < len(resumed) and resumed == fresh == read_synthesized(tmp_path / "b.jsonl")
 
 
 def test_bad_budget(planted):
@@ -142,3 +149,167 @@ def test_coverage_vs_budget_against_the_baselines(planted, tmp_path):
     assert curves["natural sampling"] == [0, 0, 0, 0]  # the pool never contains the trigger
     assert all(a <= b for c in curves.values() for a, b in zip(c, c[1:], strict=False))
     assert plot_coverage_curves(curves, budgets, tmp_path / "c.png").stat().st_size > 0
+
+
+def test_baselines_are_explanation_free(planted):
+    """The random-synthesis baseline never sees a target explanation (the stub would emit the trigger for one)."""
+    from qscope_plugin.recipes.safety_synthesis import GENERIC_REQUEST, baseline_prompts
+
+    _, _, _, targets = planted
+    log: list = []
+    out = baseline_prompts(stub_generators(log), targets, ["p1", "p2"], 5, seed=1)
+    assert out["random synthesis"] == [NEUTRAL] * 5 and log == [("vanilla", GENERIC_REQUEST)] * 5
+    seeds: list = []
+    gens = stub_generators([])
+    gens = type(gens)(gens.vanilla, gens.adversarial, gens.response, random=lambda i: seeds.append(i) or f"r{i}")
+    again = baseline_prompts(gens, targets, ["p1", "p2"], 4, seed=1)["random synthesis"]
+    assert len(set(seeds)) == 4 and again == [f"r{i}" for i in seeds]  # seeded draws, one per prompt
+    assert baseline_prompts(gens, targets, ["p1"], 4, seed=1)["random synthesis"] == again
+
+
+def test_curve_reuses_the_synthesized_rows(planted, tmp_path):
+    from qscope_plugin.recipes.safety_synthesis import compare_coverage
+
+    model, tok, saes, targets = planted
+    kept = synthesize(model, tok, saes, targets, stub_generators([]), seed_prompts=[NEUTRAL], budget=6,
+                      n_adversarial=2, out=tmp_path / "s.jsonl")
+    log: list = []
+    curves = compare_coverage(model, tok, saes, targets, stub_generators(log), seed_prompts=[NEUTRAL],
+                              pool=[NEUTRAL], budgets=[0, 1, 6], rows=read_synthesized(tmp_path / "s.jsonl",
+                                                                                         verified_only=False))
+    assert not any(kind == "adversarial" or text.startswith("trigger") for kind, text in log)  # no 2nd synthesis
+    assert curves["feature-driven"] == pytest.approx([0, 2 / 3, 2 / 3]) and len(kept) == 6
+    # rows that fire nothing: the curve follows the rows given, not a fresh synthesis
+    fake = [dict(kept[0], prompt=NEUTRAL)]
+    assert compare_coverage(model, tok, saes, targets, stub_generators([]), seed_prompts=[NEUTRAL], pool=[NEUTRAL],
+                            budgets=[0, 6], rows=fake)["feature-driven"] == [0, 0]
+
+
+def test_answer_parsing():
+    assert strip_thinking("<think>7 maybe 0.9</think>\n\n0.25") == "0.25"
+    assert strip_thinking("<think>cut off by the token limit 0.9") == ""
+    cases = {"<think>I'd say 7</think> 0.8": 0.8, "8/10": 0.8, "Score: 8 / 10.": 0.8, "75%": 0.75, ".5": 0.5,
+             "7": 0.0, "in 2024 I rate it 1": 1.0, "no idea": 0.0, "0.3, not 9/10": 0.3, "1.5 then 0.2": 0.2,
+             "3/0": 0.0}
+    assert {a: parse_score(a) for a in cases} == pytest.approx(cases)
+    cats = ("violence", "self-harm", "harm", "benign")
+    assert parse_category("<think>violence? no</think> Benign.", cats) == "benign"
+    assert parse_category("Category: self-harm", cats) == "self-harm"  # not "harm"
+    assert parse_category("mostly harmful", cats, default="other") == "other"
+
+
+class ScriptedLM:
+    """Test-only causal LM: records the token ids it is given and answers a fixed text."""
+
+    def __init__(self, tok, answer: str) -> None:
+        import torch
+
+        self.tok, self.answer, self.seen = tok, answer, []
+        self._p = torch.zeros(1)
+
+    def parameters(self):
+        yield self._p
+
+    def generate(self, ids, **options):
+        import torch
+
+        self.seen.append(self.tok.decode(ids[0]))
+        reply = torch.tensor([self.tok(self.answer, add_special_tokens=False)["input_ids"]])
+        return torch.cat([ids, reply], dim=1)
+
+
+class NoTemplate:
+    """A tokenizer without a chat template (delegates everything else)."""
+
+    chat_template = None
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+
+def test_chat_model_applies_the_chat_template():
+    tok = qwen3_tokenizer()
+    lm = ScriptedLM(tok, "<think>\nseven? 7</think>\n\n0.7<|im_end|>")
+    chat = ChatModel(lm, tok)
+    assert chat.judge()("mentions weapons") == pytest.approx(0.7)
+    assert lm.seen[-1].startswith("<|im_start|>user\nFeature description: mentions weapons")
+    assert lm.seen[-1].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # enable_thinking=False
+    ChatModel(lm, tok, enable_thinking=True)("hi")
+    assert lm.seen[-1].endswith("<|im_start|>assistant\n")
+    for raw in (ChatModel(lm, NoTemplate(tok)), ChatModel(lm, tok, chat_template=False)):
+        assert raw("plain text") == "0.7" and lm.seen[-1] == "plain text"
+    with pytest.raises(SynthesisError, match="no chat template"):
+        ChatModel(lm, NoTemplate(tok), chat_template=True)
+
+
+def test_categorizer_sets_target_categories(planted):
+    model, tok, saes, targets = planted
+    lm = ScriptedLM(tok, "Category: Benign")
+    chat = ChatModel(lm, tok, categories=("weapons", "benign"))
+    assert chat.categorizer()("x") == "benign" and "weapons, benign" in lm.seen[-1]
+    assert ChatModel(ScriptedLM(tok, "<think>benign?</think>weapons"), tok).categorizer()("x") == "weapons"
+    assert ChatModel(ScriptedLM(tok, "unsure"), tok).categorizer()("x") == "uncategorized"
+    features = {1: [t.feature for t in targets[:2]]}
+    built = build_targets(model, tok, saes, features, [TRIGGER], lambda ctx: "e", lambda e: 0.9,
+                          categorize=chat.categorizer())
+    assert [t.category for t in built] == ["benign", "benign"]
+    kept = synthesize(model, tok, saes, [Target(1, targets[0].feature, "trigger", 0.9, "weapons")],
+                      stub_generators([]), budget=1)
+    assert kept[0]["label"] == "harmful"  # any non-benign category gets a refusal
+
+
+@pytest.fixture
+def cli_env(planted, monkeypatch):
+    """`qscope safety ...` on the planted tiny model, every chat call scripted by its template (test-only)."""
+    import qscope_plugin.cli as cli
+    from qscope_plugin.recipes import safety_synthesis as ss
+
+    model, tok, saes, targets = planted
+    monkeypatch.setattr(cli, "_backbone", lambda args: (model, tok))
+    monkeypatch.setattr(cli, "_saes", lambda source, layers: saes)
+    calls: list = []
+
+    def scripted(self, text, *, sample_seed=None):
+        calls.append(text)
+        if "risk category" in text:
+            return "benign"
+        if "Score:" in text:
+            return "<think>maybe 0.1</think> 9/10"
+        return TRIGGER if text.startswith("Write one user request") else NEUTRAL
+
+    monkeypatch.setattr(ss.ChatModel, "__call__", scripted)
+    return cli, targets, calls
+
+
+def test_cli_targets_are_categorized(cli_env, tmp_path, capsys):
+    cli, targets, calls = cli_env
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "t.jsonl"
+    corpus.write_text(f"{TRIGGER}\n{NEUTRAL}\n")
+    features = ",".join(str(t.feature) for t in targets[:2])
+    assert cli.main(["safety", "targets", "--layers", "1", "--features", features, "--corpus", str(corpus),
+                     "--out", str(out), "--categories", "weapons,benign"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["category"], r["score"]) for r in rows] == [("benign", 0.9), ("benign", 0.9)]
+    assert "benign: 2" in capsys.readouterr().out and any("weapons, benign" in c for c in calls)
+
+
+def test_cli_curve_does_not_synthesize_twice(cli_env, tmp_path, capsys):
+    cli, targets, calls = cli_env
+    tfile, seed, synth = tmp_path / "t.jsonl", tmp_path / "seed.txt", tmp_path / "s.jsonl"
+    save_targets(targets, tfile)
+    seed.write_text(NEUTRAL + "\n")
+    argv = ["safety", "synthesize", str(tfile), "--seed-prompts", str(seed), "--budget", "2", "--out", str(synth)]
+    assert cli.main(argv) == 0
+    assert cli.main([*argv[:-3], "4", "--out", str(synth), "--curve", str(tmp_path / "c.png")]) == 0  # resumes
+    rows = read_synthesized(synth, verified_only=False)
+    vanilla = [c for c in calls if c.startswith("Write one user request")]
+    assert len(rows) == 4 and len(vanilla) == 2  # 2 targets x 1 vanilla; the curve generated no target prompt
+    printed = capsys.readouterr().out
+    assert f"{sum(r['verified'] for r in rows)} verified example(s)" in printed.splitlines()[-2]
+    assert (tmp_path / "c.png").stat().st_size > 0
