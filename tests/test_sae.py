@@ -208,7 +208,6 @@ def test_from_file_memory_maps_the_file(tmp_path):
 
     del sae
     gc.collect()
-    before = _rss()
-    copied = QwenScopeSAE.from_file(path, k=8, mmap=False)  # control: a plain load reads the whole file
-    assert _rss() - before > size / 2
+    copied = QwenScopeSAE.from_file(path, k=8, mmap=False)  # control: a plain load copies out of the file
+    # (no RSS check here: in a long test run the allocator reuses freed memory, so RSS need not grow)
     assert _mapped_file(copied.W_enc.untyped_storage().data_ptr()) != str(path.resolve())
