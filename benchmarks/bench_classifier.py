@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import best_of_interleaved
 
 from qscope_plugin.demo.run import PROMPTS
 from qscope_plugin.hooks import capture_residual
@@ -29,19 +29,6 @@ from qscope_plugin.recipes.classifiers import ORRuleClassifier, max_activations
 from qscope_plugin.store import DEMO_SAE_DIR, load_sae, local_layers
 
 N_TEXTS, BATCH, REPEATS, MAX_LENGTH = 512, 16, 5, 512
-
-
-def best_of_interleaved(runs: dict) -> dict[str, float]:
-    """Best time of each run, the runs taking turns so that machine drift hits them alike."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()  # warm-up
-    for _ in range(REPEATS):
-        for name, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: min(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -70,7 +57,7 @@ def main() -> None:
         ORRuleClassifier(model, tok, saes, k_features=5).fit(texts, labels)  # fit's defaults: batch 16, length 512
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    timings = best_of_interleaved({
+    timings = best_of_interleaved(repeats=REPEATS, runs={
         "forward + hooks only": forward_only,
         "forward + encode_sparse (baseline)": lambda: forward_only(encode=True),
         "max_activations (discovery harvest)": harvest,

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
+from _timing import best_of_interleaved
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from qscope_plugin.hooks import add_to_residual
@@ -21,19 +21,6 @@ from qscope_plugin.recipes.steering import SteeringSpec, Term, steer
 from qscope_plugin.sae import QScopeSAEConfig, QwenScopeSAE
 
 N_NEW, REPEATS = 64, 5
-
-
-def best_of_interleaved(runs: dict) -> dict[str, float]:
-    """Best time of each run, the runs taking turns so that machine drift hits them alike."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()  # warm-up
-    for _ in range(REPEATS):
-        for name, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: min(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -67,7 +54,7 @@ def main() -> None:
             run()
 
     torch.set_num_threads(os.cpu_count() or 1)
-    timings = best_of_interleaved({"unsteered": run, "steer(), positions=all": steered,
+    timings = best_of_interleaved(repeats=REPEATS, runs={"unsteered": run, "steer(), positions=all": steered,
                                    "steer(), positions=generated": generated_only, "bare add_to_residual hooks": bare})
     base, rows = timings["unsteered"], list(timings.items())
     lines = ["# Steering overhead", "",

@@ -1,0 +1,19 @@
+"""Timing shared by the benchmark scripts (imported as ``_timing``: the script's folder is on ``sys.path``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def best_of_interleaved(runs: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, float]:
+    """Best time of each run, the runs taking turns so that machine drift hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: min(ts) for name, ts in times.items()}
