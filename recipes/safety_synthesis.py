@@ -244,13 +244,13 @@ def coverage_curve(fired: np.ndarray, targets: Sequence[Target], budgets: Sequen
     return [float((base | (fired[:b].any(axis=0) if b else False)).mean()) for b in budgets]
 
 
-def baseline_prompts(generators: Generators, targets: Sequence[Target], pool: Sequence[str], budget: int, *,
+def baseline_prompts(generators: Generators, pool: Sequence[str], budget: int, *,
                      seed: int = 0) -> dict[str, list[str]]:
     """The two comparisons of the report under the same budget: natural sampling from a pool of safety prompts,
     and random safety-related synthesis. The random baseline is explanation-free: it never sees a target (nor its
     explanation); each prompt is ``generators.random(i)`` for a seeded i, or ``generators.vanilla(GENERIC_REQUEST)``
     when the generators have no ``random`` (deterministic generators then repeat one prompt). No coverage guidance,
-    no verification. ``targets`` is unused and kept for the signature."""
+    no verification."""
     rng = random.Random(seed)
     natural = rng.sample(list(pool), min(budget, len(pool)))
     draw = generators.random or (lambda i: generators.vanilla(GENERIC_REQUEST))
@@ -278,7 +278,7 @@ def compare_coverage(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE],
     curves = {"feature-driven": coverage_curve(firing(model, tokenizer, saes, [r["prompt"] for r in rows], targets),
                                                targets, [sum(r["index"] < b for r in rows) for b in budgets],
                                                seed_fired)}
-    for name, prompts in baseline_prompts(generators, targets, pool, budget, seed=seed).items():
+    for name, prompts in baseline_prompts(generators, pool, budget, seed=seed).items():
         curves[name] = coverage_curve(firing(model, tokenizer, saes, prompts, targets), targets, budgets, seed_fired)
     return curves
 

@@ -151,20 +151,19 @@ def test_coverage_vs_budget_against_the_baselines(planted, tmp_path):
     assert plot_coverage_curves(curves, budgets, tmp_path / "c.png").stat().st_size > 0
 
 
-def test_baselines_are_explanation_free(planted):
-    """The random-synthesis baseline never sees a target explanation (the stub would emit the trigger for one)."""
+def test_baselines_are_explanation_free():
+    """The random-synthesis baseline is given no targets; it asks the generators for generic prompts only."""
     from qscope_plugin.recipes.safety_synthesis import GENERIC_REQUEST, baseline_prompts
 
-    _, _, _, targets = planted
     log: list = []
-    out = baseline_prompts(stub_generators(log), targets, ["p1", "p2"], 5, seed=1)
+    out = baseline_prompts(stub_generators(log), ["p1", "p2"], 5, seed=1)
     assert out["random synthesis"] == [NEUTRAL] * 5 and log == [("vanilla", GENERIC_REQUEST)] * 5
     seeds: list = []
     gens = stub_generators([])
     gens = type(gens)(gens.vanilla, gens.adversarial, gens.response, random=lambda i: seeds.append(i) or f"r{i}")
-    again = baseline_prompts(gens, targets, ["p1", "p2"], 4, seed=1)["random synthesis"]
+    again = baseline_prompts(gens, ["p1", "p2"], 4, seed=1)["random synthesis"]
     assert len(set(seeds)) == 4 and again == [f"r{i}" for i in seeds]  # seeded draws, one per prompt
-    assert baseline_prompts(gens, targets, ["p1"], 4, seed=1)["random synthesis"] == again
+    assert baseline_prompts(gens, ["p1"], 4, seed=1)["random synthesis"] == again
 
 
 def test_curve_reuses_the_synthesized_rows(planted, tmp_path):
