@@ -185,17 +185,18 @@ def prompt_format(*, column: str | None = None, template: str | None = None,
 
 
 def _texts(dataset, fmt: PromptFormat, start: int, stop: int) -> list[str]:
-    if isinstance(dataset, Sequence) and (len(dataset) == 0 or isinstance(dataset[0], str)):
-        return [str(t) for t in dataset[start:stop]]
-    batch = dataset[start:stop]  # a datasets.Dataset slice: {column: [values]}
-    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    """Prompts of samples ``start:stop``: rows of a ``datasets.Dataset`` or items of a list, through ``fmt``."""
+    if hasattr(dataset, "column_names"):
+        batch = dataset[start:stop]  # a datasets.Dataset slice: {column: [values]}
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    else:
+        rows = list(dataset[start:stop])
     try:
         return [str(fmt(row)) for row in rows]
-    except (KeyError, IndexError) as e:
-        columns = getattr(dataset, "column_names", sorted(rows[0]) if rows else [])
+    except (KeyError, IndexError, TypeError) as e:
+        columns = getattr(dataset, "column_names", sorted(rows[0]) if rows and isinstance(rows[0], dict) else [])
         raise FootprintError(f"the prompt format needs field {e} that the dataset lacks; its columns are "
                              f"{columns}") from None
-
 
 # --------------------------------------------------------------------------------------------- harvest
 
@@ -345,7 +346,7 @@ def harvest_footprints(model: object, tokenizer, dataset, saes: Mapping[int, Qwe
     """F(x_i) (R3) for every sample of ``dataset`` at every layer in ``saes``.
 
     Args:
-        dataset: a ``datasets.Dataset`` (see ``load_benchmark``) or a list of prompt strings.
+        dataset: a ``datasets.Dataset`` (see ``load_benchmark``), a list of prompt strings or a list of dicts.
         column / template / formatter: how a row becomes the prompt (exactly one; not needed for strings).
         name: the benchmark's name in reports (default: the dataset's name).
         max_length: longer prompts keep their last ``max_length`` tokens, so the last token is always real.
@@ -359,11 +360,11 @@ def harvest_footprints(model: object, tokenizer, dataset, saes: Mapping[int, Qwe
         raise FootprintError(f"padding_side={padding_side!r}; expected 'left' or 'right'")
     if batch_size < 1 or chunk_size < 1:
         raise FootprintError("batch_size and chunk_size must be >= 1")
-    strings = isinstance(dataset, Sequence) and not hasattr(dataset, "column_names")
-    fmt, fmt_desc = (str, "text") if strings else prompt_format(column=column, template=template, formatter=formatter)
     n_samples = len(dataset)
     if n_samples == 0:
         raise FootprintError("the dataset is empty; footprints need at least one sample")
+    strings = not hasattr(dataset, "column_names") and isinstance(dataset[0], str)
+    fmt, fmt_desc = (str, "text") if strings else prompt_format(column=column, template=template, formatter=formatter)
     saes = dict(sorted(saes.items()))
     provenance = _provenance(model, tokenizer, dataset, saes, fmt_desc, name, max_length, n_samples)
     module = hf_model(model)

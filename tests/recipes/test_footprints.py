@@ -69,6 +69,8 @@ def test_datasets_rows_templates_and_provenance(tmp_path, tok):
     assert as_sets(fp) == reference(model, tok, [f"Q: {r['question']}\nA:" for r in rows], saes)
     assert fp.name == "toy" and fp.provenance["prompt_format"] == "template:Q: {question}\nA:"
     assert fp.provenance["layers"] == [0, 1, 2, 3] and fp.provenance["k"] == 6
+    as_dicts = harvest_footprints(model, tok, rows, saes, template="Q: {question}\nA:", progress=False)
+    assert as_sets(as_dicts) == as_sets(fp)  # a plain list of rows works like the Dataset
     path = tmp_path / "toy.jsonl"
     data.to_json(path)
     from_file = harvest_footprints(model, tok, load_benchmark(str(path)), saes, column="question", progress=False)
