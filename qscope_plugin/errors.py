@@ -28,5 +28,25 @@ class NotCachedError(QScopeError, FileNotFoundError):
     """An SAE file that is not in the local cache while the hub is unreachable or offline."""
 
 
+class HubError(QScopeError, OSError):
+    """The hub refused or failed a download: unknown repo, revision or file, an HTTP error, or no network."""
+
+
+class HubRepoNotFoundError(HubError):
+    """The repository does not exist on the hub, or is private or gated for the current token."""
+
+
+class HubRevisionNotFoundError(HubError):
+    """The requested branch, tag or commit does not exist in the repository."""
+
+
+class HubFileNotFoundError(HubError, FileNotFoundError):
+    """The repository has no such file at the requested revision."""
+
+
+class HubUnreachableError(HubError, ConnectionError):
+    """The hub could not be reached (connection refused, DNS failure, timeout, interrupted transfer)."""
+
+
 class QScopeWarning(UserWarning):
     """Data issues the user should know about but that do not stop the work (e.g. a mismatched backbone)."""

@@ -20,7 +20,17 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from qscope_plugin.catalogue import LICENSE_NOTICE, Release, release
-from qscope_plugin.errors import LayerOutOfRangeError, NotCachedError, QScopeError, SAEFileError
+from qscope_plugin.errors import (
+    HubError,
+    HubFileNotFoundError,
+    HubRepoNotFoundError,
+    HubRevisionNotFoundError,
+    HubUnreachableError,
+    LayerOutOfRangeError,
+    NotCachedError,
+    QScopeError,
+    SAEFileError,
+)
 from qscope_plugin.sae import QwenScopeSAE
 
 logger = logging.getLogger("qscope_plugin")
@@ -41,26 +51,6 @@ def _drop_from_hub_cache(path: Path) -> None:
     path.unlink(missing_ok=True)
     if blob != path:
         blob.unlink(missing_ok=True)
-
-
-class HubError(QScopeError, OSError):
-    """The hub refused or failed a download: unknown repo, revision or file, an HTTP error, or no network."""
-
-
-class HubRepoNotFoundError(HubError):
-    """The repository does not exist on the hub, or is private or gated for the current token."""
-
-
-class HubRevisionNotFoundError(HubError):
-    """The requested branch, tag or commit does not exist in the repository."""
-
-
-class HubFileNotFoundError(HubError, FileNotFoundError):
-    """The repository has no such file at the requested revision."""
-
-
-class HubUnreachableError(HubError, ConnectionError):
-    """The hub could not be reached (connection refused, DNS failure, timeout, interrupted transfer)."""
 
 
 def _first_line(e: BaseException) -> str:

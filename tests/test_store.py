@@ -161,7 +161,8 @@ def _hub_exceptions():
 def test_hub_errors_are_one_clear_error_and_leave_nothing(hub_cache, monkeypatch, case):
     import huggingface_hub
 
-    from qscope_plugin.store import DEFAULT_CACHE, HubError
+    from qscope_plugin.errors import HubError
+    from qscope_plugin.store import DEFAULT_CACHE
 
     exc, message = _hub_exceptions()[case]
     blobs = hub_cache.root / f"models--{REPO.replace('/', '--')}" / "blobs"
@@ -183,7 +184,7 @@ def test_partial_download_being_written_by_another_process_is_kept(hub_cache, mo
     import huggingface_hub
     from filelock import FileLock
 
-    from qscope_plugin.store import HubUnreachableError
+    from qscope_plugin.errors import HubUnreachableError
 
     folder = f"models--{REPO.replace('/', '--')}"
     blobs = hub_cache.root / folder / "blobs"
