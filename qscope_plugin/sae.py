@@ -4,6 +4,7 @@
     >>> z = sae.encode(h)                                         # (..., d_sae), at most k nonzeros
     >>> values, idx = sae.encode_sparse(h)                        # (..., k) each
     >>> h_hat = sae.decode_sparse(values, idx)                    # gathers k decoder columns only
+    >>> fast = sae.to()                                           # in-RAM copy, feature-major decoder
 
 Equations (spec §2.3), for one token's block output ``x`` (no centring, no ``b_dec`` subtraction):
 
@@ -13,7 +14,9 @@ Equations (spec §2.3), for one token's block output ``x`` (no centring, no ``b_
 
 The on-disk layouts are kept (``W_enc (d_sae, d_model)``, ``W_dec (d_model, d_sae)``): both are exactly the
 ``nn.Linear`` weight layouts of the two products, so ``F.linear`` runs on them directly. SAELens instead makes
-transposed copies, which doubles peak memory and is ~80x slower in bf16 on CPU (upstream-status §1.5).
+transposed copies, which doubles peak memory and is ~80x slower in bf16 on AVX2 CPUs (upstream-status §1.5).
+A ``.to()`` copy stores the decoder feature-major instead (same logical shape), which only the sparse decode
+notices.
 """
 
 from __future__ import annotations
@@ -147,8 +150,16 @@ class QwenScopeSAE:
         return self.W_enc.device
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> QwenScopeSAE:
-        """A copy on ``device`` in ``dtype`` (one copy; the mmap'd original is untouched)."""
-        sd = {key: getattr(self, key).to(device=device, dtype=dtype, copy=True) for key in SAE_KEYS}
+        """An in-memory copy on ``device`` in ``dtype`` (one copy; the mmap'd original is untouched).
+
+        The copy is the moment to choose a layout for free: its decoder is stored feature-major, the same
+        ``(d_model, d_sae)`` tensor as a view of ``(d_sae, d_model)`` memory, so each feature direction is one
+        contiguous row and ``decode_sparse`` reads exactly the k rows a token uses. ``sae.to()`` with no
+        arguments makes that copy on the current device and dtype.
+        """
+        sd = {key: getattr(self, key).to(device=device, dtype=dtype, copy=True) for key in ("W_enc", "b_enc", "b_dec")}
+        rows = torch.empty(self.cfg.d_sae, self.cfg.d_model, device=device or self.device, dtype=dtype or self.dtype)
+        sd["W_dec"] = rows.copy_(self.W_dec.T).T
         return QwenScopeSAE(sd, self.cfg)
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,12 +195,17 @@ class QwenScopeSAE:
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """(E3) from ``(values, indices)`` of shape ``(..., k)``: reads only the decoder columns in use.
 
-        The unique feature ids of the whole batch are gathered once, then combined with one small product,
-        so each decoder row is streamed at most once however many tokens use a feature.
+        With a feature-major decoder (any ``.to()`` copy) this is one embedding-bag over the k contiguous
+        rows per token. On the file layout (mmap) a column is strided, so the batch's unique feature ids are
+        gathered once and combined with one small product instead.
         """
         if values.shape != indices.shape:
             raise SAEInputError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must match")
         lead, k = values.shape[:-1], values.shape[-1]
+        if self.W_dec.T.is_contiguous():
+            summed = F.embedding_bag(indices.reshape(-1, k), self.W_dec.T, mode="sum",
+                                     per_sample_weights=values.reshape(-1, k).to(self.dtype))
+            return (summed + self.b_dec).reshape(*lead, self.cfg.d_model)
         flat_idx = indices.reshape(-1)
         used, slot = flat_idx.unique(return_inverse=True)
         columns = self.W_dec.index_select(1, used)  # (d_model, n_used)

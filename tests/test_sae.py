@@ -105,7 +105,26 @@ def test_sparse_paths_equal_dense(n, k, seed, scale):
     assert (values >= 0).all()
     z = sae.encode(x)
     assert ((z > 0).sum(-1) <= k).all()
-    assert torch.allclose(sae.decode_sparse(values, idx), sae.decode(z), atol=1e-4 * max(1.0, scale))
+    tol = 1e-4 * max(1.0, scale)
+    assert torch.allclose(sae.decode_sparse(values, idx), sae.decode(z), atol=tol)
+    copy = sae.to()  # feature-major decoder: the embedding-bag path
+    assert torch.allclose(copy.decode_sparse(values, idx), sae.decode(z), atol=tol)
+    assert torch.allclose(copy.decode(z), sae.decode(z), atol=tol)
+
+
+def test_to_copies_once_into_a_feature_major_decoder(sae_and_tensors):
+    sae, t = sae_and_tensors
+    copy = sae.to()
+    assert copy.W_dec.shape == (16, 64) and copy.W_dec.stride() == (1, 16)  # column i is one contiguous row
+    assert torch.equal(copy.W_dec, t["W_dec"]) and copy.W_dec.data_ptr() != sae.W_dec.data_ptr()
+    assert torch.equal(copy.direction(5), t["W_dec"][:, 5])
+    values, idx = sae.encode_sparse(torch.randn(3, 4, 16))
+    expected = torch.einsum("btk,dbtk->btd", values, t["W_dec"][:, idx]) + t["b_dec"]
+    for decoder in (sae, copy):  # strided-column gather and embedding bag
+        assert torch.allclose(decoder.decode_sparse(values, idx), expected, atol=1e-5)
+    half = sae.to(dtype=torch.bfloat16)
+    assert half.W_dec.stride() == (1, 16)
+    assert torch.allclose(half.decode_sparse(values, idx).float(), expected, atol=0.05, rtol=0.02)
 
 
 def test_bf16_runs_and_tracks_fp32(sae_and_tensors):
