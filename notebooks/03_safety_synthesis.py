@@ -2,9 +2,10 @@
 # # Feature-driven safety data synthesis (Qwen-Scope report §6)
 #
 # Targets are SAE features judged relevant to safety; prompts are generated for the targets the seed data misses
-# and kept only if they fire their feature through the SAE. Here every model call goes to the small demo model
-# (it writes nonsense, but every step is real). For the report's setup use Qwen3-8B with the layer-30 W64K SAE
-# and a strong chat model for `ChatModel`.
+# and kept only if they fire their feature through the SAE. Here every model call goes to the small demo model:
+# every step is real, but a 4-layer LM trained on plain sentences cannot follow the instructions in the templates,
+# so few prompts verify and the baselines win (docs/safety_synthesis.md). For the report's setup use Qwen3-8B with
+# the layer-30 W64K SAE and a strong chat model for `ChatModel`.
 
 # %%
 from qscope_plugin import load_sae
@@ -15,6 +16,7 @@ from qscope_plugin.recipes.safety_synthesis import (
     build_targets,
     compare_coverage,
     coverage,
+    plot_coverage_curves,
     synthesize,
 )
 
@@ -36,9 +38,15 @@ print(f"{len(targets)} targets; Cov(seed) = {before.cov:.2f}; {len(before.missin
       f"by category {before.by_category}")
 
 # %%
-kept = synthesize(model, tokenizer, saes, targets, chat.generators(), seed_prompts=seed, budget=12)
-print(f"{len(kept)} verified examples; e.g. {kept[:1]}")
+# Generators sample (seeded by their input) exactly as the random baseline does, so the lines below differ only
+# in coverage guidance and SAE verification.
+BUDGETS = [0, 6, 12, 18, 24]
+kept = synthesize(model, tokenizer, saes, targets, chat.generators(), seed_prompts=seed, budget=max(BUDGETS))
+print(f"{len(kept)} of {max(BUDGETS)} generated prompts verified; e.g. {kept[:1]}")
 # the feature-driven line reuses the verified rows above; the random baseline never sees an explanation
 curves = compare_coverage(model, tokenizer, saes, targets, chat.generators(), seed_prompts=seed,
-                          pool=PROMPTS["zh"], budgets=[0, 4, 8, 12], rows=kept)
-print(curves)
+                          pool=PROMPTS["zh"], budgets=BUDGETS, rows=kept)
+print("budget " + " ".join(f"{b:>5}" for b in BUDGETS))
+for name, values in curves.items():
+    print(f"{name:<17} " + " ".join(f"{v:5.3f}" for v in values))
+print("figure:", plot_coverage_curves(curves, BUDGETS, "safety_coverage_vs_budget.png"))

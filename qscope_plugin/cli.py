@@ -328,7 +328,7 @@ def cmd_safety_synthesize(args: argparse.Namespace) -> None:
     targets = load_targets(args.targets)
     model, tok = _backbone(args)
     saes = _saes(args.release, ",".join(str(t.layer) for t in targets))
-    generators = _chat(args, model, tok).generators()
+    generators = _chat(args, model, tok).generators(seed=args.seed)
     seed_prompts = _texts(None, args.seed_prompts, "seed prompts") if args.seed_prompts else []
     provenance = {"model": args.model, "release": args.release, "budget": args.budget, "seed": args.seed}
     benign = [c.strip() for c in args.benign_categories.split(",") if c.strip()]

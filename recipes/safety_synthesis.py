@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -416,10 +417,21 @@ class ChatModel:
 
         return categorize
 
-    def generators(self) -> Generators:
+    def generators(self, *, sample: bool = True, seed: int = 0) -> Generators:
+        """The four generators on this model's templates.
+
+        With ``sample`` (default), prompts are drawn as the random-synthesis baseline draws its own (temperature 1,
+        top-p 0.95), so the comparison differs in guidance and verification, not in decoding. Each draw's seed is
+        derived from ``seed`` and the generator's input, so runs are reproducible and a resumed run regenerates
+        nothing differently. ``sample=False`` decodes greedily. Responses are always greedy.
+        """
+
+        def draw(text: str) -> str:
+            return self(text, sample_seed=zlib.crc32(f"{seed}/{text}".encode()) if sample else None)
+
         return Generators(
-            vanilla=lambda explanation: self(self.template("vanilla").format(explanation=explanation)),
-            adversarial=lambda prompt, style: self(self.template("adversarial").format(prompt=prompt, style=style)),
+            vanilla=lambda explanation: draw(self.template("vanilla").format(explanation=explanation)),
+            adversarial=lambda prompt, style: draw(self.template("adversarial").format(prompt=prompt, style=style)),
             response=lambda prompt, label: self(self.template(f"response_{label}").format(prompt=prompt)),
             random=lambda i: self(self.template("random"), sample_seed=i),
         )

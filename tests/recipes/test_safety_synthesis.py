@@ -312,3 +312,15 @@ def test_cli_curve_does_not_synthesize_twice(cli_env, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"{sum(r['verified'] for r in rows)} verified example(s)" in printed.splitlines()[-2]
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_generators_sample_like_the_random_baseline_and_reproducibly(planted):
+    """Feature-driven and random synthesis decode alike (seeded sampling); a seed fixes every draw."""
+    model, tok, _, _ = planted
+    chat = ChatModel(model, tok, max_new_tokens=8)
+    draws = [chat.generators(seed=s).vanilla("weapons") for s in (0, 0, 1, 2, 3)]
+    assert draws[0] == draws[1] and len(set(draws)) > 1  # reproducible per seed, different across seeds
+    greedy = chat.generators(sample=False)
+    assert greedy.vanilla("weapons") == chat(chat.template("vanilla").format(explanation="weapons"))
+    assert greedy.adversarial("p", "role-play") == chat(chat.template("adversarial").format(prompt="p",
+                                                                                          style="role-play"))
