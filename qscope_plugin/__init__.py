@@ -16,8 +16,20 @@ from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 
 from qscope_plugin.catalogue import LICENSE_NOTICE, Release, release, releases
-from qscope_plugin.errors import QScopeError, QScopeWarning
-from qscope_plugin.sae import QScopeSAEConfig, QwenScopeSAE
+from qscope_plugin.errors import (
+    HubError,
+    HubFileNotFoundError,
+    HubRepoNotFoundError,
+    HubRevisionNotFoundError,
+    HubUnreachableError,
+    LayerOutOfRangeError,
+    NotCachedError,
+    QScopeError,
+    QScopeWarning,
+    SAEFileError,
+    UnknownReleaseError,
+)
+from qscope_plugin.sae import QScopeSAEConfig, QwenScopeSAE, SAEInputError
 from qscope_plugin.store import load_sae
 
 try:
@@ -27,11 +39,21 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "LICENSE_NOTICE",
+    "HubError",
+    "HubFileNotFoundError",
+    "HubRepoNotFoundError",
+    "HubRevisionNotFoundError",
+    "HubUnreachableError",
+    "LayerOutOfRangeError",
+    "NotCachedError",
     "QScopeError",
     "QScopeSAEConfig",
     "QScopeWarning",
     "QwenScopeSAE",
     "Release",
+    "SAEFileError",
+    "SAEInputError",
+    "UnknownReleaseError",
     "load_sae",
     "release",
     "releases",

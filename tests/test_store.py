@@ -239,3 +239,16 @@ def test_sae_failing_validate_is_evicted_from_the_lru(hub_cache):
     with pytest.raises(SAEFileError):
         mine.validate()
     assert len(cache) == 0
+
+
+def test_every_plugin_error_is_importable_from_the_top_level():
+    """Users catch ``qs.NotCachedError`` etc. without knowing which module raises it."""
+    import inspect
+
+    import qscope_plugin
+    from qscope_plugin import errors, sae
+
+    raised = {name: obj for module in (errors, sae) for name, obj in inspect.getmembers(module, inspect.isclass)
+              if issubclass(obj, QScopeError) and obj.__module__ == module.__name__}
+    assert "NotCachedError" in raised and set(raised) <= set(qscope_plugin.__all__)
+    assert all(getattr(qscope_plugin, name) is obj for name, obj in raised.items())
