@@ -154,7 +154,8 @@ class QwenScopeSAE:
 
         The copy is the moment to choose a layout for free: its decoder is stored feature-major, the same
         ``(d_model, d_sae)`` tensor as a view of ``(d_sae, d_model)`` memory, so each feature direction is one
-        contiguous row and ``decode_sparse`` reads exactly the k rows a token uses. ``sae.to()`` with no
+        contiguous row and ``decode_sparse`` reads exactly the k rows a token uses. The transposing copy takes
+        ~3x a plain copy's time (0.2 s for a 2048 x 32768 fp32 decoder on 2 cores), once. ``sae.to()`` with no
         arguments makes that copy on the current device and dtype.
         """
         sd = {key: getattr(self, key).to(device=device, dtype=dtype, copy=True) for key in ("W_enc", "b_enc", "b_dec")}
