@@ -157,3 +157,5 @@ def register() -> list[str]:
             changed.append(rel.name)
     return changed
 
+
+register()  # importing the adapter directly (before qscope_plugin saw SAELens load) registers too

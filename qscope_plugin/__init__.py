@@ -66,6 +66,9 @@ def _register_with_sae_lens() -> None:
     Importing SAELens costs ~6 s and ~1 GiB, so ``import qscope_plugin`` must not do it just to register.
     """
     if "sae_lens" in sys.modules:
+        adapter = sys.modules.get("qscope_plugin.adapters.sae_lens")
+        if adapter is not None and not hasattr(adapter, "register"):
+            return  # the adapter itself is importing SAELens; it registers when it has finished loading
         from qscope_plugin.adapters.sae_lens import register
 
         register()

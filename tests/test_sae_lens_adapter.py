@@ -83,3 +83,26 @@ def test_registration_waits_for_sae_lens_import():
         "assert L.NAMED_PRETRAINED_SAE_LOADERS['qwen_scope'] is qwen_scope_loader\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("first_use", [
+    "import sae_lens",
+    "import qscope_plugin.adapters.sae_lens",  # the adapter module imports SAELens itself
+    "qscope_plugin.QwenScopeSAE(t, qscope_plugin.QScopeSAEConfig(4, 8, 2)).to_sae_lens()",
+])
+def test_registration_in_a_fresh_process_whatever_loads_sae_lens_first(first_use):
+    """Regression: when the adapter was what imported SAELens, the import hook ran inside the half-loaded adapter,
+    raised ImportError and left SAELens half-registered for the rest of the process."""
+    import subprocess
+    import sys
+
+    code = ("import torch, qscope_plugin\n"
+            "t = {'W_enc': torch.randn(8, 4), 'W_dec': torch.randn(4, 8), 'b_enc': torch.zeros(8), "
+            "'b_dec': torch.zeros(4)}\n"
+            f"{first_use}\n"
+            "from sae_lens.loading import pretrained_sae_loaders as loaders\n"
+            "from qscope_plugin.adapters.sae_lens import qwen_scope_loader\n"
+            "assert loaders.NAMED_PRETRAINED_SAE_LOADERS['qwen_scope'] is qwen_scope_loader\n"
+            "print('registered')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "registered", out.stderr[-2000:]
