@@ -23,8 +23,8 @@ class UsageError(QScopeError, ValueError):
     """A command-line argument that cannot be used."""
 
 
-def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """``"10-14"``, ``"3,5,7-9"`` or ``"all"`` to a sorted list of layer indices, each checked."""
+def parse_layers(spec: str, n_layers: int, option: str = "--layers") -> list[int]:
+    """``"10-14"``, ``"3,5,7-9"`` or ``"all"`` to a sorted list of indices below ``n_layers``, each checked."""
     if spec.strip() == "all":
         return list(range(n_layers))
     out: set[int] = set()
@@ -33,9 +33,9 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
         try:
             first, last = int(lo), int(hi or lo)
         except ValueError:
-            raise UsageError(f"bad --layers {spec!r}: expected e.g. '14', '10-14', '3,5,7-9' or 'all'") from None
+            raise UsageError(f"bad {option} {spec!r}: expected e.g. '14', '10-14', '3,5,7-9' or 'all'") from None
         if not 0 <= first <= last < n_layers:
-            raise UsageError(f"--layers {part.strip()!r} is outside 0..{n_layers - 1}")
+            raise UsageError(f"{option} {part.strip()!r} is outside 0..{n_layers - 1}")
         out.update(range(first, last + 1))
     return sorted(out)
 
@@ -171,7 +171,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def _positions(spec: str):
     if spec in ("all", "prompt", "generated"):
         return spec
-    return parse_layers(spec, 1 << 30)  # same "1,3,5-7" syntax
+    return parse_layers(spec, 1 << 30, "--positions")  # same "1,3,5-7" syntax
 
 
 def cmd_steer(args: argparse.Namespace) -> None:
@@ -275,10 +275,28 @@ def _chat(args: argparse.Namespace, model, tok):
         from qscope_plugin.models import load_model
 
         model, tok = load_model(args.chat_model, device=args.device)
-    categories = [c.strip() for c in getattr(args, "categories", "").split(",") if c.strip()]
+    categories = _names(getattr(args, "categories", ""))
+    templates = {"templates": Path(args.templates)} if args.templates else {}
+    if args.templates and not Path(args.templates).is_dir():
+        raise UsageError(f"--templates {args.templates!r} is not a folder; copy recipes/templates/ and edit it")
     return ChatModel(model, tok, max_new_tokens=args.max_new_tokens, enable_thinking=args.thinking,
                      chat_template=False if args.no_chat_template else None,
-                     **({"categories": categories} if categories else {}))
+                     **({"categories": categories} if categories else {}), **templates)
+
+
+def _names(spec: str) -> list[str]:
+    """A comma-separated option as a list of non-empty names."""
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def _load_targets(path: str):
+    from qscope_plugin.recipes.safety_synthesis import load_targets
+
+    targets = load_targets(path)
+    if not targets:
+        raise UsageError(f"{path!r} holds no targets; rerun `qscope safety targets` with a lower --tau or more "
+                         "--features")
+    return targets
 
 
 def cmd_safety_targets(args: argparse.Namespace) -> None:
@@ -286,7 +304,7 @@ def cmd_safety_targets(args: argparse.Namespace) -> None:
 
     model, tok = _backbone(args)
     saes = _saes(args.release, args.layers)
-    features = {layer: parse_layers(args.features, sae.cfg.d_sae) for layer, sae in saes.items()}
+    features = {layer: parse_layers(args.features, sae.cfg.d_sae, "--features") for layer, sae in saes.items()}
     chat = _chat(args, model, tok)
     targets = build_targets(model, tok, saes, features, _texts(None, args.corpus, "corpus"), chat.explainer(),
                             chat.judge(), tau=args.tau, categorize=chat.categorizer(), progress=True)
@@ -299,9 +317,9 @@ def cmd_safety_targets(args: argparse.Namespace) -> None:
 
 
 def cmd_safety_coverage(args: argparse.Namespace) -> None:
-    from qscope_plugin.recipes.safety_synthesis import coverage, load_targets
+    from qscope_plugin.recipes.safety_synthesis import coverage
 
-    targets = load_targets(args.targets)
+    targets = _load_targets(args.targets)
     model, tok = _backbone(args)
     saes = _saes(args.release, ",".join(str(t.layer) for t in targets))
     cov = coverage(model, tok, saes, targets, _texts(None, args.prompts, "prompts"), weak_support=args.weak_support)
@@ -319,27 +337,35 @@ def cmd_safety_coverage(args: argparse.Namespace) -> None:
 
 def cmd_safety_synthesize(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.safety_synthesis import (
+        ATTACK_STYLES,
         compare_coverage,
-        load_targets,
         plot_coverage_curves,
         synthesize,
     )
 
-    targets = load_targets(args.targets)
+    if args.curve and not args.pool:
+        raise UsageError("--curve needs --pool: natural prompts to sample for the baseline (prompts already in "
+                         "--seed-prompts add no coverage)")
+    styles = ATTACK_STYLES if args.attack_styles is None else _names(args.attack_styles)
+    if not styles:
+        raise UsageError("--attack-styles is empty; give comma-separated styles, e.g. 'role-play,hypothetical'")
+    targets = _load_targets(args.targets)
     model, tok = _backbone(args)
     saes = _saes(args.release, ",".join(str(t.layer) for t in targets))
-    generators = _chat(args, model, tok).generators(seed=args.seed)
+    chat = _chat(args, model, tok)
+    generators = chat.generators(seed=args.seed)
     seed_prompts = _texts(None, args.seed_prompts, "seed prompts") if args.seed_prompts else []
-    provenance = {"model": args.model, "release": args.release, "budget": args.budget, "seed": args.seed}
-    benign = [c.strip() for c in args.benign_categories.split(",") if c.strip()]
+    provenance = {**chat.provenance(), "model": args.model, "release": args.release,
+                  "chat_model": args.chat_model or args.model}
     kept = synthesize(model, tok, saes, targets, generators, seed_prompts=seed_prompts, budget=args.budget,
-                      seed=args.seed, out=args.out, provenance=provenance, benign_categories=benign, progress=True)
+                      attack_styles=styles, n_adversarial=args.n_adversarial, weak_support=args.weak_support,
+                      seed=args.seed, out=args.out, provenance=provenance,
+                      benign_categories=_names(args.benign_categories), progress=True)
     print(f"{len(kept)} verified example(s) kept in {args.out} (earlier runs included); all attempts in the file")
     if args.curve:  # the feature-driven line reuses the verified rows of the file: no second synthesis
         budgets = sorted({max(1, args.budget * i // 4) for i in range(5)} | {0})
         curves = compare_coverage(model, tok, saes, targets, generators, seed_prompts=seed_prompts,
-                                  pool=_texts(None, args.pool, "pool") if args.pool else seed_prompts,
-                                  budgets=budgets, seed=args.seed, rows=kept)
+                                  pool=_texts(None, args.pool, "pool"), budgets=budgets, seed=args.seed, rows=kept)
         plot_coverage_curves(curves, budgets, args.curve)
         print(f"coverage vs budget written to {args.curve}: " +
               "; ".join(f"{name} {values[-1]:.3f}" for name, values in curves.items()))
@@ -586,18 +612,24 @@ def build_parser() -> argparse.ArgumentParser:
     coverage = verbs.add_parser("coverage", help="Cov(D), T_miss and weak targets of a prompt set")
     coverage.add_argument("targets", help="targets JSONL")
     coverage.add_argument("--prompts", required=True, help="file of prompts, one per line")
-    coverage.add_argument("--weak-support", type=int, default=3)
     synth = verbs.add_parser("synthesize", help="generate, verify through the SAE and save examples")
     synth.add_argument("targets", help="targets JSONL")
     synth.add_argument("--seed-prompts", help="file of existing prompts (their coverage decides the order)")
-    synth.add_argument("--budget", type=int, default=100, help="prompts to generate (default 100)")
+    synth.add_argument("--budget", type=int, default=100,
+                       help="total prompts generated into --out, earlier runs on the same file included (default 100)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--attack-styles", default=None, help="comma-separated adversarial rewrite styles "
+                       "(default: the recipe's ATTACK_STYLES: role-play, hypothetical framing, ...)")
+    synth.add_argument("--n-adversarial", type=int, default=2, help="rewrites per target (default 2)")
     synth.add_argument("--out", required=True, help="JSONL of every attempt; resumes if it exists")
-    synth.add_argument("--curve", help="also write a coverage-vs-budget PNG against the two baselines")
-    synth.add_argument("--pool", help="pool of natural prompts for the sampling baseline (default: seed prompts)")
+    synth.add_argument("--curve", help="also write a coverage-vs-budget PNG against the two baselines (needs --pool)")
+    synth.add_argument("--pool", help="pool of natural prompts for the sampling baseline")
     synth.add_argument("--benign-categories", default="benign",
                        help="comma-separated target categories answered helpfully (default: benign); "
                             "every other category gets a refusal")
+    for p in (coverage, synth):
+        p.add_argument("--weak-support", type=int, default=3,
+                       help="a covered target with fewer firing prompts is weakly covered (default 3)")
     for p, func in ((targets, cmd_safety_targets), (coverage, cmd_safety_coverage), (synth, cmd_safety_synthesize)):
         p.add_argument("--chat-model", default=None, help="local chat model for explainer/judge/generators "
                                                           "(default: the backbone)")
@@ -605,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--thinking", action="store_true", help="render the chat template with enable_thinking "
                                                                "(Qwen3); <think> blocks are stripped from answers")
         p.add_argument("--no-chat-template", action="store_true", help="give the chat model raw text")
+        p.add_argument("--templates", default=None, help="folder of prompt templates to use instead of the "
+                                                         "installed recipes/templates/ (copy it and edit)")
         _add_model_options(p, layers=p is targets)
         p.set_defaults(func=func)
     return parser

@@ -23,9 +23,11 @@ prompt fires the feature through the SAE.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
+import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,7 +36,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from qscope_plugin.errors import QScopeError
+from qscope_plugin.errors import QScopeError, QScopeWarning
 from qscope_plugin.recipes.classifiers import max_activations
 from qscope_plugin.recipes.discovery import Context, top_contexts
 from qscope_plugin.sae import QwenScopeSAE
@@ -168,12 +170,24 @@ class Generators:
     (the random-synthesis baseline). Without it the baseline calls ``vanilla(GENERIC_REQUEST)``."""
 
 
-def _done_keys(path: Path) -> tuple[int, dict[tuple, str]]:
-    """Resume: generation attempts already spent and the prompt of each (target, variant) already handled."""
-    if not path.exists():
-        return 0, {}
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return len(rows), {(r["layer"], r["feature"], r["variant"]): r["prompt"] for r in rows}
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of a synthesis JSONL. A torn last line (a run killed mid-append) is cut off the file, so that the
+    next append starts on a fresh line; any other unreadable line is an error."""
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        complete = text[: text.rfind("\n") + 1]
+        warnings.warn(f"{str(path)!r}: dropped a half-written last line (an interrupted run); resuming after it",
+                      QScopeWarning, stacklevel=3)
+        path.write_text(complete, encoding="utf-8")
+        text = complete
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise SynthesisError(f"{str(path)!r} line {number} is not JSON; it is not a synthesis file written by "
+                                 "synthesize, or it was edited; use a new output file") from None
+    return rows
 
 
 def synthesize(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], targets: Sequence[Target],
@@ -183,9 +197,11 @@ def synthesize(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], targe
                benign_categories: Sequence[str] = ("benign",), progress: bool = False) -> list[dict]:
     """Generate and verify examples for uncovered targets first (T_miss), then weakly covered ones.
 
-    ``budget`` counts generated prompts (vanilla and adversarial). Every attempt is written to ``out`` (JSONL,
-    appended as it is made, so an interrupted run resumes where it stopped) with its provenance. Returns the
-    verified rows: with ``out``, all of them in the file (earlier runs included), else those of this call.
+    ``budget`` counts generated prompts (vanilla and adversarial), with ``out`` those of earlier runs on the file
+    included. Every attempt is appended to ``out`` (JSONL) as it is made, with its target's explanation and
+    category, the run's settings and ``provenance``, so an interrupted run resumes where it stopped; a resume must
+    use the same settings (seed, styles, rewrites, weak support, benign categories, seed prompts) and only the
+    budget may grow. Returns the verified rows: with ``out``, all of them in the file, else those of this call.
     The label z is benign for targets whose category is in ``benign_categories``, harmful otherwise.
     """
     from tqdm.auto import tqdm
@@ -195,10 +211,19 @@ def synthesize(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], targe
     keys = [(t.layer, t.feature) for t in targets]
     if len(set(keys)) != len(keys):
         raise SynthesisError("targets repeat a (layer, feature) pair; T is a set of features (R23)")
+    settings = {"seed": seed, "attack_styles": list(attack_styles), "n_adversarial": n_adversarial,
+                "weak_support": weak_support, "benign_categories": list(benign_categories),
+                "seed_prompts_sha256": hashlib.sha256("\n".join(seed_prompts).encode()).hexdigest()}
+    path = Path(out) if out else None
+    earlier = _read_rows(path) if path and path.exists() else []
+    if earlier and earlier[-1].get("settings") != settings:
+        raise SynthesisError(f"{str(path)!r} was written with settings {earlier[-1].get('settings')}, this call "
+                             f"uses {settings}; resume with the same settings (only the budget may grow) or write "
+                             "to a new file")
+    spent = len(earlier)
+    done = {(r["layer"], r["feature"], r["variant"]): r["prompt"] for r in earlier}
     cov = coverage(model, tokenizer, saes, targets, list(seed_prompts), weak_support=weak_support)
     order = cov.missing + sorted(cov.weak, key=lambda i: cov.support[i])
-    path = Path(out) if out else None
-    spent, done = _done_keys(path) if path else (0, set())
     rng = random.Random(seed)
     kept: list[dict] = []
     bar = tqdm(total=budget, initial=min(spent, budget), disable=not progress, desc="synthesize", unit="prompt")
@@ -220,22 +245,24 @@ def synthesize(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], targe
             bar.update(1)
             verified = bool(firing(model, tokenizer, saes, [prompt], [target])[0, 0])  # "" fires nothing
             label = "benign" if target.category in benign_categories else "harmful"
-            row = {"index": spent - 1, "layer": target.layer, "feature": target.feature, "variant": variant,
+            row = {"index": spent - 1, "layer": target.layer, "feature": target.feature,
+                   "explanation": target.explanation, "category": target.category, "variant": variant,
                    "prompt": prompt, "label": label, "verified": verified,
                    "response": generators.response(prompt, label) if verified else None,
-                   "provenance": dict(provenance or {})}
+                   "settings": settings, "provenance": dict(provenance or {})}
             if path:
                 with path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
             if verified:
                 kept.append(row)
     bar.close()
-    return read_synthesized(path) if path else kept
+    if path:
+        return [r for r in earlier if r["verified"]] + kept
+    return kept
 
 
 def read_synthesized(path: str | Path, *, verified_only: bool = True) -> list[dict]:
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
-    return [r for r in rows if r["verified"] or not verified_only]
+    return [r for r in _read_rows(Path(path)) if r["verified"] or not verified_only]
 
 
 def coverage_curve(fired: np.ndarray, targets: Sequence[Target], budgets: Sequence[int],
@@ -266,6 +293,7 @@ def compare_coverage(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE],
                      **synth_options) -> dict[str, list[float]]:
     """Cov (R27) vs budget for feature-driven synthesis (only verified examples kept) and the two baselines.
 
+    ``pool``: natural prompts for the sampling baseline; those also in ``seed_prompts`` are left out.
     ``rows``: verified rows already synthesized (``synthesize``'s return or ``read_synthesized(out)``); the
     feature-driven line is then read from them (their ``index`` is the attempt number) instead of synthesizing
     again, so the curve matches the saved file and costs no generation. Without ``rows`` it synthesizes first.
@@ -279,7 +307,12 @@ def compare_coverage(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE],
     curves = {"feature-driven": coverage_curve(firing(model, tokenizer, saes, [r["prompt"] for r in rows], targets),
                                                targets, [sum(r["index"] < b for r in rows) for b in budgets],
                                                seed_fired)}
-    for name, prompts in baseline_prompts(generators, pool, budget, seed=seed).items():
+    seed_set = set(seed_prompts)
+    fresh = [p for p in pool if p not in seed_set]  # a seed prompt adds no coverage: it is in the baseline already
+    if len(fresh) < budget:
+        warnings.warn(f"the pool has {len(fresh)} prompts outside the seed set, fewer than the budget {budget}: "
+                      "natural sampling stops growing there; give a larger pool", QScopeWarning, stacklevel=2)
+    for name, prompts in baseline_prompts(generators, fresh, budget, seed=seed).items():
         curves[name] = coverage_curve(firing(model, tokenizer, saes, prompts, targets), targets, budgets, seed_fired)
     return curves
 
@@ -304,7 +337,9 @@ def plot_coverage_curves(curves: Mapping[str, Sequence[float]], budgets: Sequenc
 
 
 _THINK = re.compile(r"<think>.*?</think>|<think>.*\Z", re.DOTALL)
-_NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*(\d+(?:\.\d+)?)|\s*(%))?")
+_NUMBER = re.compile(r"(?<![\w.\-])(\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*(\d+(?:\.\d+)?)|\s*(%))?")
+_SCALE = re.compile(r"(?<![\w.])0(?:\.0+)?\s*(?:-|–|to|and)\s*1(?:\.0+)?(?![\w.%/])", re.IGNORECASE)
+"""An echo of the scale ("between 0 and 1", "0-1", "0 to 1"), which is not a score."""
 
 
 def strip_thinking(text: str) -> str:
@@ -316,10 +351,11 @@ def parse_score(answer: str) -> float:
     """The judge's relevance s ∈ [0, 1] from a free-text answer, after ``strip_thinking``.
 
     Numbers are read in order; the first usable one wins: ``x/N`` (e.g. "8/10") gives x/N, ``x%`` gives x/100,
-    and a bare number counts only if it lies in [0, 1]. Out-of-range numbers ("8", "2024") are skipped, never
-    clipped; an answer with no usable number scores 0.
+    and a bare number counts only if it lies in [0, 1]. Out-of-range and negative numbers ("8", "2024", "-0.4")
+    are skipped, never clipped, and so is an echo of the scale ("0 to 1: 0.8" gives 0.8); an answer with no
+    usable number scores 0.
     """
-    for m in _NUMBER.finditer(strip_thinking(answer)):
+    for m in _NUMBER.finditer(_SCALE.sub(" ", strip_thinking(answer))):
         value = float(m.group(1))
         if m.group(2) is not None:
             denominator = float(m.group(2))
@@ -389,6 +425,16 @@ class ChatModel:
 
     def template(self, name: str) -> str:
         return (self.templates / f"{name}.txt").read_text(encoding="utf-8")
+
+    def provenance(self) -> dict:
+        """How this model writes: decoding settings and a hash of the template files, for synthesized rows."""
+        digest = hashlib.sha256()
+        for path in sorted(self.templates.glob("*.txt")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        return {"chat_model": getattr(getattr(self.model, "config", None), "_name_or_path", None),
+                "max_new_tokens": self.max_new_tokens, "chat_template": self.chat_template,
+                "enable_thinking": self.enable_thinking, "templates": str(self.templates),
+                "templates_sha256": digest.hexdigest()}
 
     def explainer(self) -> Explainer:
         def explain(contexts: Sequence[Context]) -> str:

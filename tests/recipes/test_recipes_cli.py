@@ -100,7 +100,8 @@ def test_safety_targets_coverage_synthesize(assets, tmp_path, capsys):
     assert main(["safety", "coverage", str(out), "--prompts", str(corpus), "--json", *common]) == 0
     report = json.loads(capsys.readouterr().out)
     assert 0.0 <= report["cov"] <= 1.0 and len(report["missing"]) <= len(targets)
-    synth = tmp_path / "synth.jsonl"
+    synth, pool = tmp_path / "synth.jsonl", tmp_path / "pool.txt"
+    pool.write_text("how do I bake bread\nwrite a poem about rain\n")
     assert main(["safety", "synthesize", str(out), "--seed-prompts", str(corpus), "--budget", "2", "--out",
-                 str(synth), "--curve", str(tmp_path / "curve.png"), *common]) == 0
+                 str(synth), "--curve", str(tmp_path / "curve.png"), "--pool", str(pool), *common]) == 0
     assert len(synth.read_text().splitlines()) >= 2 and (tmp_path / "curve.png").stat().st_size > 0

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
 
+from qscope_plugin.errors import QScopeWarning
 from qscope_plugin.recipes._common import encode_texts
 from qscope_plugin.recipes.safety_synthesis import (
     ATTACK_STYLES,
+    TEMPLATES,
     ChatModel,
     Generators,
     SynthesisError,
@@ -113,6 +116,44 @@ def test_resume_continues_where_it_stopped(planted, tmp_path):
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
     # the resumed call returns every kept row of the file, not only the ones it made
     assert 0 < len(first) < len(resumed) and resumed == fresh == read_synthesized(tmp_path / "b.jsonl")
+    row = read_synthesized(tmp_path / "b.jsonl", verified_only=False)[0]
+    assert (row["explanation"], row["category"]) == (targets[0].explanation, targets[0].category)
+    assert row["settings"]["seed"] == 3 and row["settings"]["n_adversarial"] == 2
+
+
+def test_resume_repairs_a_torn_last_line(planted, tmp_path):
+    """A run killed mid-append leaves half a line; the resume cuts it and continues as an unbroken run would."""
+    model, tok, saes, targets = planted
+    torn, whole = tmp_path / "torn.jsonl", tmp_path / "whole.jsonl"
+    synthesize(model, tok, saes, targets, stub_generators([]), budget=3, out=torn)
+    lines = torn.read_text().splitlines(keepends=True)
+    torn.write_text("".join(lines[:2]) + lines[2][:20])  # the third attempt was being written
+    with pytest.warns(QScopeWarning, match="half-written last line"):
+        synthesize(model, tok, saes, targets, stub_generators([]), budget=5, out=torn)
+    synthesize(model, tok, saes, targets, stub_generators([]), budget=5, out=whole)
+    assert torn.read_text() == whole.read_text()
+    torn.write_text("not json\n" + torn.read_text())
+    with pytest.raises(SynthesisError, match="line 1 is not JSON"):
+        synthesize(model, tok, saes, targets, stub_generators([]), budget=6, out=torn)
+
+
+def test_resume_with_other_settings_is_refused(planted, tmp_path):
+    model, tok, saes, targets = planted
+    out = tmp_path / "s.jsonl"
+    synthesize(model, tok, saes, targets, stub_generators([]), budget=3, out=out, seed=0)
+    for changed in ({"seed": 1}, {"n_adversarial": 1}, {"seed_prompts": [NEUTRAL]}, {"attack_styles": ["x", "y"]}):
+        with pytest.raises(SynthesisError, match="resume with the same settings"):
+            synthesize(model, tok, saes, targets, stub_generators([]), budget=6, out=out, **changed)
+    assert len(read_synthesized(out, verified_only=False)) == 3  # nothing was appended
+
+
+def test_nothing_to_synthesize(planted, tmp_path):
+    """Every target already well covered by the seed prompts: no attempt, no file, no error."""
+    model, tok, saes, targets = planted
+    log: list = []
+    kept = synthesize(model, tok, saes, targets[:2], stub_generators(log), seed_prompts=[TRIGGER] * 3, budget=5,
+                      out=tmp_path / "s.jsonl")
+    assert kept == [] and log == [] and not (tmp_path / "s.jsonl").exists()
 
 
 def test_bad_budget(planted):
@@ -189,7 +230,8 @@ def test_answer_parsing():
     assert strip_thinking("<think>cut off by the token limit 0.9") == ""
     cases = {"<think>I'd say 7</think> 0.8": 0.8, "8/10": 0.8, "Score: 8 / 10.": 0.8, "75%": 0.75, ".5": 0.5,
              "7": 0.0, "in 2024 I rate it 1": 1.0, "no idea": 0.0, "0.3, not 9/10": 0.3, "1.5 then 0.2": 0.2,
-             "3/0": 0.0}
+             "3/0": 0.0, "-0.4": 0.0, "0 to 1: 0.8": 0.8, "0-1 scale, 0.3": 0.3,
+             "Score: 0.6 (between 0 and 1)": 0.6, "between 0 and 1, I say 1": 1.0}
     assert {a: parse_score(a) for a in cases} == pytest.approx(cases)
     cats = ("violence", "self-harm", "harm", "benign")
     assert parse_category("<think>violence? no</think> Benign.", cats) == "benign"
@@ -300,12 +342,15 @@ def test_cli_targets_are_categorized(cli_env, tmp_path, capsys):
 
 def test_cli_curve_does_not_synthesize_twice(cli_env, tmp_path, capsys):
     cli, targets, calls = cli_env
-    tfile, seed, synth = tmp_path / "t.jsonl", tmp_path / "seed.txt", tmp_path / "s.jsonl"
+    tfile, seed, synth, pool = (tmp_path / name for name in ("t.jsonl", "seed.txt", "s.jsonl", "pool.txt"))
     save_targets(targets, tfile)
     seed.write_text(NEUTRAL + "\n")
+    pool.write_text("a dog ran\nrain today\n")
     argv = ["safety", "synthesize", str(tfile), "--seed-prompts", str(seed), "--budget", "2", "--out", str(synth)]
     assert cli.main(argv) == 0
-    assert cli.main([*argv[:-3], "4", "--out", str(synth), "--curve", str(tmp_path / "c.png")]) == 0  # resumes
+    with pytest.warns(QScopeWarning, match="pool has 2 prompts"):  # resumes
+        assert cli.main([*argv[:-3], "4", "--out", str(synth), "--curve", str(tmp_path / "c.png"),
+                         "--pool", str(pool)]) == 0
     rows = read_synthesized(synth, verified_only=False)
     vanilla = [c for c in calls if c.startswith("Write one user request")]
     assert len(rows) == 4 and len(vanilla) == 2  # 2 targets x 1 vanilla; the curve generated no target prompt
@@ -324,3 +369,43 @@ def test_generators_sample_like_the_random_baseline_and_reproducibly(planted):
     assert greedy.vanilla("weapons") == chat(chat.template("vanilla").format(explanation="weapons"))
     assert greedy.adversarial("p", "role-play") == chat(chat.template("adversarial").format(prompt="p",
                                                                                           style="role-play"))
+
+
+def test_cli_synthesis_options_reach_the_loop(cli_env, tmp_path, capsys):
+    cli, targets, calls = cli_env
+    tfile, synth, templates = tmp_path / "t.jsonl", tmp_path / "s.jsonl", tmp_path / "templates"
+    save_targets(targets, tfile)
+    shutil.copytree(TEMPLATES, templates)
+    (templates / "vanilla.txt").write_text("Write one user request, edited: {explanation}\nRequest:")
+    assert cli.main(["safety", "synthesize", str(tfile), "--budget", "6", "--out", str(synth), "--n-adversarial",
+                     "1", "--attack-styles", "opera,haiku", "--templates", str(templates)]) == 0
+    rows = read_synthesized(synth, verified_only=False)
+    assert {r["variant"] for r in rows} <= {"vanilla", "opera", "haiku"} and len(rows) == 6
+    assert rows[0]["settings"]["attack_styles"] == ["opera", "haiku"] and rows[0]["settings"]["n_adversarial"] == 1
+    assert rows[0]["provenance"]["templates"] == str(templates) and rows[0]["provenance"]["chat_model"]
+    assert any(c.startswith("Write one user request, edited:") for c in calls)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--curve", "c.png"], "--curve needs --pool"),
+    (["--attack-styles", " , "], "--attack-styles is empty"),
+    (["--templates", "missing-folder"], "is not a folder"),
+])
+def test_cli_synthesis_usage_errors(cli_env, tmp_path, capsys, monkeypatch, argv, message):
+    cli, targets, _ = cli_env
+    monkeypatch.chdir(tmp_path)
+    save_targets(targets, tmp_path / "t.jsonl")
+    assert cli.main(["safety", "synthesize", "t.jsonl", "--out", "s.jsonl", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_refuses_an_empty_targets_file_and_names_the_bad_option(cli_env, tmp_path, capsys):
+    cli, _, _ = cli_env
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "p.txt").write_text("hello\n")
+    assert cli.main(["safety", "coverage", str(tmp_path / "empty.jsonl"), "--prompts", str(tmp_path / "p.txt")]) == 2
+    assert "holds no targets" in capsys.readouterr().err
+    assert cli.main(["safety", "targets", "--layers", "1", "--features", "0-99999", "--corpus",
+                     str(tmp_path / "p.txt"), "--out", str(tmp_path / "t.jsonl")]) == 2
+    assert "--features '0-99999' is outside" in capsys.readouterr().err
