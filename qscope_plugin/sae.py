@@ -4,7 +4,7 @@
     >>> z = sae.encode(h)                                         # (..., d_sae), at most k nonzeros
     >>> values, idx = sae.encode_sparse(h)                        # (..., k) each
     >>> h_hat = sae.decode_sparse(values, idx)                    # gathers k decoder columns only
-    >>> fast = sae.to()                                           # in-RAM copy, feature-major decoder
+    >>> fast = sae.to()                                           # in-RAM copy, feature-major decoder (fp32)
 
 Equations (spec §2.3), for one token's block output ``x`` (no centring, no ``b_dec`` subtraction):
 
@@ -15,8 +15,8 @@ Equations (spec §2.3), for one token's block output ``x`` (no centring, no ``b_
 The on-disk layouts are kept (``W_enc (d_sae, d_model)``, ``W_dec (d_model, d_sae)``): both are exactly the
 ``nn.Linear`` weight layouts of the two products, so ``F.linear`` runs on them directly. SAELens instead makes
 transposed copies, which doubles peak memory and is ~80x slower in bf16 on AVX2 CPUs (upstream-status §1.5).
-A ``.to()`` copy stores the decoder feature-major instead (same logical shape), which only the sparse decode
-notices.
+A float32 or CUDA ``.to()`` copy stores the decoder feature-major instead (same logical shape), which makes the
+sparse decode an embedding-bag over contiguous rows.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 SAE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STAGING_ELEMENTS = 1 << 24
+"""Most elements ``.to()`` transposes in one step (64 MiB in float32)."""
 
 
 class SAEInputError(QScopeError, ValueError):
@@ -149,19 +151,33 @@ class QwenScopeSAE:
     def device(self) -> torch.device:
         return self.W_enc.device
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> QwenScopeSAE:
+    def to(self, device: str | torch.device | int | None = None, dtype: torch.dtype | None = None) -> QwenScopeSAE:
         """An in-memory copy on ``device`` in ``dtype`` (one copy; the mmap'd original is untouched).
 
-        The copy is the moment to choose a layout for free: its decoder is stored feature-major, the same
-        ``(d_model, d_sae)`` tensor as a view of ``(d_sae, d_model)`` memory, so each feature direction is one
-        contiguous row and ``decode_sparse`` reads exactly the k rows a token uses. The transposing copy takes
-        ~3x a plain copy's time (0.2 s for a 2048 x 32768 fp32 decoder on 2 cores), once. ``sae.to()`` with no
-        arguments makes that copy on the current device and dtype.
+        The copy is the moment to choose a layout for free. In float32, and on CUDA, the decoder is stored
+        feature-major: the same ``(d_model, d_sae)`` tensor as a view of ``(d_sae, d_model)`` memory, so each
+        feature direction is one contiguous row and ``decode_sparse`` reads exactly the k rows a token uses.
+        bf16/fp16 copies on CPU keep the file layout: there a feature-major matrix makes the dense GEMM ~80x
+        slower on AVX2 CPUs (upstream-status §1.5). ``sae.to()`` with no arguments copies on the current device
+        and dtype.
         """
+        device = self.device if device is None else torch.device(device)
+        dtype = dtype or self.dtype
         sd = {key: getattr(self, key).to(device=device, dtype=dtype, copy=True) for key in ("W_enc", "b_enc", "b_dec")}
-        rows = torch.empty(self.cfg.d_sae, self.cfg.d_model, device=device or self.device, dtype=dtype or self.dtype)
-        sd["W_dec"] = rows.copy_(self.W_dec.T).T
+        if dtype == torch.float32 or device.type == "cuda":
+            sd["W_dec"] = self._feature_major_decoder(device, dtype)
+        else:
+            sd["W_dec"] = self.W_dec.to(device=device, dtype=dtype, copy=True)
         return QwenScopeSAE(sd, self.cfg)
+
+    def _feature_major_decoder(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``W_dec`` transposed into ``(d_sae, d_model)`` memory block by block, so that no second full copy is
+        ever made (a single transposing copy to CUDA would stage one in host RAM); returned as its ``.T`` view."""
+        rows = torch.empty(self.cfg.d_sae, self.cfg.d_model, device=device, dtype=dtype)
+        block = max(1, STAGING_ELEMENTS // self.cfg.d_model)
+        for start in range(0, self.cfg.d_sae, block):
+            rows[start : start + block].copy_(self.W_dec[:, start : start + block].T)
+        return rows.T
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[-1] != self.cfg.d_model:
@@ -196,24 +212,27 @@ class QwenScopeSAE:
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """(E3) from ``(values, indices)`` of shape ``(..., k)``: reads only the decoder columns in use.
 
-        With a feature-major decoder (any ``.to()`` copy) this is one embedding-bag over the k contiguous
+        With a feature-major decoder (a float32 or CUDA ``.to()`` copy) this is one embedding-bag over the k contiguous
         rows per token. On the file layout (mmap) a column is strided, so the batch's unique feature ids are
         gathered once and combined with one small product instead.
         """
         if values.shape != indices.shape:
             raise SAEInputError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must match")
         lead, k = values.shape[:-1], values.shape[-1]
+        indices = indices.to(device=self.device, dtype=torch.long)
+        if k == 0:
+            return self.b_dec.expand(*lead, self.cfg.d_model).clone()
         if self.W_dec.T.is_contiguous():
             summed = F.embedding_bag(indices.reshape(-1, k), self.W_dec.T, mode="sum",
-                                     per_sample_weights=values.reshape(-1, k).to(self.dtype))
+                                     per_sample_weights=values.reshape(-1, k).to(device=self.device, dtype=self.dtype))
             return (summed + self.b_dec).reshape(*lead, self.cfg.d_model)
         flat_idx = indices.reshape(-1)
         used, slot = flat_idx.unique(return_inverse=True)
         columns = self.W_dec.index_select(1, used)  # (d_model, n_used)
-        n_tokens = flat_idx.numel() // max(k, 1)
+        n_tokens = flat_idx.numel() // k
         coef = torch.zeros(n_tokens, used.numel(), dtype=self.dtype, device=self.device)
         rows = torch.arange(n_tokens, device=self.device).repeat_interleave(k)
-        coef.index_put_((rows, slot), values.reshape(-1).to(self.dtype), accumulate=True)
+        coef.index_put_((rows, slot), values.reshape(-1).to(device=self.device, dtype=self.dtype), accumulate=True)
         return torch.addmm(self.b_dec, coef, columns.T).reshape(*lead, self.cfg.d_model)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
