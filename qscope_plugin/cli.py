@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,12 +30,14 @@ def parse_layers(spec: str, n_layers: int, option: str = "--layers") -> list[int
         return list(range(n_layers))
     out: set[int] = set()
     for part in spec.split(","):
-        lo, _, hi = part.strip().partition("-")
-        try:
-            first, last = int(lo), int(hi or lo)
-        except ValueError:
-            raise UsageError(f"bad {option} {spec!r}: expected e.g. '14', '10-14', '3,5,7-9' or 'all'") from None
-        if not 0 <= first <= last < n_layers:
+        bounds = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if bounds is None:
+            raise UsageError(f"bad {option} {spec!r}: expected e.g. '14', '10-14', '3,5,7-9' or 'all'")
+        first, last = int(bounds[1]), int(bounds[2] or bounds[1])
+        if first > last:
+            raise UsageError(f"{option} {part.strip()!r} is a reversed range; write it low-high, e.g. "
+                             f"'{last}-{first}'")
+        if last >= n_layers:
             raise UsageError(f"{option} {part.strip()!r} is outside 0..{n_layers - 1}")
         out.update(range(first, last + 1))
     return sorted(out)

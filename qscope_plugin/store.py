@@ -148,7 +148,8 @@ def fetch(rel: Release, layer: int, *, revision: str | None = None) -> Path:
         why = "HF_HUB_OFFLINE is set" if is_offline_mode() else "the Hugging Face hub cannot be reached"
         raise NotCachedError(
             f"{filename} of {rel.repo_id} (revision {revision or 'main'}) is not in the local cache and {why}. "
-            f"Download it where the hub is reachable with `qscope fetch {rel.name} --layers {layer}` "
+            f"Download it where the hub is reachable with `qscope fetch {rel.name} --layers {layer}"
+            f"{f' --revision {revision}' if revision else ''}` "
             "(or `hf download REPO FILE`) and point HF_HUB_CACHE at that cache"
         ) from None
     except Exception as e:
@@ -159,12 +160,26 @@ def fetch(rel: Release, layer: int, *, revision: str | None = None) -> Path:
         raise error from e
 
 
+def _local_config(folder: Path) -> dict:
+    """``qscope.json`` beside local SAE files (``{"k": 50, "release": "name"}``), or ``{}`` without one."""
+    cfg_path = folder / LOCAL_CONFIG
+    if not cfg_path.is_file():
+        return {}
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict) or ("k" in cfg and (isinstance(cfg["k"], bool) or not isinstance(cfg["k"], int))):
+            raise ValueError("not an object with an integer k")
+    except (ValueError, OSError) as e:
+        raise QScopeError(f"{str(cfg_path)!r} is unreadable ({_first_line(e)}); expected JSON such as "
+                          '{"k": 50} (optionally with "release"); fix or delete it') from None
+    return cfg
+
+
 def _local_k(folder: Path, k: int | None) -> int:
     if k is not None:
         return k
-    cfg_path = folder / LOCAL_CONFIG
-    if cfg_path.is_file():
-        return int(json.loads(cfg_path.read_text())["k"])
+    if "k" in (cfg := _local_config(folder)):
+        return cfg["k"]
     raise QScopeError(
         f"k is unknown for the local SAE folder {str(folder)!r}: pass k=... or write {LOCAL_CONFIG} "
         'beside the files, e.g. {"k": 50}'
@@ -183,10 +198,7 @@ def _load_local(folder: Path, layer: int, k: int | None) -> QwenScopeSAE:
             f"no {path.name} in {str(folder)!r}; layers present: {local_layers(folder) or 'none'}. "
             "Pass one of those layers"
         )
-    name = None
-    cfg_path = folder / LOCAL_CONFIG
-    if cfg_path.is_file():
-        name = json.loads(cfg_path.read_text()).get("release")
+    name = _local_config(folder).get("release")
     return QwenScopeSAE.from_file(path, _local_k(folder, k), layer=layer, release=name)
 
 
@@ -199,6 +211,7 @@ def _load_release(rel: Release, layer: int, k: int | None, revision: str | None)
     except SAEFileError as e:
         _drop_from_hub_cache(path)
         raise SAEFileError(f"{e} (removed from the cache)") from None
+    sae._on_invalid.append(lambda: _drop_from_hub_cache(path))  # a failed validate(): download it again next time
     if (sae.cfg.d_model, sae.cfg.d_sae) != (rel.d_model, rel.d_sae):
         logger.warning("%s layer %d has shape d_model=%d, d_sae=%d; the catalogue says %d, %d",
                        rel.name, layer, sae.cfg.d_model, sae.cfg.d_sae, rel.d_model, rel.d_sae)
@@ -266,7 +279,11 @@ class SAECache:
             while len(self._entries) > self.max_layers or (
                 self.max_bytes is not None and len(self._entries) > 1 and nbytes() > self.max_bytes
             ):
-                self._entries.popitem(last=False)
+                # oldest finished entry; a load still running is never dropped (its waiters would load it again)
+                victim = next((key for key, f in self._entries.items() if f.done()), None)
+                if victim is None:
+                    return
+                del self._entries[victim]
 
 
 def _sae_bytes(sae: QwenScopeSAE) -> int:
@@ -296,5 +313,8 @@ def load_sae(source: str | os.PathLike, layer: int, *, k: int | None = None, rev
 
     if cache is None:
         return load()
-    key = (str(target) if isinstance(target, Path) else target.name, layer, k, revision)
+    if isinstance(target, Path):  # one entry per SAE however it is spelled: resolved folder, effective k/revision
+        key = (str(target.resolve()), layer, _local_k(target, k), None)
+    else:
+        key = (target.name, layer, target.k if k is None else k, revision or target.revision)
     return cache.get(key, load)

@@ -102,5 +102,8 @@ def test_hub_error_is_one_line_and_exit_2(hub_cache, monkeypatch, capsys):
 def test_parse_layers():
     assert parse_layers("3,5,7-9", 28) == [3, 5, 7, 8, 9]
     assert parse_layers("all", 3) == [0, 1, 2]
-    with pytest.raises(QScopeError):
-        parse_layers("5-3", 28)
+    assert parse_layers(" 2 - 4 ,9", 28) == [2, 3, 4, 9]
+    for bad, message in (("5-3", "reversed range"), ("3-", "bad --layers"), ("-3", "bad --layers"),
+                         ("1,,2", "bad --layers"), ("28", "outside 0..27")):
+        with pytest.raises(QScopeError, match=message):
+            parse_layers(bad, 28)

@@ -39,6 +39,8 @@ def test_pinned_revision(hub_cache):
 def test_offline_and_not_cached_is_one_clear_error(hub_cache):
     with pytest.raises(NotCachedError, match=r"layer5\.sae\.pt .* not in the local cache .* `qscope fetch"):
         load_sae(RELEASE, 5)
+    with pytest.raises(NotCachedError, match=f"--layers 5 --revision {'c' * 40}`"):  # the hint keeps the pin
+        load_sae(RELEASE, 5, revision="c" * 40)
     with pytest.raises(FileNotFoundError):  # also the built-in class
         load_sae(RELEASE, 5)
 
@@ -65,6 +67,50 @@ def test_local_folder(tmp_path):
     assert (sae.cfg.k, sae.cfg.release) == (6, "mine")
     with pytest.raises(LayerOutOfRangeError, match=r"layers present: \[0, 3\]"):
         load_sae(tmp_path, 1, cache=None)
+
+
+@pytest.mark.parametrize(("content", "why"), [("{bad json", "Expecting property name"),
+                                               ('{"k": "fifty"}', "integer k"), ("[50]", "integer k")])
+def test_bad_local_config_is_one_clear_error(tmp_path, content, why):
+    write_sae_file(tmp_path / "layer0.sae.pt", d_model=8, d_sae=32)
+    (tmp_path / "qscope.json").write_text(content)
+    with pytest.raises(QScopeError, match=rf"qscope\.json' is unreadable \(.*{why}.*\); expected JSON such as"):
+        load_sae(tmp_path, 0, cache=None)
+
+
+def test_one_cache_entry_per_sae_however_it_is_named(tmp_path, hub_cache, monkeypatch):
+    write_sae_file(tmp_path / "layer0.sae.pt", d_model=8, d_sae=32)
+    (tmp_path / "qscope.json").write_text(json.dumps({"k": 4}))
+    cache = SAECache()
+    first = load_sae(tmp_path, 0, cache=cache)
+    monkeypatch.chdir(tmp_path.parent)
+    assert load_sae(tmp_path.name, 0, cache=cache) is first  # a relative spelling of the same folder
+    assert load_sae(tmp_path, 0, k=4, cache=cache) is first  # k as the folder's qscope.json says
+    hub_cache.add_sae(REPO, 3, d_model=8, d_sae=64)
+    assert load_sae(RELEASE, 3, cache=cache) is load_sae(REPO, 3, k=50, cache=cache)
+    assert len(cache) == 2
+
+
+def test_lru_never_drops_a_load_in_flight():
+    """A slow load must not be evicted by a faster one finishing first (its waiters would load it again)."""
+    cache, loads, started = SAECache(max_layers=1), [], threading.Event()
+
+    def slow():
+        loads.append("A")
+        started.set()
+        time.sleep(0.3)
+        return "a"
+
+    first = threading.Thread(target=lambda: cache.get(("A",), slow))
+    first.start()
+    started.wait()
+    cache.get(("B",), lambda: loads.append("B") or "b")
+    waiter = []
+    second = threading.Thread(target=lambda: waiter.append(cache.get(("A",), slow)))
+    second.start()
+    first.join()
+    second.join()
+    assert loads == ["A", "B"] and waiter == ["a"]
 
 
 def test_lru_is_bounded_and_reuses(tmp_path):
@@ -233,6 +279,9 @@ def test_sae_failing_validate_is_evicted_from_the_lru(hub_cache):
     with pytest.raises(SAEFileError, match="non-finite"):
         bad.validate()
     assert len(DEFAULT_CACHE) == 1 and load_sae(RELEASE, 7) is good.validate()
+    with pytest.raises(NotCachedError):  # the bad file left the hub cache too: the next load downloads it again
+        load_sae(RELEASE, 6)
+    hub_cache.add_file(REPO, "layer6.sae.pt", staging.read_bytes())
     assert load_sae(RELEASE, 6) is not bad  # read again from the file, not the bad cached copy
     cache = SAECache()
     mine = load_sae(RELEASE, 6, cache=cache)
