@@ -188,9 +188,10 @@ def main() -> None:
               "reclaimable page cache, not private memory.", "",
               "Sparse decode on the memory-mapped file layout reads each used decoder column with a stride of "
               "d_sae, so its gain is largest for a few tokens (generation) and shrinks as a batch's distinct "
-              "features approach d_sae (random inputs, as here, are the worst case). Any `.to()` copy stores the "
-              "decoder feature-major, and sparse decode becomes one embedding-bag over k contiguous rows per "
-              "token; the copy costs the decoder's size in private RAM (256 MiB here).", "",
+              "features approach d_sae (random inputs, as here, are the worst case). A float32 (or CUDA) `.to()` "
+              "copy stores the decoder feature-major, and sparse decode becomes one embedding-bag over k "
+              "contiguous rows per token; the copy costs the decoder's size in private RAM (256 MiB here). bf16 "
+              "copies on CPU keep the file layout.", "",
               "bf16 on CPU depends on the ISA (the CPU capability is in the first line): on AVX2-only CPUs "
               "SAELens' contiguous (d_in, d_sae) bf16 matrix is ~80x slower than the file's (d_sae, d_in) "
               "layout, which the plugin keeps (upstream-status §1.5); with AVX512-BF16 both layouts are fast. "
