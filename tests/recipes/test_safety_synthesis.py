@@ -183,13 +183,19 @@ def test_coverage_vs_budget_against_the_baselines(planted, tmp_path):
 
     model, tok, saes, targets = planted
     budgets = [0, 1, 3, 6]
-    curves = compare_coverage(model, tok, saes, targets, stub_generators([]), seed_prompts=[NEUTRAL],
-                              pool=[NEUTRAL, "a dog ran", "rain today"], budgets=budgets, n_adversarial=2)
+    with pytest.warns(QScopeWarning, match="pool has 2 prompts outside the seed set, fewer than the budget 6"):
+        curves = compare_coverage(model, tok, saes, targets, stub_generators([]), seed_prompts=[NEUTRAL],
+                                  pool=[NEUTRAL, "a dog ran", "rain today"], budgets=budgets, n_adversarial=2)
     assert set(curves) == {"feature-driven", "natural sampling", "random synthesis"}
     assert curves["feature-driven"] == pytest.approx([0, 2 / 3, 2 / 3, 2 / 3])  # the trigger fires both targets
     assert curves["natural sampling"] == [0, 0, 0, 0]  # the pool never contains the trigger
     assert all(a <= b for c in curves.values() for a, b in zip(c, c[1:], strict=False))
     assert plot_coverage_curves(curves, budgets, tmp_path / "c.png").stat().st_size > 0
+    # a pool prompt already in the seed set is never drawn: the one budgeted draw is the trigger, for every seed
+    for seed in range(5):
+        natural = compare_coverage(model, tok, saes, targets, stub_generators([]), seed_prompts=[NEUTRAL],
+                                   pool=[NEUTRAL, TRIGGER], budgets=[0, 1], seed=seed, rows=[])["natural sampling"]
+        assert natural == pytest.approx([0, 2 / 3])
 
 
 def test_baselines_are_explanation_free():
@@ -214,14 +220,15 @@ def test_curve_reuses_the_synthesized_rows(planted, tmp_path):
     kept = synthesize(model, tok, saes, targets, stub_generators([]), seed_prompts=[NEUTRAL], budget=6,
                       n_adversarial=2, out=tmp_path / "s.jsonl")
     log: list = []
+    pool = [f"{NEUTRAL} {i}" for i in range(6)]
     curves = compare_coverage(model, tok, saes, targets, stub_generators(log), seed_prompts=[NEUTRAL],
-                              pool=[NEUTRAL], budgets=[0, 1, 6], rows=read_synthesized(tmp_path / "s.jsonl",
-                                                                                         verified_only=False))
+                              pool=pool, budgets=[0, 1, 6], rows=read_synthesized(tmp_path / "s.jsonl",
+                                                                                  verified_only=False))
     assert not any(kind == "adversarial" or text.startswith("trigger") for kind, text in log)  # no 2nd synthesis
     assert curves["feature-driven"] == pytest.approx([0, 2 / 3, 2 / 3]) and len(kept) == 6
     # rows that fire nothing: the curve follows the rows given, not a fresh synthesis
     fake = [dict(kept[0], prompt=NEUTRAL)]
-    assert compare_coverage(model, tok, saes, targets, stub_generators([]), seed_prompts=[NEUTRAL], pool=[NEUTRAL],
+    assert compare_coverage(model, tok, saes, targets, stub_generators([]), seed_prompts=[NEUTRAL], pool=pool,
                             budgets=[0, 6], rows=fake)["feature-driven"] == [0, 0]
 
 
