@@ -112,8 +112,10 @@ def _open(repo_id: str, folder_name: str, force_download: bool) -> tuple[QwenSco
 
         path = hf_hub_download(repo_id, folder_name, force_download=force_download)
         return QwenScopeSAE.from_file(path, _k_from_repo(repo_id), layer=layer, release=repo_id), None
-    from qscope_plugin.store import load_sae
+    from qscope_plugin.store import fetch, load_sae
 
+    if force_download:
+        fetch(rel, layer, force_download=True)  # replaces the cached file that load_sae then maps
     return load_sae(rel.name, layer, cache=None), rel.model_id
 
 

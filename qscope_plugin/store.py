@@ -128,8 +128,9 @@ def _hub_error(e: BaseException, rel: Release, filename: str, revision: str | No
     return None
 
 
-def fetch(rel: Release, layer: int, *, revision: str | None = None) -> Path:
-    """Download (or find in the hub cache) ``layer{n}.sae.pt`` of a release; returns the local path.
+def fetch(rel: Release, layer: int, *, revision: str | None = None, force_download: bool = False) -> Path:
+    """Download (or find in the hub cache; ``force_download`` downloads again) ``layer{n}.sae.pt`` of a release;
+    returns the local path.
 
     Raises:
         NotCachedError: offline, or the hub is unreachable, and the file is not cached.
@@ -143,7 +144,7 @@ def fetch(rel: Release, layer: int, *, revision: str | None = None) -> Path:
     rel.check_layer(layer)
     filename, revision = layer_filename(layer), revision or rel.revision
     try:
-        return Path(hf_hub_download(rel.repo_id, filename, revision=revision))
+        return Path(hf_hub_download(rel.repo_id, filename, revision=revision, force_download=force_download))
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if is_offline_mode() else "the Hugging Face hub cannot be reached"
         raise NotCachedError(

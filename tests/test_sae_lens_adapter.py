@@ -106,3 +106,23 @@ def test_registration_in_a_fresh_process_whatever_loads_sae_lens_first(first_use
             "print('registered')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "registered", out.stderr[-2000:]
+
+
+def test_force_download_reaches_the_hub_client(hub_cache, monkeypatch):
+    """SAELens' ``force_download=True`` asks the hub for the file again (offline here, so the request is recorded
+    and then served from the cache by the real client)."""
+    import huggingface_hub
+    from sae_lens import SAE
+
+    real, requests = huggingface_hub.hf_hub_download, []
+
+    def recording(*args, force_download=False, **kwargs):
+        requests.append((args[1], force_download))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording)
+    hub_cache.add_sae(REPO, 5, d_model=32, d_sae=128)
+    SAE.from_pretrained(RELEASE, "layer5")
+    assert ("layer5.sae.pt", True) not in requests
+    SAE.from_pretrained(RELEASE, "layer5", force_download=True)
+    assert ("layer5.sae.pt", True) in requests
