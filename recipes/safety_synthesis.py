@@ -170,18 +170,20 @@ class Generators:
     (the random-synthesis baseline). Without it the baseline calls ``vanilla(GENERIC_REQUEST)``."""
 
 
-def _read_rows(path: Path) -> list[dict]:
-    """The rows of a synthesis JSONL. A torn last line (a run killed mid-append) is cut off the file, so that the
-    next append starts on a fresh line; any other unreadable line is an error."""
+def _read_rows(path: Path, *, repair: bool = False) -> list[dict]:
+    """The rows of a synthesis JSONL. A torn last line (a run killed mid-append) is skipped, and with ``repair``
+    also cut off the file, so that the next append starts on a fresh line; any other unreadable line is an error."""
     text = path.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
-        complete = text[: text.rfind("\n") + 1]
-        warnings.warn(f"{str(path)!r}: dropped a half-written last line (an interrupted run); resuming after it",
-                      QScopeWarning, stacklevel=3)
-        path.write_text(complete, encoding="utf-8")
-        text = complete
+        text = text[: text.rfind("\n") + 1]
+        warnings.warn(f"{str(path)!r}: skipped a half-written last line (an interrupted run)", QScopeWarning,
+                      stacklevel=3)
+        if repair:
+            path.write_text(text, encoding="utf-8")
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -215,7 +217,7 @@ def synthesize(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], targe
                 "weak_support": weak_support, "benign_categories": list(benign_categories),
                 "seed_prompts_sha256": hashlib.sha256("\n".join(seed_prompts).encode()).hexdigest()}
     path = Path(out) if out else None
-    earlier = _read_rows(path) if path and path.exists() else []
+    earlier = _read_rows(path, repair=True) if path and path.exists() else []
     if earlier and earlier[-1].get("settings") != settings:
         raise SynthesisError(f"{str(path)!r} was written with settings {earlier[-1].get('settings')}, this call "
                              f"uses {settings}; resume with the same settings (only the budget may grow) or write "

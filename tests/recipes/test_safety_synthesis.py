@@ -129,6 +129,9 @@ def test_resume_repairs_a_torn_last_line(planted, tmp_path):
     lines = torn.read_text().splitlines(keepends=True)
     torn.write_text("".join(lines[:2]) + lines[2][:20])  # the third attempt was being written
     with pytest.warns(QScopeWarning, match="half-written last line"):
+        assert len(read_synthesized(torn, verified_only=False)) == 2
+    assert not torn.read_text().endswith("\n")  # reading alone leaves the file as it is
+    with pytest.warns(QScopeWarning, match="half-written last line"):
         synthesize(model, tok, saes, targets, stub_generators([]), budget=5, out=torn)
     synthesize(model, tok, saes, targets, stub_generators([]), budget=5, out=whole)
     assert torn.read_text() == whole.read_text()
