@@ -176,15 +176,15 @@ def _local_config(folder: Path) -> dict:
     return cfg
 
 
-def _local_k(folder: Path, k: int | None) -> int:
-    if k is not None:
-        return k
-    if "k" in (cfg := _local_config(folder)):
-        return cfg["k"]
-    raise QScopeError(
-        f"k is unknown for the local SAE folder {str(folder)!r}: pass k=... or write {LOCAL_CONFIG} "
-        'beside the files, e.g. {"k": 50}'
-    )
+def _local_settings(folder: Path, k: int | None) -> tuple[int, str | None]:
+    """``(k, release name)`` of a local folder: ``k`` as given or from its ``qscope.json``, read once."""
+    cfg = _local_config(folder)
+    if k is None and "k" not in cfg:
+        raise QScopeError(
+            f"k is unknown for the local SAE folder {str(folder)!r}: pass k=... or write {LOCAL_CONFIG} "
+            'beside the files, e.g. {"k": 50}'
+        )
+    return (cfg["k"] if k is None else k), cfg.get("release")
 
 
 def local_layers(folder: Path) -> list[int]:
@@ -192,15 +192,14 @@ def local_layers(folder: Path) -> list[int]:
     return sorted(int(p.name[5:-7]) for p in folder.glob("layer*.sae.pt") if p.name[5:-7].isdigit())
 
 
-def _load_local(folder: Path, layer: int, k: int | None) -> QwenScopeSAE:
+def _load_local(folder: Path, layer: int, k: int, name: str | None) -> QwenScopeSAE:
     path = folder / layer_filename(layer)
     if not path.is_file():
         raise LayerOutOfRangeError(
             f"no {path.name} in {str(folder)!r}; layers present: {local_layers(folder) or 'none'}. "
             "Pass one of those layers"
         )
-    name = _local_config(folder).get("release")
-    return QwenScopeSAE.from_file(path, _local_k(folder, k), layer=layer, release=name)
+    return QwenScopeSAE.from_file(path, k, layer=layer, release=name)
 
 
 def _load_release(rel: Release, layer: int, k: int | None, revision: str | None) -> QwenScopeSAE:
@@ -306,16 +305,18 @@ def load_sae(source: str | os.PathLike, layer: int, *, k: int | None = None, rev
         cache: LRU to keep the loaded layer in; ``None`` loads without caching.
     """
     target = _resolve(source)
+    if isinstance(target, Path):
+        k, name = _local_settings(target, k)
 
     def load() -> QwenScopeSAE:
         if isinstance(target, Path):
-            return _load_local(target, layer, k)
+            return _load_local(target, layer, k, name)
         return _load_release(target, target.check_layer(layer), k, revision)
 
     if cache is None:
         return load()
     if isinstance(target, Path):  # one entry per SAE however it is spelled: resolved folder, effective k/revision
-        key = (str(target.resolve()), layer, _local_k(target, k), None)
+        key = (str(target.resolve()), layer, k, None)
     else:
         key = (target.name, layer, target.k if k is None else k, revision or target.revision)
     return cache.get(key, load)
