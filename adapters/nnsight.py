@@ -15,6 +15,7 @@ NDIF cannot be reached.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -22,11 +23,13 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from qscope_plugin.backends import Backend, register_backend
 from qscope_plugin.errors import QScopeError
 from qscope_plugin.hooks import LAYER_PATHS, resolve_layers
 from qscope_plugin.sae import QwenScopeSAE
 
-__all__ = ["add_vector", "block", "check_remote", "load", "read_features", "residual", "steered_generate"]
+__all__ = ["NNsightBackend", "add_vector", "block", "check_remote", "load", "read_features", "residual",
+           "steered_generate"]
 
 
 class RemoteUnavailableError(QScopeError, ConnectionError):
@@ -151,3 +154,40 @@ def check_remote(lm_or_id, *, timeout: float = 3.0) -> str:
     if CONFIG.API.APIKEY is None:
         raise RemoteUnavailableError("no NDIF API key: set NDIF_API_KEY or call nnsight.CONFIG.set_default_api_key()")
     return repo_id
+
+
+def _is_nnsight(obj: object) -> bool:
+    envoy = sys.modules.get("nnsight.intervention.envoy")  # no nnsight model can exist before it is imported
+    return envoy is not None and isinstance(obj, envoy.Envoy) and isinstance(getattr(obj, "_module", None), nn.Module)
+
+
+class NNsightBackend(Backend):
+    """An nnsight model for recipes: logits from a ``trace``, generation from nnsight's ``generate``."""
+
+    def __init__(self, lm) -> None:
+        super().__init__(lm, lm._module)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = {} if attention_mask is None else {"attention_mask": attention_mask.to(self.device)}
+        with self.model.trace(input_ids.to(self.device), **mask):
+            out = self.model.output.save()
+        return out.logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+        ids = input_ids.to(self.device)
+        options = {"attention_mask": attention_mask.to(self.device)} if attention_mask is not None else {}
+        if do_sample:
+            options.update(temperature=temperature, top_p=top_p)
+        if eos_token_id is not None:
+            options.update(eos_token_id=eos_token_id, pad_token_id=pad_token_id if pad_token_id is not None
+                           else eos_token_id)
+        with self.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, **options) as tracer:
+            out = tracer.result.save()
+        return out[:, ids.shape[1]:]
+
+
+register_backend(_is_nnsight, NNsightBackend)

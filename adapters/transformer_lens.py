@@ -15,6 +15,7 @@ Hooks use the canonical ``blocks.{n}.hook_out`` (``hook_resid_post`` is its alia
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,10 +24,11 @@ import torch
 from torch import nn
 
 from qscope_plugin.adapters._fixes import apply_all
+from qscope_plugin.backends import Backend, register_backend
 from qscope_plugin.errors import QScopeError
 from qscope_plugin.sae import QwenScopeSAE
 
-__all__ = ["attach_sae", "boot", "load_hooked", "register", "steer"]
+__all__ = ["BridgeBackend", "attach_sae", "boot", "load_hooked", "register", "steer"]
 
 QWEN_FAMILIES = ("qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe")
 
@@ -206,3 +208,35 @@ def load_hooked(model: str, *, hf_model: nn.Module | None = None, tokenizer=None
         from transformer_lens import HookedTransformer as Hooked
     tok = copy.deepcopy(tokenizer) if tokenizer is not None else _tokenizer(model, None)
     return Hooked.from_pretrained_no_processing(model, hf_model=hf_model, tokenizer=tok, **kwargs)
+
+
+def _is_bridge(obj: object) -> bool:
+    bridge = sys.modules.get("transformer_lens.model_bridge.bridge")  # no bridge can exist before it is imported
+    return bridge is not None and isinstance(obj, bridge.TransformerBridge)
+
+
+class BridgeBackend(Backend):
+    """A ``TransformerBridge`` for recipes: logits and generation through the bridge's own forward and loop."""
+
+    def __init__(self, bridge) -> None:
+        super().__init__(bridge, bridge.original_model)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = None if attention_mask is None else attention_mask.to(self.device)
+        return self.model(input_ids.to(self.device), return_type="logits", attention_mask=mask)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+        ids = input_ids.to(self.device)
+        mask = None if attention_mask is None else attention_mask.to(self.device)
+        out = self.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                  top_p=top_p if do_sample and top_p < 1 else None, use_past_kv_cache=True,
+                                  return_type="tokens", verbose=False, stop_at_eos=eos_token_id is not None,
+                                  eos_token_id=eos_token_id, attention_mask=mask)
+        return out[:, ids.shape[1]:]
+
+
+register_backend(_is_bridge, BridgeBackend)

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-from qscope_plugin.errors import LayerOutOfRangeError, QScopeWarning, UnknownReleaseError
+from qscope_plugin.errors import QScopeWarning, UnknownReleaseError, layer_out_of_range
 
 Family = Literal["qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe"]
 
@@ -60,10 +60,7 @@ class Release:
     def check_layer(self, layer: int) -> int:
         """Return ``layer`` if it exists in this release, else raise a clear error."""
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise LayerOutOfRangeError(
-                f"layer {layer!r} is out of range for {self.name!r} ({self.n_layers} layers: "
-                f"0..{self.n_layers - 1}); pass an integer layer index in that range"
-            )
+            raise layer_out_of_range(layer, self.n_layers, f"release {self.name!r}")
         return layer
 
 

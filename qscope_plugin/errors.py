@@ -17,7 +17,23 @@ class UnknownReleaseError(QScopeError, ValueError):
 
 
 class LayerOutOfRangeError(QScopeError, ValueError):
-    """A layer index outside ``0 .. n_layers - 1`` of a release."""
+    """A layer index outside ``0 .. n_layers - 1`` of a release, an SAE folder or a model."""
+
+
+class FeatureOutOfRangeError(QScopeError, ValueError):
+    """A feature index outside ``0 .. d_sae - 1`` of an SAE."""
+
+
+def layer_out_of_range(layer: object, n_layers: int, subject: str) -> LayerOutOfRangeError:
+    """The one message for a bad layer, wherever it is caught: the value, the valid range, what to do."""
+    return LayerOutOfRangeError(f"layer {layer!r} is out of range for {subject} ({n_layers} layers: "
+                                f"0..{n_layers - 1}); pass an integer layer index in that range")
+
+
+def feature_out_of_range(feature: object, d_sae: int, subject: str = "this SAE") -> FeatureOutOfRangeError:
+    """The one message for a bad feature index, wherever it is caught."""
+    return FeatureOutOfRangeError(f"feature {feature!r} is out of range for {subject} ({d_sae} features: "
+                                  f"0..{d_sae - 1}); pass an integer feature index in that range")
 
 
 class SAEFileError(QScopeError, ValueError):

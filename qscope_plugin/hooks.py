@@ -12,13 +12,13 @@ that for the last block (the final RMSNorm is applied), so everything here hooks
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from qscope_plugin.errors import QScopeError
+from qscope_plugin.errors import QScopeError, layer_out_of_range
 
 # Search order of spec §2.2: text-only CausalLM, multimodal ConditionalGeneration, wrappers, bare backbone.
 LAYER_PATHS = (
@@ -72,27 +72,31 @@ def _replace_residual(output: object, hidden: torch.Tensor) -> object:
 
 ResidualEdit = Callable[[torch.Tensor, int], torch.Tensor | None]
 """``edit(hidden, layer) -> new hidden or None`` where hidden is ``(batch, seq, d_model)``."""
+KwargsEdit = Callable[[torch.Tensor, int, dict], torch.Tensor | None]
+"""``edit(hidden, layer, layer_kwargs)``: also sees the keyword arguments the block got (``position_ids``, ...)."""
 
 
 @contextmanager
-def edit_residual(model: nn.Module, edits: dict[int, ResidualEdit]) -> Iterator[None]:
+def edit_residual(model: nn.Module, edits: Mapping[int, ResidualEdit | KwargsEdit], *,
+                  pass_kwargs: bool = False) -> Iterator[None]:
     """Run ``edits[n]`` on the output of block n during every forward (prefill and each decode step).
 
-    Hooks are removed on exit, also when the body raises.
+    With ``pass_kwargs`` each edit is called as ``edit(hidden, n, layer_kwargs)``. Hooks are removed on exit,
+    also when the body raises.
     """
     layers = resolve_layers(model)
     for n in edits:
-        if not 0 <= n < len(layers):
-            raise QScopeError(f"layer {n} is out of range for this model ({len(layers)} layers: 0..{len(layers) - 1})")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < len(layers):
+            raise layer_out_of_range(n, len(layers), f"this {type(model).__name__}")
 
-    def make_hook(n: int, edit: ResidualEdit):
-        def hook(module: nn.Module, args: tuple, output: object) -> object:
-            new = edit(_residual(output), n)
+    def make_hook(n: int, edit):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+            new = edit(_residual(output), n, kwargs) if pass_kwargs else edit(_residual(output), n)
             return None if new is None else _replace_residual(output, new)
 
         return hook
 
-    handles = [layers[n].register_forward_hook(make_hook(n, edit)) for n, edit in edits.items()]
+    handles = [layers[n].register_forward_hook(make_hook(n, edit), with_kwargs=True) for n, edit in edits.items()]
     try:
         yield
     finally:

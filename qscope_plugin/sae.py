@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from qscope_plugin.errors import QScopeError, QScopeWarning, SAEFileError
+from qscope_plugin.errors import QScopeError, QScopeWarning, SAEFileError, feature_out_of_range
 
 if TYPE_CHECKING:
     from sae_lens import TopKSAE
@@ -247,7 +247,7 @@ class QwenScopeSAE:
 
     def _check_feature(self, feature: int) -> int:
         if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < self.cfg.d_sae:
-            raise SAEInputError(f"feature {feature!r} is out of range: this SAE has features 0..{self.cfg.d_sae - 1}")
+            raise feature_out_of_range(feature, self.cfg.d_sae)
         return feature
 
     def decoder_norms(self) -> torch.Tensor:

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from collections import OrderedDict
 from concurrent.futures import Future
 from pathlib import Path
@@ -29,6 +30,7 @@ from qscope_plugin.errors import (
     LayerOutOfRangeError,
     NotCachedError,
     QScopeError,
+    QScopeWarning,
     SAEFileError,
 )
 from qscope_plugin.sae import QwenScopeSAE
@@ -213,8 +215,9 @@ def _load_release(rel: Release, layer: int, k: int | None, revision: str | None)
         raise SAEFileError(f"{e} (removed from the cache)") from None
     sae._on_invalid.append(lambda: _drop_from_hub_cache(path))  # a failed validate(): download it again next time
     if (sae.cfg.d_model, sae.cfg.d_sae) != (rel.d_model, rel.d_sae):
-        logger.warning("%s layer %d has shape d_model=%d, d_sae=%d; the catalogue says %d, %d",
-                       rel.name, layer, sae.cfg.d_model, sae.cfg.d_sae, rel.d_model, rel.d_sae)
+        warnings.warn(f"{rel.name} layer {layer} has shape d_model={sae.cfg.d_model}, d_sae={sae.cfg.d_sae}; the "
+                      f"catalogue says {rel.d_model}, {rel.d_sae}. Check that the repository holds this release",
+                      QScopeWarning, stacklevel=3)
     logger.info("%s: %s", rel.name, LICENSE_NOTICE)
     return sae
 

@@ -1,4 +1,9 @@
 """The Qwen-Scope report's methods as reusable recipes, one module per report section.
 
-Installed as ``qscope_plugin.recipes``. Recipes work on activations and accept any backend.
+Installed as ``qscope_plugin.recipes``. Recipes work on activations and accept any backend: every model they run
+goes through ``qscope_plugin.backends`` and every texts -> SAE codes pass through ``harvest``.
 """
+
+from qscope_plugin.recipes._harvest import LastFeatures, MaxActivations, TextCodes, harvest
+
+__all__ = ["LastFeatures", "MaxActivations", "TextCodes", "harvest"]

@@ -37,13 +37,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from qscope_plugin.backends import as_backend
 from qscope_plugin.errors import QScopeError, QScopeWarning
-from qscope_plugin.recipes._common import check_texts, encode_texts, hf_model
+from qscope_plugin.recipes._harvest import MaxActivations, check_texts, harvest
 from qscope_plugin.sae import QwenScopeSAE
-
-MaxActivations = dict[int, sp.csr_matrix]
-"""Per layer, a CSR matrix ``(n_examples, d_sae)`` of ``max_t a_{i,t,f}`` (only positive entries stored)."""
-
 
 SAVED_FIELDS = ("k_features", "m_layers", "eps", "exclude_first_token", "features", "top1_diff", "provenance",
                 "model_id", "release")
@@ -54,35 +51,6 @@ FORMAT = "qscope-or-rule/1"
 
 class ClassifierError(QScopeError, ValueError):
     """Labels, splits or saved classifiers that cannot be used."""
-
-
-def max_activations(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, QwenScopeSAE], *,
-                    exclude_first_token: bool = False, batch_size: int = 16, max_length: int | None = 512,
-                    progress: bool = False) -> MaxActivations:
-    """(R15)'s max over tokens for every example, feature and layer, in one batched pass; padding is masked.
-
-    ``exclude_first_token`` defaults to False: the report takes the max over all tokens (spec §4 row 7).
-    """
-    cols: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
-    vals: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
-    counts: dict[int, list[int]] = {layer: [] for layer in saes}
-    start = int(exclude_first_token)
-    for codes in encode_texts(model, tokenizer, texts, saes, batch_size=batch_size, max_length=max_length,
-                              progress=progress):
-        for layer, sae in saes.items():
-            values = codes.values[layer][start:].flatten().float()
-            indices = codes.indices[layer][start:].flatten()
-            best = torch.zeros(sae.cfg.d_sae).scatter_reduce_(0, indices, values, reduce="amax")
-            nz = best.nonzero().flatten()  # sorted feature ids: one CSR row
-            cols[layer].append(nz)
-            vals[layer].append(best[nz])
-            counts[layer].append(len(nz))
-    out = {}
-    for layer, sae in saes.items():  # one CSR per layer, built once (no per-row matrices)
-        indptr = np.concatenate([[0], np.cumsum(counts[layer])])
-        out[layer] = sp.csr_matrix((torch.cat(vals[layer]).numpy(), torch.cat(cols[layer]).numpy(),
-                                    indptr), shape=(len(counts[layer]), sae.cfg.d_sae))
-    return out
 
 
 def _labels(labels: Sequence, n: int) -> np.ndarray:
@@ -176,8 +144,8 @@ class ORRuleClassifier:
     """Release name or SAE folder the SAEs came from (the CLI passes ``--release``); default ``sae.cfg.release``."""
 
     def _acts(self, texts: Sequence[str]) -> MaxActivations:
-        return max_activations(self.model, self.tokenizer, check_texts(texts), self.saes,
-                               exclude_first_token=self.exclude_first_token)
+        return harvest(self.model, self.tokenizer, check_texts(texts), self.saes, pooling="max",
+                       exclude_first_token=self.exclude_first_token)
 
     def fit(self, texts: Sequence[str], labels: Sequence) -> ORRuleClassifier:
         """Discovery (R15–R17) on every layer of ``saes``, then layer selection (R19/R20)."""
@@ -250,11 +218,9 @@ class ORRuleClassifier:
 def model_name(model: object) -> str | None:
     """The backbone's ``name_or_path`` (hub id or folder), or None when it has none."""
     try:
-        module = hf_model(model)
+        return as_backend(model).name
     except QScopeError:
         return None
-    name = getattr(module, "name_or_path", None) or getattr(getattr(module, "config", None), "_name_or_path", None)
-    return str(name) if name else None
 
 
 def sae_signature(sae: QwenScopeSAE) -> dict:

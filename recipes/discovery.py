@@ -21,7 +21,7 @@ from typing import Literal, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from qscope_plugin.recipes._common import TextCodes, check_texts, dense_codes, encode_texts
+from qscope_plugin.recipes._harvest import TextCodes, check_texts, dense_codes, harvest
 from qscope_plugin.sae import QwenScopeSAE
 
 
@@ -45,7 +45,7 @@ class FeatureScore(NamedTuple):
 def analyze(model: object, tokenizer, text: str, saes: Mapping[int, QwenScopeSAE], *,
             top_n: int = 5) -> list[TokenFeatures]:
     """Per-token table: the ``top_n`` strongest features of every token at every layer in ``saes``."""
-    (codes,) = encode_texts(model, tokenizer, check_texts([text]), saes)
+    (codes,) = harvest(model, tokenizer, check_texts([text]), saes)
     rows = []
     for layer in sorted(saes):
         values, indices = codes.values[layer], codes.indices[layer]
@@ -136,10 +136,10 @@ def contrast(model: object, tokenizer, positive: Sequence[str], negative: Sequen
     ``drop_common_prefix``, ``drop_shared_tokens``, ``top_k``).
     """
     opts = ContrastOptions(**options)
-    pos = encode_texts(model, tokenizer, check_texts(positive, "positive texts"), saes, batch_size=batch_size,
-                       progress=progress)
-    neg = encode_texts(model, tokenizer, check_texts(negative, "negative texts"), saes, batch_size=batch_size,
-                       progress=progress)
+    pos = harvest(model, tokenizer, check_texts(positive, "positive texts"), saes, batch_size=batch_size,
+                  progress=progress, desc="positive")
+    neg = harvest(model, tokenizer, check_texts(negative, "negative texts"), saes, batch_size=batch_size,
+                  progress=progress, desc="negative")
     return contrast_codes(pos, neg, {layer: sae.cfg.d_sae for layer, sae in saes.items()}, opts)
 
 
@@ -168,7 +168,7 @@ def top_contexts(model: object, tokenizer, texts: Iterable[str], saes: Mapping[i
 
     def flush() -> None:
         nonlocal seen
-        for offset, codes in enumerate(encode_texts(model, tokenizer, buffer, used, batch_size=batch_size)):
+        for offset, codes in enumerate(harvest(model, tokenizer, buffer, used, batch_size=batch_size)):
             ids = codes.token_ids
             for (layer, feature), heap in heaps.items():
                 hits = (codes.indices[layer] == feature) & (codes.values[layer] > 0)

@@ -17,7 +17,6 @@ The forward pass stops after the deepest layer asked for: later blocks and the L
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -30,9 +29,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from qscope_plugin.backends import as_backend
 from qscope_plugin.errors import QScopeError
-from qscope_plugin.hooks import edit_residual
-from qscope_plugin.recipes._common import hf_model
+from qscope_plugin.recipes._harvest import harvest
 from qscope_plugin.sae import QwenScopeSAE
 
 LOCAL_KINDS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -201,74 +200,6 @@ def _texts(dataset, fmt: PromptFormat, start: int, stop: int) -> list[str]:
 # --------------------------------------------------------------------------------------------- harvest
 
 
-class _Stop(Exception):
-    """Raised by the hook on the deepest wanted block: nothing after it needs computing."""
-
-
-def _last_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last real token, for left or right padding."""
-    return mask.shape[1] - 1 - mask.flip(-1).int().argmax(-1)
-
-
-@torch.no_grad()
-def footprint_batch(module: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    saes: Mapping[int, QwenScopeSAE]) -> dict[int, list[np.ndarray]]:
-    """``{layer: [sorted active features of row i]}`` at each row's last real token; one forward, cut short."""
-    last = _last_positions(attention_mask)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    deepest = max(saes)
-    picked: dict[int, torch.Tensor] = {}
-
-    def take(hidden: torch.Tensor, n: int) -> None:
-        picked[n] = hidden[rows, last]
-        if n == deepest:
-            raise _Stop
-
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding gets the same positions
-    with edit_residual(module, dict.fromkeys(saes, take)), contextlib.suppress(_Stop):
-        module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    out = {}
-    for n, sae in saes.items():
-        values, indices = sae.encode_sparse(picked[n])
-        active = torch.where(values > 0, indices, -1).sort(dim=-1).values.cpu().numpy()
-        out[n] = [row[row >= 0].astype(np.int32) for row in active]
-    return out
-
-
-def _pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[row, span], mask[row, span] = torch.tensor(seq, dtype=torch.long), 1
-    return ids, mask
-
-
-def _harvest_chunk(module, tokenizer, texts: list[str], saes, *, batch_size: int, max_length: int | None,
-                   padding_side: str) -> dict[int, LayerFootprints]:
-    """Footprints of ``texts``; batches are formed by length (less padding), results put back in order."""
-    device = next(module.parameters()).device
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    if max_length is not None:  # keep the *end* of long prompts: the last token is what is read
-        encoded = [ids[-max_length:] for ids in encoded]
-    empty = [i for i, ids in enumerate(encoded) if not ids]
-    if empty:
-        raise FootprintError(f"{len(empty)} prompt(s) tokenize to nothing (first: {texts[empty[0]]!r}); every "
-                             "sample needs a non-empty prompt")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    per_sample: dict[int, list[np.ndarray | None]] = {n: [None] * len(texts) for n in saes}
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        ids, mask = _pad([encoded[i] for i in rows], pad_id, padding_side)
-        found = footprint_batch(module, ids.to(device), mask.to(device), saes)
-        for n, feats in found.items():
-            for i, f in zip(rows, feats, strict=True):
-                per_sample[n][i] = f
-    return {n: _csr(feats, saes[n].cfg.d_sae) for n, feats in per_sample.items()}
-
-
 def _csr(per_sample: Sequence[np.ndarray], d_sae: int) -> LayerFootprints:
     lengths = np.fromiter((len(f) for f in per_sample), dtype=np.int64, count=len(per_sample))
     indptr = np.concatenate([[0], np.cumsum(lengths)])
@@ -286,7 +217,7 @@ def _provenance(model, tokenizer, dataset, saes, fmt_desc: str, name: str | None
                 n_samples: int) -> dict:
     from importlib.metadata import version
 
-    module = hf_model(model)
+    module = as_backend(model).module
     config = getattr(module, "config", None)
     info = getattr(dataset, "info", None)
     first = next(iter(saes.values())).cfg
@@ -367,18 +298,18 @@ def harvest_footprints(model: object, tokenizer, dataset, saes: Mapping[int, Qwe
     fmt, fmt_desc = (str, "text") if strings else prompt_format(column=column, template=template, formatter=formatter)
     saes = dict(sorted(saes.items()))
     provenance = _provenance(model, tokenizer, dataset, saes, fmt_desc, name, max_length, n_samples)
-    module = hf_model(model)
     rank, world = _distributed()
     if world > 1 and out is None:
         raise FootprintError("a distributed harvest needs out= (a path on storage shared by all ranks)")
     chunks = [(s, min(s + chunk_size, n_samples)) for s in range(0, n_samples, chunk_size)]
 
-    def harvest(start: int, stop: int) -> dict[int, LayerFootprints]:
-        return _harvest_chunk(module, tokenizer, _texts(dataset, fmt, start, stop), saes, batch_size=batch_size,
-                              max_length=max_length, padding_side=padding_side)
+    def harvest_chunk(start: int, stop: int) -> dict[int, LayerFootprints]:
+        last = harvest(model, tokenizer, _texts(dataset, fmt, start, stop), saes, pooling="last",
+                       batch_size=batch_size, max_length=max_length, truncation_side="left", padding_side=padding_side)
+        return {n: _csr(feats, saes[n].cfg.d_sae) for n, feats in last.items()}
 
     if out is None:
-        parts = [harvest(s, e) for s, e in tqdm(chunks, disable=not progress, desc="footprints", unit="chunk")]
+        parts = [harvest_chunk(s, e) for s, e in tqdm(chunks, disable=not progress, desc="footprints", unit="chunk")]
         return Footprints({n: _concat([p[n] for p in parts]) for n in saes}, provenance)
 
     out = Path(out)
@@ -391,7 +322,7 @@ def harvest_footprints(model: object, tokenizer, dataset, saes: Mapping[int, Qwe
     pending = [c for c in chunks if not _chunk_file(partial, *c).exists()][rank::world]
     for start, stop in tqdm(pending, disable=not progress or rank != 0, desc=f"footprints (rank {rank} of {world})",
                             unit="chunk"):
-        part = harvest(start, stop)
+        part = harvest_chunk(start, stop)
         Footprints(part, {"chunk": [start, stop]}).save(_chunk_file(partial, start, stop))
     _barrier(world)
     if rank == 0:

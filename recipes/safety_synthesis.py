@@ -37,7 +37,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from qscope_plugin.errors import QScopeError, QScopeWarning
-from qscope_plugin.recipes.classifiers import max_activations
+from qscope_plugin.recipes._harvest import harvest
 from qscope_plugin.recipes.discovery import Context, top_contexts
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -116,8 +116,8 @@ def firing(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], prompts: 
     if not rows or not targets:
         return out
     layers = sorted({t.layer for t in targets})
-    acts = max_activations(model, tokenizer, [prompts[i] for i in rows], {layer: saes[layer] for layer in layers},
-                           **options)
+    acts = harvest(model, tokenizer, [prompts[i] for i in rows], {layer: saes[layer] for layer in layers},
+                   pooling="max", **options)
     out[rows] = np.stack([np.asarray(acts[t.layer][:, t.feature].todense()).ravel() > 0 for t in targets], axis=1)
     return out
 

@@ -22,9 +22,9 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from qscope_plugin.backends import Backend, as_backend
 from qscope_plugin.errors import QScopeError
-from qscope_plugin.hooks import _replace_residual, _residual, resolve_layers
-from qscope_plugin.recipes._common import check_texts, hf_model
+from qscope_plugin.recipes._harvest import check_texts
 from qscope_plugin.sae import QwenScopeSAE
 
 Positions = Literal["all", "prompt", "generated"] | Sequence[int]
@@ -121,24 +121,21 @@ def steer(model: object, spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE], *
     """Apply ``spec`` to every forward of ``model`` inside the block (prefill and each decode step).
 
     Args:
-        model: a transformers model, a TransformerLens bridge or an nnsight model (hooks go on the transformers
-            decoder layers underneath, so all three steer identically).
+        model: a transformers model, a TransformerLens bridge, an nnsight model or a ``Backend`` (the edit goes on
+            the transformers decoder layers underneath, so all of them steer identically).
         prompt_length: real prompt tokens per row, for ``prompt``/``generated``, fixed for the whole block;
             default: taken afresh from every prefill forward inside the block (one whose positions start at 0,
             i.e. no past cache), so consecutive ``generate`` calls on different prompts each steer their own
             prompt / generated positions.
     """
-    module = hf_model(model)
-    layers = resolve_layers(module)
+    backend = as_backend(model)
+    backend.check_layers(spec.layers)
     vectors = steering_vectors(spec, saes)
     clamps = [t for t in spec.terms if t.clamp is not None]
-    for layer in spec.layers:
-        if not 0 <= layer < len(layers):
-            raise SteeringError(f"layer {layer} is out of range for this model ({len(layers)} layers)")
     state: dict = {} if prompt_length is None else {"prompt_length": prompt_length, "fixed": True}
     on_device: dict[tuple, torch.Tensor] = {}
 
-    def edit(layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    def edit(hidden: torch.Tensor, layer: int, kwargs: dict) -> torch.Tensor:
         mask = _position_mask(kwargs, hidden, spec, state)
         delta = torch.zeros((), device=hidden.device, dtype=torch.float32)
         if layer in vectors:
@@ -154,18 +151,8 @@ def steer(model: object, spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE], *
             delta = delta * mask.unsqueeze(-1)
         return (hidden.float() + delta).to(hidden.dtype)
 
-    def make_hook(layer: int):
-        def hook(mod, args, kwargs, output):
-            return _replace_residual(output, edit(layer, _residual(output), kwargs))
-
-        return hook
-
-    handles = [layers[n].register_forward_hook(make_hook(n), with_kwargs=True) for n in spec.layers]
-    try:
+    with backend.edit(dict.fromkeys(spec.layers, edit)):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class TokenChoice(NamedTuple):
@@ -195,53 +182,14 @@ def format_prompt(prompt: str, chat: Literal["thinking", "no_thinking"] | None) 
     return CHAT_TEMPLATES[chat].format(prompt=prompt)
 
 
-def _is_bridge(model: object) -> bool:
-    return hasattr(model, "original_model") and hasattr(model, "run_with_hooks")
-
-
-def _is_nnsight(model: object) -> bool:
-    return hasattr(model, "_module") and hasattr(model, "trace")
-
-
 @torch.no_grad()
-def greedy_tokens(model: object, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> list[int]:
-    """Greedy continuation through the backend's own generate (KV cache on); returns the new token ids."""
-    n_prompt = input_ids.shape[1]
-    if _is_bridge(model):
-        out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, use_past_kv_cache=True,
-                             return_type="tokens", verbose=False, stop_at_eos=eos_token_id is not None,
-                             eos_token_id=eos_token_id)
-    elif _is_nnsight(model):
-        with model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False) as tracer:
-            out = tracer.result.save()
-    else:
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
-    new = out[0, n_prompt:].tolist()
-    if eos_token_id is not None and eos_token_id in new:
-        new = new[: new.index(eos_token_id) + 1]
-    return new
-
-
-@torch.no_grad()
-def backend_logits(model: object, input_ids: torch.Tensor) -> torch.Tensor:
-    """``(batch, seq, vocab)`` logits from the backend's own forward (bridge forward, nnsight trace or HF)."""
-    if _is_bridge(model):
-        return model(input_ids, return_type="logits")
-    if _is_nnsight(model):
-        with model.trace(input_ids):
-            out = model.output.save()
-        return out.logits
-    return hf_model(model)(input_ids).logits
-
-
-@torch.no_grad()
-def _score(model: object, tokenizer, prompt_ids: torch.Tensor, new_ids: list[int], n_alt: int) -> list[TokenChoice]:
+def _score(backend: Backend, tokenizer, prompt_ids: torch.Tensor, new_ids: list[int],
+           n_alt: int) -> list[TokenChoice]:
     """Probability of each chosen token and the top alternatives, from one teacher-forced forward of the backend."""
     if not new_ids:
         return []
     ids = torch.cat([prompt_ids, torch.tensor([new_ids], device=prompt_ids.device)], dim=1)
-    logits = backend_logits(model, ids)[0, prompt_ids.shape[1] - 1 : -1].float()
+    logits = backend.logits(ids)[0, prompt_ids.shape[1] - 1 : -1].float()
     probs = logits.softmax(-1)
     choices = []
     for step, tok in enumerate(new_ids):
@@ -252,27 +200,30 @@ def _score(model: object, tokenizer, prompt_ids: torch.Tensor, new_ids: list[int
     return choices
 
 
+def _greedy(backend: Backend, prompt_ids: torch.Tensor, max_new_tokens: int, eos: int | None) -> list[int]:
+    """Greedy continuation of one prompt through the backend's own generate, cut after the first EOS."""
+    new = backend.generate(prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=eos)[0].tolist()
+    return new[: new.index(eos) + 1] if eos is not None and eos in new else new
+
+
 def generate(model: object, tokenizer, prompt: str, spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE], *,
              max_new_tokens: int = 32, chat: Literal["thinking", "no_thinking"] | None = None,
              top_alternatives: int = 3) -> SteeringResult:
     """Greedy steered and unsteered completions side by side, with per-token probabilities."""
     (prompt,) = check_texts([prompt], "prompt")
     text = format_prompt(prompt, chat)
-    module = hf_model(model)
-    device = next(module.parameters()).device
-    prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    backend = as_backend(model)
+    prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(backend.device)
     eos = tokenizer.eos_token_id
-    completions = []
-    for steered in (True, False):
-        if steered:
-            with steer(model, spec, saes, prompt_length=prompt_ids.shape[1]):
-                new = greedy_tokens(model, prompt_ids, max_new_tokens, eos)
-                tokens = _score(model, tokenizer, prompt_ids, new, top_alternatives)
-        else:
-            new = greedy_tokens(model, prompt_ids, max_new_tokens, eos)
-            tokens = _score(model, tokenizer, prompt_ids, new, top_alternatives)
-        completions.append(Completion(tokenizer.decode(new, skip_special_tokens=True), new, tokens))
-    return SteeringResult(text, *completions)
+
+    def complete() -> Completion:
+        new = _greedy(backend, prompt_ids, max_new_tokens, eos)
+        tokens = _score(backend, tokenizer, prompt_ids, new, top_alternatives)
+        return Completion(tokenizer.decode(new, skip_special_tokens=True), new, tokens)
+
+    with steer(backend, spec, saes, prompt_length=prompt_ids.shape[1]):
+        steered = complete()
+    return SteeringResult(text, steered, complete())
 
 
 def sweep(model: object, tokenizer, prompt: str, layer: int, feature: int, alphas: Sequence[float],

@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from qscope_plugin.errors import QScopeError
+from qscope_plugin.recipes._harvest import MaxActivations, harvest
 from qscope_plugin.recipes.classifiers import (
-    MaxActivations,
     Scores,
     f1_grid,
     feature_deltas,
     jaccard,
-    max_activations,
     predict_or,
     prf,
     select_layers,
@@ -121,15 +120,17 @@ class Harvest:
     y_test: np.ndarray
 
 
-def harvest(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], splits: Mapping[str, Split], *,
-            batch_size: int = 16, max_length: int | None = 512, exclude_first_token: bool = False,
-            progress: bool = False) -> dict[str, Harvest]:
+def harvest_splits(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], splits: Mapping[str, Split], *,
+                   batch_size: int = 16, max_length: int | None = 512, exclude_first_token: bool = False,
+                   progress: bool = False) -> dict[str, Harvest]:
+    """Max activations (R15) of every language's discovery and test split, one shared harvest each."""
     out = {}
     for lang, s in splits.items():
-        kw = dict(batch_size=batch_size, max_length=max_length, exclude_first_token=exclude_first_token,
-                  progress=progress)
-        out[lang] = Harvest(max_activations(model, tokenizer, s.discovery_texts, saes, **kw), s.discovery_labels,
-                            max_activations(model, tokenizer, s.test_texts, saes, **kw), s.test_labels)
+        kw = dict(pooling="max", batch_size=batch_size, max_length=max_length,
+                  exclude_first_token=exclude_first_token, progress=progress)
+        out[lang] = Harvest(harvest(model, tokenizer, s.discovery_texts, saes, desc=f"{lang} discovery", **kw),
+                            s.discovery_labels,
+                            harvest(model, tokenizer, s.test_texts, saes, desc=f"{lang} test", **kw), s.test_labels)
     return out
 
 
@@ -166,7 +167,7 @@ def evaluate(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], splits:
     ``{K: {precision, recall, f1}}`` at ℓ*. ``macro``: the three grids averaged over languages, ``selected_layer``
     (``{K: scores}``, each language at its own ℓ*) and ``multi_layer``. ``transfer``: ``{src: {dst: scores}}``.
     """
-    hv = dict(harvests) if harvests is not None else harvest(model, tokenizer, saes, splits, **harvest_options)
+    hv = dict(harvests) if harvests is not None else harvest_splits(model, tokenizer, saes, splits, **harvest_options)
     transfer_k = min(ks) if transfer_k is None else transfer_k
     deltas = {lang: {layer: feature_deltas(a, h.y_discovery, eps) for layer, a in h.discovery.items()}
               for lang, h in hv.items()}

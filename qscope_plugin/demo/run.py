@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from qscope_plugin.hooks import add_to_residual, capture_residual
+from qscope_plugin.backends import Backend, as_backend
 from qscope_plugin.models import DEMO_MODEL_DIR, load_model
-from qscope_plugin.recipes._common import encode_texts
+from qscope_plugin.recipes._harvest import harvest, pad, tokenize
 from qscope_plugin.recipes.discovery import ContrastOptions, analyze, contrast_codes
 from qscope_plugin.recipes.steering import SteeringSpec, steer
 from qscope_plugin.store import DEMO_RELEASE, load_sae, local_layers
@@ -59,12 +59,10 @@ class LayerResult:
     """Han share of the continuations per condition: baseline, suppress, amplify, random_minus, random_plus."""
 
 
-@torch.no_grad()
-def _greedy_batch(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+def _greedy_batch(backend: Backend, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
+    ids, mask, _ = pad(tokenize(tok, prompts, max_length=None), tok.pad_token_id, "left")
+    new = backend.generate(ids, mask, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    return tok.batch_decode(new, skip_special_tokens=True)
 
 
 def _firing_share(codes, layer: int, feature: int) -> torch.Tensor:
@@ -127,26 +125,26 @@ def run_demo(out_dir: str | Path = "qscope-demo-report", *, assets: Path = DEMO_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(str(assets / "model"))
+    backend = as_backend(model)
     saes = {n: load_sae(assets / "saes", n) for n in local_layers(assets / "saes")}
     zh, en = SENTENCES["zh"], SENTENCES["en"]
 
     # (2) discovery (firing-rate difference, the official app's Compare) on the even sentences, checked on the odd
-    codes_zh, codes_en = encode_texts(model, tok, zh, saes), encode_texts(model, tok, en, saes)
+    codes_zh, codes_en = harvest(backend, tok, zh, saes), harvest(backend, tok, en, saes)
     ranking = contrast_codes(codes_zh[::2], codes_en[::2], {n: s.cfg.d_sae for n, s in saes.items()},
                              ContrastOptions(method="rate"))
 
     # residual-norm scale per layer (RMS per coordinate, ‖h‖ / √d_model), so α is comparable across layers
-    enc = tok(zh[::2] + en[::2], return_tensors="pt", padding=True, add_special_tokens=False)
-    with capture_residual(model, list(saes)) as acts:
-        model(**enc)
-    mask = enc["attention_mask"].bool()
+    ids, mask, positions = pad(tokenize(tok, zh[::2] + en[::2], max_length=None), tok.pad_token_id)
+    acts = backend.capture(ids, mask, layers=list(saes), position_ids=positions)
+    mask = mask.bool()
     mask[:, 0] = False
     norms = {n: float(acts[n][mask].norm(dim=-1).mean()) / saes[n].cfg.d_model ** 0.5 for n in saes}
     fvu = {n: saes[n].fvu(acts[n][mask]) for n in saes}
 
     gen = torch.Generator().manual_seed(seed)
     prompts = SENTENCES["mixed_prompts"]
-    baseline = char_breakdown(_greedy_batch(model, tok, prompts, max_new_tokens))
+    baseline = char_breakdown(_greedy_batch(backend, tok, prompts, max_new_tokens))
     results, outputs = [], {}
     for layer, sae in saes.items():
         feature = ranking[layer][0].feature
@@ -154,26 +152,26 @@ def run_demo(out_dir: str | Path = "qscope-demo-report", *, assets: Path = DEMO_
         random_dir = torch.randn(sae.cfg.d_model, generator=gen)
         shares = {"baseline": baseline["han"]}
         for name, sign in (("suppress", -1.0), ("amplify", 1.0)):
-            with steer(model, SteeringSpec.single(layer, feature, sign * alpha, direction_norm="unit"), saes):
-                texts = _greedy_batch(model, tok, prompts, max_new_tokens)
+            with steer(backend, SteeringSpec.single(layer, feature, sign * alpha, direction_norm="unit"), saes):
+                texts = _greedy_batch(backend, tok, prompts, max_new_tokens)
             shares[name] = char_breakdown(texts)["han"]
             outputs[f"layer{layer}_{name}"] = {"breakdown": char_breakdown(texts), "examples": texts[:4]}
         for name, sign in (("random_minus", -1.0), ("random_plus", 1.0)):
             vector = sign * alpha * random_dir / random_dir.norm()
-            with add_to_residual(model, layer, vector):
-                shares[name] = char_breakdown(_greedy_batch(model, tok, prompts, max_new_tokens))["han"]
+            with backend.edit({layer: lambda hidden, n, kwargs, v=vector: hidden + v.to(hidden)}):
+                shares[name] = char_breakdown(_greedy_batch(backend, tok, prompts, max_new_tokens))["han"]
         accuracy = _held_out_accuracy(codes_zh, codes_en, layer, feature)
         results.append(LayerResult(layer, feature, fvu[layer], accuracy, alpha, shares))
 
     # (1) per-token analysis of the mixed sentence, and the discovered features over its tokens
-    rows = analyze(model, tok, PROMPTS["mixed"], saes, top_n=3)
-    (mixed,) = encode_texts(model, tok, [PROMPTS["mixed"]], saes)
+    rows = analyze(backend, tok, PROMPTS["mixed"], saes, top_n=3)
+    (mixed,) = harvest(backend, tok, [PROMPTS["mixed"]], saes)
     tokens = [tok.decode(mixed.token_ids[i : i + 1]) for i in range(len(mixed.token_ids))]
     heat = torch.stack([((mixed.indices[r.layer] == r.feature) * mixed.values[r.layer]).sum(-1) for r in results])
     images = _plots(out, results, tokens, heat)
 
-    classifier = _classifier_step(model, tok, saes)
-    redundancy = _redundancy_step(model, tok, saes[max(saes)], out / "redundancy")
+    classifier = _classifier_step(backend, tok, saes)
+    redundancy = _redundancy_step(backend, tok, saes[max(saes)], out / "redundancy")
 
     best = min(results, key=lambda r: r.han_share["suppress"] - r.han_share["amplify"])
     summary = {

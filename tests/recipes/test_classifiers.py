@@ -10,14 +10,12 @@ import torch
 from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
 
 from qscope_plugin.errors import QScopeWarning
-from qscope_plugin.hooks import capture_residual
 from qscope_plugin.recipes.classifiers import (
     ClassifierError,
     ORRuleClassifier,
     f1_grid,
     feature_deltas,
     jaccard,
-    max_activations,
     predict_or,
     prf,
     select_layers,
@@ -96,20 +94,6 @@ def test_planted_signal_recovered_with_the_planted_separability():
 def setup():
     model, tok = tiny_qwen3(n_layers=2), qwen3_tokenizer()
     return model, tok, tiny_saes(model)
-
-
-def test_max_activations_equal_brute_force(setup):
-    model, tok, saes = setup
-    texts = ["hello there", "你好，世界", "x"]
-    tok.padding_side = "left"
-    acts = max_activations(model, tok, texts, saes, batch_size=3)
-    tok.padding_side = "right"
-    for i, text in enumerate(texts):
-        with capture_residual(model, [0, 1]) as cap:
-            model(tok(text, return_tensors="pt")["input_ids"])
-        for layer in (0, 1):
-            expected = saes[layer].encode(cap[layer][0]).max(0).values
-            assert torch.allclose(torch.tensor(acts[layer][i].toarray()[0], dtype=torch.float32), expected, atol=1e-5)
 
 
 def test_fit_predict_save_load_end_to_end(setup, tmp_path):

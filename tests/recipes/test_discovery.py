@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qscope_testing import FAMILIES, qwen3_tokenizer, tiny_model, tiny_qwen3, tiny_saes
+from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
 
 from qscope_plugin.hooks import add_to_residual, capture_residual
-from qscope_plugin.recipes._common import EmptyInputError, dense_codes, encode_texts
+from qscope_plugin.recipes._harvest import EmptyInputError, dense_codes, harvest
 from qscope_plugin.recipes.discovery import ContrastOptions, analyze, contrast, contrast_codes, top_contexts
 
 TEXTS = ["The cat sat on the mat.", "你好，世界", "a", "Interpretability with sparse autoencoders is fun!"]
@@ -19,7 +19,7 @@ def setup():
 
 def test_codes_equal_the_sae_on_each_text_alone(setup):
     model, tok, saes = setup
-    codes = encode_texts(model, tok, TEXTS, saes, batch_size=4)
+    codes = harvest(model, tok, TEXTS, saes, batch_size=4)
     for text, c in zip(TEXTS, codes, strict=True):
         ids = tok(text, return_tensors="pt")["input_ids"]
         with capture_residual(model, [0, 1]) as acts:
@@ -27,35 +27,6 @@ def test_codes_equal_the_sae_on_each_text_alone(setup):
         for layer in (0, 1):
             expected = saes[layer].encode(acts[layer][0])
             assert torch.allclose(dense_codes(c, layer, 128), expected, atol=1e-5)
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_setup(request):
-    """A tiny random model of each family (Qwen3, Qwen3-MoE, Qwen3.5 with Gated DeltaNet, Qwen3.5-MoE)."""
-    model = tiny_model(request.param)
-    return model, qwen3_tokenizer(), tiny_saes(model)
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_batch_composition_and_padding_side_do_not_matter(family_setup, side):
-    """Each text's codes in a padded batch equal its codes alone, on every family (the texts differ in length,
-    so every row but the longest is padded)."""
-    model, tok, saes = family_setup
-    tok.padding_side = side
-    try:
-        batched = encode_texts(model, tok, TEXTS, saes, batch_size=4)
-    finally:
-        tok.padding_side = "right"
-    alone = encode_texts(model, tok, TEXTS, saes, batch_size=1)
-    assert len({len(c.token_ids) for c in alone}) == len(TEXTS)
-    for a, b in zip(batched, alone, strict=True):
-        assert torch.equal(a.token_ids, b.token_ids)
-        for layer in (0, 3):
-            assert torch.allclose(dense_codes(a, layer, 128), dense_codes(b, layer, 128), atol=1e-4)
-    # and contrastive rankings built on them agree too
-    opts = ContrastOptions(top_k=128)
-    got, want = (contrast_codes(c[:2], c[2:], {3: 128}, opts)[3] for c in (batched, alone))
-    assert {s.feature: s.score for s in got} == pytest.approx({s.feature: s.score for s in want}, abs=1e-4)
 
 
 def test_analyze_lists_top_features_per_token(setup):
@@ -77,8 +48,8 @@ def test_planted_direction_is_found_first(setup):
     positive = ["I like green apples.", "Rain falls on the roof.", "Numbers: 1, 2, 3."]
     negative = ["Birds sing in spring.", "The train was late.", "Code compiles fine."]
     with add_to_residual(model, 1, 6.0 * direction):
-        pos = encode_texts(model, tok, positive, {1: sae})
-    neg = encode_texts(model, tok, negative, {1: sae})
+        pos = harvest(model, tok, positive, {1: sae})
+    neg = harvest(model, tok, negative, {1: sae})
     ranking = contrast_codes(pos, neg, {1: 128}, ContrastOptions(method="mean"))
     assert ranking[1][0].feature == planted
     assert ranking[1][0].positive > ranking[1][0].negative
@@ -100,8 +71,8 @@ def test_contrast_through_the_model(setup):
 def test_exclusions(setup):
     """Position 0, a shared template prefix and shared tokens can each be dropped."""
     model, tok, saes = setup
-    pos = encode_texts(model, tok, ["Q: red apple", "Q: red car"], saes)
-    neg = encode_texts(model, tok, ["Q: blue sky", "Q: blue sea"], saes)
+    pos = harvest(model, tok, ["Q: red apple", "Q: red car"], saes)
+    neg = harvest(model, tok, ["Q: blue sky", "Q: blue sea"], saes)
     full = contrast_codes(pos, neg, {0: 128}, ContrastOptions(exclude_first_token=False, top_k=128))
     trimmed = contrast_codes(pos, neg, {0: 128}, ContrastOptions(drop_common_prefix=True, top_k=128))
     shared = contrast_codes(pos, neg, {0: 128}, ContrastOptions(drop_shared_tokens=True, top_k=128))
@@ -112,7 +83,7 @@ def test_exclusions(setup):
 def test_top_contexts_streams_with_bounded_heaps(setup):
     model, tok, saes = setup
     texts = (f"sample number {i} says hello" for i in range(30))  # a generator: streamed, not a list
-    codes = encode_texts(model, tok, ["sample number 3 says hello"], saes)
+    codes = harvest(model, tok, ["sample number 3 says hello"], saes)
     feature = int(codes[0].indices[1][2, codes[0].values[1][2].argmax()])
     contexts = top_contexts(model, tok, texts, saes, {1: [feature]}, n_top=5, window=3, batch_size=8)
     found = contexts[(1, feature)]

@@ -8,7 +8,7 @@ import pytest
 from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
 
 from qscope_plugin.errors import QScopeWarning
-from qscope_plugin.recipes._common import encode_texts
+from qscope_plugin.recipes._harvest import harvest
 from qscope_plugin.recipes.safety_synthesis import (
     ATTACK_STYLES,
     TEMPLATES,
@@ -64,7 +64,7 @@ def planted():
     model, tok = tiny_qwen3(n_layers=2), qwen3_tokenizer()
     saes = tiny_saes(model)
     variants = lambda text: [text] + [f"{text} ({style})" for style in ATTACK_STYLES]  # noqa: E731
-    codes = encode_texts(model, tok, variants(TRIGGER) + variants(NEUTRAL), {1: saes[1]})
+    codes = harvest(model, tok, variants(TRIGGER) + variants(NEUTRAL), {1: saes[1]})
     fired = [set(c.indices[1][c.values[1] > 0].tolist()) for c in codes]
     n = len(ATTACK_STYLES) + 1
     only_trigger = sorted(set.intersection(*fired[:n]) - set.union(*fired[n:]))

@@ -6,13 +6,13 @@ import pytest
 import torch
 from qscope_testing import FAMILIES, qwen3_tokenizer, tiny_model, tiny_qwen3, tiny_saes
 
+from qscope_plugin.backends import as_backend
 from qscope_plugin.hooks import _replace_residual, _residual, add_to_residual, capture_residual, resolve_layers
 from qscope_plugin.recipes.steering import (
     SteeringError,
     SteeringSpec,
     Term,
     _score,
-    backend_logits,
     generate,
     steer,
     sweep,
@@ -249,7 +249,7 @@ def test_missing_sae_or_bad_feature(setup):
     model, tok, saes = setup
     with pytest.raises(SteeringError, match="no SAE for layer 7"), steer(model, SteeringSpec.single(7, 1, 1.0), saes):
         pass
-    with pytest.raises(ValueError, match="features 0..127"), steer(model, SteeringSpec.single(1, 999, 1.0), saes):
+    with pytest.raises(ValueError, match=r"128 features: 0..127"), steer(model, SteeringSpec.single(1, 999, 1.0), saes):
         pass
 
 
@@ -268,17 +268,15 @@ def bridge_backend(model, tok):
 @pytest.mark.parametrize("make_backend", [nnsight_backend, bridge_backend], ids=["nnsight", "bridge"])
 @pytest.mark.parametrize("mode", ["all", "generated"])
 def test_other_backends_generate_identical_tokens(setup, mode, make_backend):
-    from qscope_plugin.recipes.steering import greedy_tokens
-
     model, tok, saes = setup
     ids = ids_of(tok, "Once upon a time")
     spec = SteeringSpec.single(1, 11, 3.0, positions=mode)
     with steer(model, spec, saes, prompt_length=ids.shape[1]):
-        expected = greedy_tokens(model, ids, 10, None)
+        expected = as_backend(model).generate(ids, max_new_tokens=10).tolist()
     backend = make_backend(model, tok)
     with steer(backend, spec, saes, prompt_length=ids.shape[1]):
-        assert greedy_tokens(backend, ids, 10, None) == expected
-    assert greedy_tokens(backend, ids, 10, None) != expected  # and the steering did something
+        assert as_backend(backend).generate(ids, max_new_tokens=10).tolist() == expected
+    assert as_backend(backend).generate(ids, max_new_tokens=10).tolist() != expected  # and the steering did something
 
 
 def test_generate_is_identical_on_the_three_backends(setup):
@@ -294,7 +292,7 @@ def test_generate_is_identical_on_the_three_backends(setup):
     # unsteered forward gives the same tokens clearly different probabilities, so a backend whose own forward
     # ignored the steering hooks would fail the comparison below.
     prompt_ids = ids_of(tok, "Once upon a time")
-    unsteered_probs = [t.prob for t in _score(model, tok, prompt_ids, steered.token_ids, 0)]
+    unsteered_probs = [t.prob for t in _score(as_backend(model), tok, prompt_ids, steered.token_ids, 0)]
     assert unsteered_probs != pytest.approx([t.prob for t in steered.tokens], rel=0.05)
     for other in results[1:]:
         assert other.steered.token_ids == steered.token_ids
@@ -316,7 +314,7 @@ def test_backend_forward_logits_are_steered(setup, make_backend):
         expected = model(ids).logits
     backend = make_backend(model, tok)
     with steer(backend, spec, saes):
-        got = backend_logits(backend, ids)
+        got = as_backend(backend).logits(ids)
     assert torch.allclose(got, expected, atol=1e-4)
     changed = (got - clean).abs().amax(-1)[0] > 1e-3
     assert changed.tolist() == [False, False, True, True, True]  # 5 tokens; from position 2 on (causal)

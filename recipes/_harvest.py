@@ -1,0 +1,200 @@
+"""Texts -> SAE codes at chosen layers: the one loop every recipe harvests through.
+
+    >>> codes = harvest(model, tok, texts, saes)                      # pooling="tokens": per-token sparse codes
+    >>> codes[0].token_ids, codes[0].values[14].shape                 # (T,), (T, k)
+    >>> acts = harvest(model, tok, texts, saes, pooling="max")       # {layer: csr (texts, d_sae)} of max_t z
+    >>> last = harvest(model, tok, texts, saes, pooling="last")      # {layer: [active features at last token]}
+
+Rules, the same for every pooling and every backend (plain transformers, TransformerLens bridge, nnsight):
+- texts are tokenized without special tokens (Qwen-Scope was trained without BOS); longer ones lose tokens on the
+  ``truncation_side`` (``right`` keeps the start, ``left`` keeps the end, so the last token stays real);
+- batches are formed by length (little padding) and results come back in the input order;
+- each row gets the positions it would have alone (``position_ids`` count real tokens only), so a text's codes do
+  not depend on its batch, on the padding side or on the batch size;
+- the forward stops after the deepest layer asked for, and each layer is pooled inside its hook, so memory holds
+  one batch of one layer's activations, never all layers of a long batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, overload
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from qscope_plugin.backends import as_backend
+from qscope_plugin.errors import QScopeError
+from qscope_plugin.sae import QwenScopeSAE
+
+Pooling = Literal["tokens", "max", "last"]
+Side = Literal["left", "right"]
+
+MaxActivations = dict[int, sp.csr_matrix]
+"""Per layer, a CSR matrix ``(n_texts, d_sae)`` of ``max_t z_f`` over each text's kept tokens (positives only)."""
+LastFeatures = dict[int, list[np.ndarray]]
+"""Per layer and text, the sorted ``int32`` ids of the features active (z > 0) at the text's last token."""
+
+
+class HarvestError(QScopeError, ValueError):
+    """Harvest options that cannot be used (pooling, sides, batch size, no SAEs)."""
+
+
+class EmptyInputError(HarvestError):
+    """A recipe was given no texts (or only empty ones)."""
+
+
+@dataclass(frozen=True)
+class TextCodes:
+    """Sparse SAE codes of one text: ``values[layer]`` and ``indices[layer]`` are ``(T, k)`` over its T tokens."""
+
+    token_ids: torch.Tensor
+    values: dict[int, torch.Tensor]
+    indices: dict[int, torch.Tensor]
+
+
+def check_texts(texts: Iterable[str], what: str = "texts") -> list[str]:
+    texts = list(texts)
+    if not texts or not any(t.strip() for t in texts):
+        raise EmptyInputError(f"no {what} given; pass at least one non-empty string")
+    return texts
+
+
+def dense_codes(codes: TextCodes, layer: int, d_sae: int) -> torch.Tensor:
+    """``(T, d_sae)`` dense activations of one text at one layer."""
+    values, indices = codes.values[layer], codes.indices[layer]
+    return torch.zeros(values.shape[0], d_sae, dtype=values.dtype).scatter_(-1, indices, values)
+
+
+def tokenize(tokenizer, texts: Sequence[str], *, max_length: int | None,
+             truncation_side: Side = "right") -> list[list[int]]:
+    """Token ids of each text, no special tokens, cut to ``max_length`` on ``truncation_side``."""
+    if truncation_side not in ("left", "right"):
+        raise HarvestError(f"truncation_side={truncation_side!r}; expected 'left' (keep the end) or 'right'")
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    if max_length is not None:
+        encoded = [ids[-max_length:] if truncation_side == "left" else ids[:max_length] for ids in encoded]
+    return encoded
+
+
+def pad(sequences: Sequence[Sequence[int]], pad_id: int, side: Side = "right") -> tuple[torch.Tensor, ...]:
+    """``(input_ids, attention_mask, position_ids)`` of a batch; positions count each row's real tokens only."""
+    if side not in ("left", "right"):
+        raise HarvestError(f"padding_side={side!r}; expected 'left' or 'right'")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, span], mask[row, span] = torch.tensor(list(seq), dtype=torch.long), 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _pool_tokens(sae: QwenScopeSAE, hidden: torch.Tensor, mask: torch.Tensor, skip_first: bool) -> list:
+    values, indices = sae.encode_sparse(hidden)
+    return [(v[keep].cpu(), i[keep].cpu()) for v, i, keep in zip(values, indices, mask, strict=True)]
+
+
+def _pool_max(sae: QwenScopeSAE, hidden: torch.Tensor, mask: torch.Tensor, skip_first: bool) -> list:
+    """Per row, ``(features, values)`` of max_t z_f over the kept tokens (one batched scatter)."""
+    values, indices = sae.encode_sparse(hidden)
+    keep = mask.clone()
+    if skip_first:  # drop each row's first real token, wherever padding put it
+        keep[torch.arange(keep.shape[0]), keep.int().argmax(-1)] = False
+    values = (values.float() * keep.unsqueeze(-1)).flatten(1)
+    best = torch.zeros(values.shape[0], sae.cfg.d_sae, device=values.device)
+    best.scatter_reduce_(1, indices.flatten(1), values, reduce="amax")
+    best = best.cpu()
+    return [(row.nonzero().flatten(), row[row.nonzero().flatten()]) for row in best]
+
+
+def _pool_last(sae: QwenScopeSAE, hidden: torch.Tensor, mask: torch.Tensor, skip_first: bool) -> list:
+    last = mask.shape[1] - 1 - mask.flip(-1).int().argmax(-1)  # each row's last real token, either padding side
+    values, indices = sae.encode_sparse(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+    active = torch.where(values > 0, indices, -1).sort(dim=-1).values.cpu().numpy()
+    return [row[row >= 0].astype(np.int32) for row in active]
+
+
+POOLERS = {"tokens": _pool_tokens, "max": _pool_max, "last": _pool_last}
+
+
+@overload
+def harvest(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, QwenScopeSAE], *,
+            pooling: Literal["tokens"] = ..., **options) -> list[TextCodes]: ...
+@overload
+def harvest(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, QwenScopeSAE], *,
+            pooling: Literal["max"], **options) -> MaxActivations: ...
+@overload
+def harvest(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, QwenScopeSAE], *,
+            pooling: Literal["last"], **options) -> LastFeatures: ...
+
+
+@torch.no_grad()
+def harvest(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, QwenScopeSAE], *,
+            pooling: Pooling = "tokens", batch_size: int = 16, max_length: int | None = 512,
+            truncation_side: Side = "right", padding_side: Side = "right", exclude_first_token: bool = False,
+            progress: bool = False, desc: str = "harvest"):
+    """SAE codes of every text at every layer in ``saes``, pooled as asked (see the module docstring).
+
+    Args:
+        model: a transformers model, a TransformerLens bridge, an nnsight model or a ``Backend``.
+        pooling: ``tokens`` -> ``list[TextCodes]``; ``max`` -> ``MaxActivations``; ``last`` -> ``LastFeatures``.
+        exclude_first_token: for ``max``, leave each text's first token out of the max (position 0 carries
+            massive-norm outliers on Qwen3).
+    """
+    if pooling not in POOLERS:
+        raise HarvestError(f"pooling={pooling!r}; expected one of {sorted(POOLERS)}")
+    if not saes:
+        raise HarvestError("no SAEs given; pass {layer: QwenScopeSAE} for at least one layer")
+    if batch_size < 1:
+        raise HarvestError(f"batch_size={batch_size}; expected an integer >= 1")
+    texts = list(texts)
+    backend = as_backend(model)
+    layers = sorted(backend.check_layers(saes))
+    encoded = tokenize(tokenizer, texts, max_length=max_length, truncation_side=truncation_side)
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if pooling == "last" and empty:
+        raise EmptyInputError(f"{len(empty)} text(s) tokenize to nothing (first: {texts[empty[0]]!r}); every text "
+                              "needs at least one token for its last-token features")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted((i for i, ids in enumerate(encoded) if ids), key=lambda i: len(encoded[i]))
+    pooled: dict[int, list] = {n: [None] * len(texts) for n in layers}
+    pool = POOLERS[pooling]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    for rows in tqdm(batches, disable=not progress, desc=desc, unit="batch"):
+        ids, mask, positions = pad([encoded[i] for i in rows], pad_id, padding_side)
+        found = backend.capture(ids, mask, layers=layers, position_ids=positions,
+                                reduce=_pooling(pool, saes, mask.bool(), exclude_first_token))
+        for n, per_row in found.items():
+            for i, result in zip(rows, per_row, strict=True):
+                pooled[n][i] = result
+    if pooling == "last":
+        return pooled
+    if pooling == "max":
+        return {n: _csr(pooled[n], saes[n].cfg.d_sae) for n in layers}
+    nothing = {n: (torch.zeros(0, saes[n].cfg.k), torch.zeros(0, saes[n].cfg.k, dtype=torch.long)) for n in layers}
+    return [TextCodes(token_ids=torch.tensor(encoded[i], dtype=torch.long),
+                      values={n: (pooled[n][i] or nothing[n])[0] for n in layers},
+                      indices={n: (pooled[n][i] or nothing[n])[1] for n in layers}) for i in range(len(texts))]
+
+
+def _pooling(pool, saes: Mapping[int, QwenScopeSAE], mask: torch.Tensor, skip_first: bool):
+    """The capture's ``reduce``: pool block n's batch with its SAE, the mask moved to the block's device."""
+
+    def reduce(hidden: torch.Tensor, n: int) -> list:
+        return pool(saes[n], hidden, mask.to(hidden.device), skip_first)
+
+    return reduce
+
+
+def _csr(rows: list, d_sae: int) -> sp.csr_matrix:
+    """One CSR from per-text ``(features, values)`` (None for a text without tokens), built once."""
+    rows = [row if row is not None else (torch.zeros(0, dtype=torch.long), torch.zeros(0)) for row in rows]
+    indptr = np.concatenate([[0], np.cumsum([len(f) for f, _ in rows])])
+    if not rows:
+        return sp.csr_matrix((0, d_sae), dtype=np.float32)
+    return sp.csr_matrix((torch.cat([v for _, v in rows]).numpy(), torch.cat([f for f, _ in rows]).numpy(), indptr),
+                         shape=(len(rows), d_sae))
