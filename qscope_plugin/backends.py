@@ -21,6 +21,7 @@ import importlib
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -57,7 +58,11 @@ class Backend:
         """What the user passed (returned unchanged by ``as_backend(backend)``)."""
         self.module = module
         """The transformers model underneath: its decoder layers are hooked, its config describes the model."""
-        self.layers = resolve_layers(module)
+
+    @cached_property
+    def layers(self) -> nn.ModuleList:
+        """The decoder blocks (resolved on first use: naming a model needs no layers)."""
+        return resolve_layers(self.module)
 
     @property
     def n_layers(self) -> int:

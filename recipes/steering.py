@@ -128,9 +128,9 @@ def steer(model: object, spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE], *
             i.e. no past cache), so consecutive ``generate`` calls on different prompts each steer their own
             prompt / generated positions.
     """
+    vectors = steering_vectors(spec, saes)
     backend = as_backend(model)
     backend.check_layers(spec.layers)
-    vectors = steering_vectors(spec, saes)
     clamps = [t for t in spec.terms if t.clamp is not None]
     state: dict = {} if prompt_length is None else {"prompt_length": prompt_length, "fixed": True}
     on_device: dict[tuple, torch.Tensor] = {}
