@@ -11,7 +11,8 @@ Only the indices are kept in memory: nothing grows with the dataset but them.
 
 The harvest writes finished chunks of samples to ``<out>.partial/`` (each file written atomically), so a killed
 run resumes where it stopped; the merged file replaces them at the end. Under ``torchrun`` every rank harvests
-its share of the pending chunks and rank 0 merges (the output folder must be shared by the ranks).
+its share of the pending chunks and rank 0 merges (the output folder must be shared by the ranks); a script
+launched by ``torchrun`` joins the group with ``with torchrun_group() as (rank, device):``.
 The forward pass stops after the deepest layer asked for: later blocks and the LM head are never run.
 """
 
