@@ -11,17 +11,19 @@ Only the indices are kept in memory: nothing grows with the dataset but them.
 
 The harvest writes finished chunks of samples to ``<out>.partial/`` (each file written atomically), so a killed
 run resumes where it stopped; the merged file replaces them at the end. Under ``torchrun`` every rank harvests
-its share of the pending chunks and rank 0 merges (the output folder must be shared by the ranks).
+its share of the pending chunks and rank 0 merges (the output folder must be shared by the ranks); a script
+launched by ``torchrun`` joins the group with ``with torchrun_group() as (rank, device):``.
 The forward pass stops after the deepest layer asked for: later blocks and the LM head are never run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,8 +142,17 @@ def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: P
 # ------------------------------------------------------------------------------------------------ data
 
 
-def load_benchmark(source: str, *, config: str | None = None, split: str = "test", revision: str | None = None):
-    """A ``datasets.Dataset`` from a hub id (with ``config`` / ``split``) or a local json/jsonl/csv/parquet file."""
+def load_benchmark(source: str, *, config: str | None = None, split: str = "test", revision: str | None = None,
+                   limit: int | None = None):
+    """A ``datasets.Dataset`` from a hub id (with ``config`` / ``split``) or a local json/jsonl/csv/parquet file;
+    ``limit`` keeps the first samples only (a quick trial run)."""
+    if limit is not None and limit < 1:
+        raise FootprintError(f"limit={limit}; give a positive number of samples, or None for all")
+    data = _load_benchmark(source, config=config, split=split, revision=revision)
+    return data if limit is None else data.select(range(min(limit, len(data))))
+
+
+def _load_benchmark(source: str, *, config: str | None, split: str, revision: str | None):
     import datasets
 
     path = Path(source)
@@ -263,6 +274,31 @@ def _barrier(world: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+@contextlib.contextmanager
+def torchrun_group(device: str | None = None) -> Iterator[tuple[int, str | None]]:
+    """Inside the block, this process is one rank of the ``torchrun`` launch that started it; yields
+    ``(rank, device)``, the device to load the model on. ``harvest_footprints`` then shares the chunks out.
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1), the block joins the process group (NCCL with one GPU per local
+    rank when ``device`` is None or ``"cuda"``, else gloo) and leaves it at the end. Otherwise, or when a group is
+    already initialised, it changes nothing and yields the current rank with ``device`` unchanged.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield _distributed()[0], device
+        return
+    if torch.cuda.is_available() and device in (None, "cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield dist.get_rank(), device
+    finally:
+        dist.destroy_process_group()
 
 
 def _chunk_file(folder: Path, start: int, stop: int) -> Path:

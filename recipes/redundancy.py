@@ -26,7 +26,7 @@ from scipy import stats
 from scipy.special import gammaln
 
 from qscope_plugin.errors import QScopeError
-from qscope_plugin.recipes.footprints import LayerFootprints
+from qscope_plugin.recipes.footprints import Footprints, LayerFootprints
 
 KendallVariant = Literal["a", "b"]
 
@@ -241,7 +241,10 @@ def redundancy_report(footprints: Mapping[str, LayerFootprints], *, scores: pd.D
                               "benchmarks only through the same SAE and layer")
     correctness = {name: np.asarray(c, dtype=float) for name, c in (correctness or {}).items()}
     for name, c in correctness.items():
-        if name in footprints and c.shape[-1] != len(footprints[name]):
+        if name not in footprints:
+            raise RedundancyError(f"correctness is given for {name!r}, which is not among the benchmarks "
+                                  f"{list(footprints)}; name it as its footprints are named")
+        if c.shape[-1] != len(footprints[name]):
             raise RedundancyError(f"correctness of {name!r} has {c.shape[-1]} samples but its footprints have "
                                   f"{len(footprints[name])}; they must describe the same samples")
     benchmarks = {}
@@ -321,6 +324,51 @@ def _summary(overlap: pd.DataFrame, drop_threshold: float, distinct_threshold: f
     return {"drop_candidates": drop, "distinct": keep,
             "rule": f"drop D if another benchmark D2 covers >= {drop_threshold:.0%} of F(D) and D covers less of "
                     f"F(D2) (overlap R11); keep D as distinct if none covers more than {distinct_threshold:.0%}"}
+
+
+def load_suite(paths: Sequence[str | Path], layer: int | None = None) -> tuple[int, dict[str, LayerFootprints]]:
+    """``(layer, {benchmark: LayerFootprints})`` from footprint files, all at one layer they share.
+
+    ``layer`` may be omitted when the files share exactly one layer; metrics across layers would compare
+    different SAEs, so there is no default among several.
+    """
+    files = [Footprints.load(path) for path in paths]
+    names = [fp.name for fp in files]
+    if len(set(names)) < len(names):
+        raise RedundancyError(f"benchmark names repeat ({names}); give each harvest its own name "
+                              "(harvest_footprints name= or `qscope footprints --name`)")
+    shared = sorted(set.intersection(*(set(fp.layers) for fp in files))) if files else []
+    if layer is None:
+        if len(shared) != 1:
+            raise RedundancyError(f"the footprint files share layers {shared}; choose one of them (layer=, "
+                                  "`qscope redundancy --layer`)" if shared else "the footprint files share no "
+                                  "layer; harvest every benchmark at the same layer")
+        layer = shared[0]
+    elif layer not in shared:
+        raise RedundancyError(f"layer {layer} is not in every footprint file; they share layers {shared}")
+    return layer, {fp.name: fp[layer] for fp in files}
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A CSV with models as rows (their names in the first column): accuracies or per-sample scores."""
+    try:
+        return pd.read_csv(path, index_col=0)
+    except (OSError, ValueError) as e:
+        raise RedundancyError(f"cannot read CSV {str(path)!r} ({e}); expected models as rows, the first column "
+                              "their names") from None
+
+
+def read_correctness(paths: Mapping[str, str | Path]) -> dict[str, np.ndarray]:
+    """``{benchmark: (models, samples)}`` per-sample scores from one CSV per benchmark (see ``read_table``)."""
+    out = {}
+    for name, path in paths.items():
+        table = read_table(path)
+        try:
+            out[name] = table.to_numpy(dtype=float)
+        except ValueError as e:
+            raise RedundancyError(f"{str(path)!r} holds non-numeric scores ({e}); expected one number per model "
+                                  "and sample, e.g. 0/1 correctness") from None
+    return out
 
 
 def write_report(report: dict, out: str | Path) -> Path:

@@ -82,11 +82,16 @@ def save_targets(targets: Sequence[Target], path: str | Path) -> None:
 
 
 def load_targets(path: str | Path) -> list[Target]:
+    """Targets saved by ``save_targets``; an empty file is refused, since coverage and synthesis need targets."""
     try:
-        return [Target(**json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+        targets = [Target(**json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
     except (OSError, TypeError, json.JSONDecodeError) as e:
         raise SynthesisError(f"cannot read targets from {str(path)!r} ({e}); expected JSONL written by "
                              "save_targets / `qscope safety targets`") from None
+    if not targets:
+        raise SynthesisError(f"{str(path)!r} holds no targets; rebuild them with a lower tau or more features "
+                             "(build_targets / `qscope safety targets --tau --features`)")
+    return targets
 
 
 def build_targets(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], features: Mapping[int, Sequence[int]],
@@ -319,6 +324,11 @@ def compare_coverage(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE],
     return curves
 
 
+def curve_budgets(budget: int) -> list[int]:
+    """0 and the budget in quarters: the five points of a coverage-vs-budget curve up to ``budget``."""
+    return sorted({max(1, budget * i // 4) for i in range(5)} | {0})
+
+
 def plot_coverage_curves(curves: Mapping[str, Sequence[float]], budgets: Sequence[int], path: str | Path) -> Path:
     import matplotlib
 
@@ -388,9 +398,13 @@ class ChatModel:
     skip the reasoning block; other templates ignore it). Answers are decoded without ``<think>`` blocks.
     """
 
-    def __init__(self, model, tokenizer, *, max_new_tokens: int = 64, templates: Path = TEMPLATES,
+    def __init__(self, model, tokenizer, *, max_new_tokens: int = 64, templates: str | Path = TEMPLATES,
                  chat_template: bool | None = None, enable_thinking: bool = False,
                  categories: Sequence[str] = RISK_CATEGORIES) -> None:
+        templates = Path(templates)
+        if not templates.is_dir():
+            raise SynthesisError(f"templates {str(templates)!r} is not a folder; copy the installed {TEMPLATES} and "
+                                 "edit the copy")
         self.model, self.tokenizer, self.max_new_tokens, self.templates = model, tokenizer, max_new_tokens, templates
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if chat_template and not has_template:

@@ -206,6 +206,13 @@ def _greedy(backend: Backend, prompt_ids: torch.Tensor, max_new_tokens: int, eos
     return new[: new.index(eos) + 1] if eos is not None and eos in new else new
 
 
+def _completion(backend: Backend, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int,
+                top_alternatives: int) -> Completion:
+    new = _greedy(backend, prompt_ids, max_new_tokens, tokenizer.eos_token_id)
+    tokens = _score(backend, tokenizer, prompt_ids, new, top_alternatives)
+    return Completion(tokenizer.decode(new, skip_special_tokens=True), new, tokens)
+
+
 def generate(model: object, tokenizer, prompt: str, spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE], *,
              max_new_tokens: int = 32, chat: Literal["thinking", "no_thinking"] | None = None,
              top_alternatives: int = 3) -> SteeringResult:
@@ -214,26 +221,54 @@ def generate(model: object, tokenizer, prompt: str, spec: SteeringSpec, saes: Ma
     text = format_prompt(prompt, chat)
     backend = as_backend(model)
     prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(backend.device)
-    eos = tokenizer.eos_token_id
-
-    def complete() -> Completion:
-        new = _greedy(backend, prompt_ids, max_new_tokens, eos)
-        tokens = _score(backend, tokenizer, prompt_ids, new, top_alternatives)
-        return Completion(tokenizer.decode(new, skip_special_tokens=True), new, tokens)
-
     with steer(backend, spec, saes, prompt_length=prompt_ids.shape[1]):
-        steered = complete()
-    return SteeringResult(text, steered, complete())
+        steered = _completion(backend, tokenizer, prompt_ids, max_new_tokens, top_alternatives)
+    return SteeringResult(text, steered, _completion(backend, tokenizer, prompt_ids, max_new_tokens, top_alternatives))
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One strength of a sweep."""
+
+    alpha: float
+    steered: Completion
+    mean_prob: float
+    """Mean probability of the chosen tokens (NaN when nothing was generated); it falls as α derails the model."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A strength sweep: every α beside the one unsteered completion they all share."""
+
+    prompt: str
+    """The text given to the model (after the ``chat`` wrapper)."""
+    unsteered: Completion
+    rows: tuple[SweepRow, ...]
 
 
 def sweep(model: object, tokenizer, prompt: str, layer: int, feature: int, alphas: Sequence[float],
-          saes: Mapping[int, QwenScopeSAE], *, max_new_tokens: int = 32, **spec_options) -> list[dict]:
-    """A strength sweep: one row per α with the steered completion and its mean chosen-token probability."""
+          saes: Mapping[int, QwenScopeSAE], *, max_new_tokens: int = 32,
+          chat: Literal["thinking", "no_thinking"] | None = None, top_alternatives: int = 3,
+          direction_norm: Literal["raw", "unit"] = "raw", positions: Positions = "all") -> Sweep:
+    """Greedy completions of one feature steered at each strength in ``alphas`` (``qscope steer``).
+
+    Same completions as ``generate`` with ``SteeringSpec.single(layer, feature, alpha, direction_norm=...,
+    positions=...)`` per α, but the unsteered completion, the same for every α, is generated once.
+    """
+    if not alphas:
+        raise SteeringError("no strengths to sweep; pass alphas, e.g. [-8.0, 0.0, 8.0]")
+    specs = [SteeringSpec.single(layer, feature, alpha, direction_norm=direction_norm, positions=positions)
+             for alpha in alphas]
+    (prompt,) = check_texts([prompt], "prompt")
+    text = format_prompt(prompt, chat)
+    backend = as_backend(model)
+    prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(backend.device)
     rows = []
-    for alpha in alphas:
-        spec = SteeringSpec.single(layer, feature, alpha, **spec_options)
-        result = generate(model, tokenizer, prompt, spec, saes, max_new_tokens=max_new_tokens)
-        probs = [t.prob for t in result.steered.tokens]
-        rows.append({"alpha": alpha, "text": result.steered.text,
-                     "mean_prob": sum(probs) / len(probs) if probs else float("nan")})
-    return rows
+    for alpha, spec in zip(alphas, specs, strict=True):
+        with steer(backend, spec, saes, prompt_length=prompt_ids.shape[1]):
+            steered = _completion(backend, tokenizer, prompt_ids, max_new_tokens, top_alternatives)
+        probs = [t.prob for t in steered.tokens]
+        rows.append(SweepRow(alpha, steered, sum(probs) / len(probs) if probs else float("nan")))
+    # after the steered ones: a bad layer or feature fails in steer() before anything is generated
+    unsteered = _completion(backend, tokenizer, prompt_ids, max_new_tokens, top_alternatives)
+    return Sweep(text, unsteered, tuple(rows))

@@ -22,6 +22,7 @@ import numpy as np
 from qscope_plugin.errors import QScopeError
 from qscope_plugin.recipes._harvest import MaxActivations, harvest
 from qscope_plugin.recipes.classifiers import (
+    ORRuleClassifier,
     Scores,
     f1_grid,
     feature_deltas,
@@ -108,6 +109,26 @@ def load_splits(source: str, languages: Sequence[str] | None = None, *, text_col
                 raise DataError(f"{source!r} [{lang}] has no column {column!r}; columns: {table.column_names}")
         splits[lang] = balanced_split(table[text_column], table[label_column], n_discovery, n_test, split_seed)
     return splits
+
+
+def pool_splits(splits: Mapping[str, Split]) -> Split:
+    """Every language's discovery and test examples as one split: one classifier serves all the languages."""
+    if not splits:
+        raise DataError("no splits to pool; load_splits returns one per language")
+    parts = list(splits.values())
+    return Split([t for s in parts for t in s.discovery_texts], np.concatenate([s.discovery_labels for s in parts]),
+                 [t for s in parts for t in s.test_texts], np.concatenate([s.test_labels for s in parts]))
+
+
+def fit_classifier(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], splits: Mapping[str, Split], *,
+                   release: str | None = None, k_features: int = 5, m_layers: int = 1,
+                   eps: float = 0.0) -> tuple[ORRuleClassifier, Scores]:
+    """One OR-rule classifier for all languages of ``splits`` (``qscope classify fit``): fitted on the pooled
+    discovery examples, scored on the pooled test examples, which it never saw."""
+    pooled = pool_splits(splits)
+    clf = ORRuleClassifier(model, tokenizer, saes, release=release, k_features=k_features, m_layers=m_layers,
+                           eps=eps).fit(pooled.discovery_texts, pooled.discovery_labels)
+    return clf, clf.score(pooled.test_texts, pooled.test_labels)
 
 
 @dataclass

@@ -50,7 +50,6 @@ def test_fetch_removes_a_corrupt_file(hub_cache, capsys):
         (["info", "qwen-scope-nope"], "unknown Qwen-Scope release"),
         (["fetch", RELEASE, "--layers", "30"], r"outside 0\.\.27"),
         (["fetch", RELEASE, "--layers", "a-b"], "bad --layers"),
-        (["fetch", RELEASE, "--layers", "3"], "not in the local cache"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(hub_cache, capsys, argv, message):
@@ -58,7 +57,38 @@ def test_bad_input_is_one_line_and_exit_2(hub_cache, capsys, argv, message):
 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and re.search(message, err)
+    assert len(err.splitlines()) == 1 and re.search(message, err) and "Traceback" not in err
+
+
+def test_fetch_with_an_empty_offline_cache_is_a_runtime_failure_exit_1(hub_cache, capsys):
+    """NotCachedError (an OSError): the arguments were fine, the environment was not."""
+    assert main(["fetch", RELEASE, "--layers", "3"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in captured.err
+    assert err.startswith("qscope fetch: error: layer3.sae.pt of ") and "not in the local cache" in err
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "hint"),
+    [
+        (RuntimeError("CUDA out of\nmemory"), 1, "(RuntimeError; rerun with --debug for the traceback)"),
+        (PermissionError(13, "Permission denied"), 1, ""),
+        (ValueError("a library's own check"), 1, "(ValueError; rerun with --debug"),
+    ],
+)
+def test_other_failures_are_one_line_and_exit_1(monkeypatch, capsys, error, status, hint):
+    import qscope_plugin.cli.hub as hub
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(hub, "cmd_releases", fail)
+    assert main(["releases"]) == status
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("qscope releases: error: ") and hint in err
+    with pytest.raises(type(error)):
+        main(["--debug", "releases"])
 
 
 @pytest.mark.parametrize(
@@ -84,7 +114,7 @@ def test_argparse_errors_are_one_line_and_exit_2(capsys, argv, message):
     assert captured.out == "" and len(err.splitlines()) == 1 and re.search(message, err), err
 
 
-def test_hub_error_is_one_line_and_exit_2(hub_cache, monkeypatch, capsys):
+def test_hub_error_is_one_line_and_exit_1(hub_cache, monkeypatch, capsys):
     import httpx2
     import huggingface_hub
     from huggingface_hub.errors import RevisionNotFoundError
@@ -94,7 +124,7 @@ def test_hub_error_is_one_line_and_exit_2(hub_cache, monkeypatch, capsys):
         raise RevisionNotFoundError("Invalid rev id: v9\nrequest id: 1", response=httpx2.Response(404, request=request))
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing_revision)
-    assert main(["fetch", RELEASE, "--layers", "3", "--revision", "v9"]) == 2
+    assert main(["fetch", RELEASE, "--layers", "3", "--revision", "v9"]) == 1  # HubError: an OSError, at run time
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("qscope fetch: error: revision 'v9' does not exist")
 
@@ -103,7 +133,34 @@ def test_parse_layers():
     assert parse_layers("3,5,7-9", 28) == [3, 5, 7, 8, 9]
     assert parse_layers("all", 3) == [0, 1, 2]
     assert parse_layers(" 2 - 4 ,9", 28) == [2, 3, 4, 9]
-    for bad, message in (("5-3", "reversed range"), ("3-", "bad --layers"), ("-3", "bad --layers"),
-                         ("1,,2", "bad --layers"), ("28", "outside 0..27")):
+    for bad, message in (("5-3", "reversed range"), ("3-", "bad --layers"), ("-3", "bad --layers"), ("1,,2", "bad --layers"),
+                         ("28", r"layer 28 is out of range for this release \(28 layers: 0..27\)")):
         with pytest.raises(QScopeError, match=message):
             parse_layers(bad, 28)
+
+
+def test_cli_modules_hold_no_model_code():
+    """Each command parses arguments and calls recipes: no cli module imports torch or runs the model itself."""
+    import ast
+    from pathlib import Path
+
+    import qscope_plugin.cli as cli
+
+    modules = sorted(Path(cli.__file__).parent.glob("*.py"))
+    assert {m.stem for m in modules} >= {"__init__", "_options", "hub", "demo", "discovery", "steering", "classify",
+                                         "benchmarks", "safety"}
+    for module in modules:
+        tree = ast.parse(module.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[0] in ("torch", "numpy") for a in node.names), module.name
+            if isinstance(node, ast.ImportFrom):
+                assert (node.module or "").split(".")[0] not in ("torch", "numpy"), module.name
+            if isinstance(node, ast.Call):
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                assert name not in ("generate", "model", "forward", "encode", "decode", "no_grad"), \
+                    f"{module.name}:{node.lineno} calls {name}()"
+        commands = [f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.startswith("cmd_")]
+        for command in commands:  # every command reaches a recipe or the core through a qscope_plugin import
+            imports = [n.module for n in ast.walk(command) if isinstance(n, ast.ImportFrom)]
+            assert any(m and m.startswith("qscope_plugin.") for m in imports) or module.stem == "hub", command.name

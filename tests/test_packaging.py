@@ -18,6 +18,8 @@ def test_wheel_has_only_the_qscope_plugin_top_level_package(tmp_path):
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top_level == {"qscope_plugin"}
     assert "qscope_plugin/adapters/sae_lens.py" in names and "qscope_plugin/recipes/__init__.py" in names
+    cli = {"qscope_plugin/cli/__init__.py", "qscope_plugin/cli/__main__.py", "qscope_plugin/cli/safety.py"}
+    assert cli <= set(names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "qscope = qscope_plugin.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

@@ -156,3 +156,19 @@ def test_distributed_harvest_under_torchrun_equals_single_process(tmp_path):
     distributed = Footprints.load(out)
     assert as_sets(distributed) == as_sets(single)
     assert distributed.provenance["n_samples"] == 24 and not Path(f"{out}.partial").exists()
+
+
+def test_torchrun_group_outside_torchrun_changes_nothing(monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    from qscope_plugin.recipes.footprints import torchrun_group
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with torchrun_group("cpu") as (rank, device):
+        assert (rank, device) == (0, "cpu") and not dist.is_initialized()
+    data_file = tmp_path / "d.jsonl"
+    data_file.write_text("".join(f'{{"text": "t{i}"}}\n' for i in range(5)))
+    assert load_benchmark(str(data_file), limit=2)["text"] == ["t0", "t1"]
+    assert len(load_benchmark(str(data_file), limit=50)) == 5
+    with pytest.raises(FootprintError, match="limit=0"):
+        load_benchmark(str(data_file), limit=0)

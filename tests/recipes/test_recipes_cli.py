@@ -40,10 +40,11 @@ def test_steer_sweep_json(assets, capsys):
     argv = ["steer", "Hello", "--layer", "1", "--feature", "4", "--alpha", "0", "--alpha", "40",
             "--max-new-tokens", "4", "--json", *assets]
     assert main(argv) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert [r["alpha"] for r in rows] == [0.0, 40.0]
-    assert rows[0]["steered"]["token_ids"] == rows[0]["unsteered"]["token_ids"]  # alpha 0 changes nothing
-    assert len(rows[1]["steered"]["token_ids"]) == 4
+    result = json.loads(capsys.readouterr().out)
+    rows = result["rows"]
+    assert [r["alpha"] for r in rows] == [0.0, 40.0] and result["prompt"] == "Hello"
+    assert rows[0]["steered"]["token_ids"] == result["unsteered"]["token_ids"]  # alpha 0 changes nothing
+    assert len(rows[1]["steered"]["token_ids"]) == 4 and all(0 < r["mean_prob"] <= 1 for r in rows)
 
 
 @pytest.mark.parametrize(
@@ -62,9 +63,10 @@ def test_bad_input_exits_2(assets, capsys, argv, message):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_missing_model_is_a_clear_error(capsys, tmp_path):
-    assert main(["analyze", "hi", "--model", str(tmp_path / "nope"), "--release", str(tmp_path)]) == 2
-    assert "cannot load model" in capsys.readouterr().err
+def test_missing_model_is_a_runtime_failure(capsys, tmp_path):
+    assert main(["analyze", "hi", "--model", str(tmp_path / "nope"), "--release", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot load model" in err and len(err.strip().splitlines()) == 1
 
 
 def test_classify_fit_eval_predict(assets, tmp_path, capsys):

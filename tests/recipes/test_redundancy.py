@@ -214,3 +214,46 @@ def test_report_refuses_mismatched_inputs():
         redundancy_report({"a": fp, "b": footprints_of([{1}], d_sae=16)})
     with pytest.raises(RedundancyError, match="3 samples but its footprints have 2"):
         redundancy_report({"a": fp}, correctness={"a": np.ones((4, 3))})
+
+
+def _footprint_file(path, name: str, layers: tuple[int, ...], n: int = 3):
+    from qscope_plugin.recipes.footprints import Footprints
+
+    layer_fps = {layer: LayerFootprints(np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int32), 16)
+                 for layer in layers}
+    Footprints(layer_fps, {"benchmark": name}).save(path)
+    return str(path)
+
+
+def test_load_suite_chooses_the_one_shared_layer_and_refuses_to_guess(tmp_path):
+    from qscope_plugin.recipes.redundancy import load_suite
+
+    a = _footprint_file(tmp_path / "a.safetensors", "A", (3, 5))
+    b = _footprint_file(tmp_path / "b.safetensors", "B", (5, 7))
+    c = _footprint_file(tmp_path / "c.safetensors", "C", (3, 5, 7))
+    layer, suite = load_suite([a, b])
+    assert layer == 5 and list(suite) == ["A", "B"] and len(suite["A"]) == 3
+    assert load_suite([a, c], 3)[0] == 3
+    with pytest.raises(RedundancyError, match=r"share layers \[3, 5\]; choose one"):
+        load_suite([a, c])
+    with pytest.raises(RedundancyError, match=r"layer 7 is not in every footprint file; they share layers \[5\]"):
+        load_suite([a, b], 7)
+    with pytest.raises(RedundancyError, match="share no layer"):
+        load_suite([_footprint_file(tmp_path / "d.safetensors", "D", (1,)), b])
+    with pytest.raises(RedundancyError, match="names repeat"):
+        load_suite([a, _footprint_file(tmp_path / "a2.safetensors", "A", (5,))])
+
+
+def test_read_correctness_and_unknown_benchmarks(tmp_path):
+    from qscope_plugin.recipes.redundancy import read_correctness, read_table
+
+    pd.DataFrame([[1, 0, 1], [0, 0, 1]], index=["m1", "m2"]).to_csv(tmp_path / "a.csv")
+    pd.DataFrame([["x", "y"]], index=["m1"]).to_csv(tmp_path / "bad.csv")
+    assert read_correctness({"A": tmp_path / "a.csv"})["A"].tolist() == [[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
+    with pytest.raises(RedundancyError, match="non-numeric scores"):
+        read_correctness({"A": tmp_path / "bad.csv"})
+    with pytest.raises(RedundancyError, match="cannot read CSV"):
+        read_table(tmp_path / "missing.csv")
+    lf = LayerFootprints(np.arange(4, dtype=np.int64), np.arange(3, dtype=np.int32), 16)
+    with pytest.raises(RedundancyError, match="'B', which is not among the benchmarks"):
+        redundancy_report({"A": lf}, correctness={"B": np.ones((2, 3))})

@@ -319,11 +319,12 @@ def test_categorizer_sets_target_categories(planted):
 def cli_env(planted, monkeypatch):
     """`qscope safety ...` on the planted tiny model, every chat call scripted by its template (test-only)."""
     import qscope_plugin.cli as cli
+    import qscope_plugin.cli.safety as safety_cli
     from qscope_plugin.recipes import safety_synthesis as ss
 
     model, tok, saes, targets = planted
-    monkeypatch.setattr(cli, "_backbone", lambda args: (model, tok))
-    monkeypatch.setattr(cli, "_saes", lambda source, layers: saes)
+    monkeypatch.setattr(safety_cli, "load_backbone", lambda args: (model, tok))
+    monkeypatch.setattr(safety_cli, "load_saes", lambda source, layers: saes)
     calls: list = []
 
     def scripted(self, text, *, sample_seed=None):

@@ -213,8 +213,30 @@ def test_generate_and_sweep(setup):
         assert len(completion.tokens) == len(completion.token_ids) == 6
         assert all(0 < t.prob <= 1 and len(t.alternatives) == 2 for t in completion.tokens)
         assert all(t.prob >= a for t in completion.tokens for _, a in t.alternatives)  # greedy picks the max
-    rows = sweep(model, tok, "Hello", 2, 4, [0.0, 40.0], saes, max_new_tokens=6)
-    assert rows[0]["text"] == result.unsteered.text and rows[1]["text"] == result.steered.text
+
+
+def test_sweep_generates_the_unsteered_completion_once(setup, monkeypatch):
+    """One greedy run per α plus one unsteered run (not one per α), each equal to what generate() returns."""
+    from qscope_plugin.recipes import steering
+
+    model, tok, saes = setup
+    options = dict(max_new_tokens=5, chat="no_thinking", direction_norm="unit", positions="generated")
+    spec_options = {k: options[k] for k in ("direction_norm", "positions")}
+    expected = {a: generate(model, tok, "Hello", SteeringSpec.single(2, 4, a, **spec_options), saes,
+                            max_new_tokens=5, chat="no_thinking") for a in (0.0, 8.0, -8.0)}
+    calls = []
+    real = steering._greedy
+    monkeypatch.setattr(steering, "_greedy", lambda *args: calls.append(1) or real(*args))
+    result = sweep(model, tok, "Hello", 2, 4, [0.0, 8.0, -8.0], saes, **options)
+    assert len(calls) == 4  # 3 steered + 1 unsteered; generate() per alpha would take 6
+    assert isinstance(result, steering.Sweep) and [r.alpha for r in result.rows] == [0.0, 8.0, -8.0]
+    assert result.prompt == expected[0.0].prompt and result.unsteered == expected[0.0].unsteered
+    for row in result.rows:
+        assert row.steered == expected[row.alpha].steered
+        assert row.mean_prob == pytest.approx(sum(t.prob for t in row.steered.tokens) / len(row.steered.tokens))
+    assert result.rows[0].steered.token_ids == result.unsteered.token_ids  # α = 0 changes nothing
+    with pytest.raises(SteeringError, match="no strengths"):
+        sweep(model, tok, "Hello", 2, 4, [], saes)
 
 
 def test_chat_wrapping(setup):

@@ -121,3 +121,15 @@ def test_evaluate_end_to_end_on_a_tiny_model(tmp_path):
     assert set(report["languages"]["en"]["f1"]) == {0, 1}
     assert set(report["macro"]["precision"][1]) == {1, 2} and set(report["languages"]["en"]["recall"][0]) == {1, 2}
     assert 0.0 <= report["languages"]["en"]["best_layer_f1"] <= 1.0
+
+
+def test_pool_splits_keeps_every_language_and_split_apart():
+    from qscope_plugin.recipes.toxicity import Split, pool_splits
+
+    splits = {"en": Split(["a", "b"], np.array([True, False]), ["c"], np.array([True])),
+              "ru": Split(["д"], np.array([False]), ["е", "ж"], np.array([False, True]))}
+    pooled = pool_splits(splits)
+    assert pooled.discovery_texts == ["a", "b", "д"] and pooled.discovery_labels.tolist() == [True, False, False]
+    assert pooled.test_texts == ["c", "е", "ж"] and pooled.test_labels.tolist() == [True, False, True]
+    with pytest.raises(DataError, match="no splits"):
+        pool_splits({})

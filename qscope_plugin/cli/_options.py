@@ -1,0 +1,96 @@
+"""What several commands share: option sets, ``--layers`` parsing, loading SAEs and the backbone, input files,
+and printing JSON or a table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from qscope_plugin.catalogue import release
+from qscope_plugin.errors import QScopeError, feature_out_of_range, layer_out_of_range
+
+
+class UsageError(QScopeError, ValueError):
+    """A command-line argument that cannot be used."""
+
+
+def parse_layers(spec: str, n_layers: int, option: str = "--layers", subject: str = "this release") -> list[int]:
+    """``"10-14"``, ``"3,5,7-9"`` or ``"all"`` to a sorted list of indices below ``n_layers``, each checked.
+
+    An index past the end raises the plugin's one error for it: ``LayerOutOfRangeError`` for ``--layers``,
+    ``FeatureOutOfRangeError`` for ``--features`` (``subject`` names what holds them).
+    """
+    if spec.strip() == "all":
+        return list(range(n_layers))
+    out: set[int] = set()
+    for part in spec.split(","):
+        bounds = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if bounds is None:
+            raise UsageError(f"bad {option} {spec!r}: expected e.g. '14', '10-14', '3,5,7-9' or 'all'")
+        first, last = int(bounds[1]), int(bounds[2] or bounds[1])
+        if first > last:
+            raise UsageError(f"{option} {part.strip()!r} is a reversed range; write it low-high, e.g. "
+                             f"'{last}-{first}'")
+        if last >= n_layers:
+            if option == "--layers":
+                raise layer_out_of_range(last, n_layers, subject)
+            if option == "--features":
+                raise feature_out_of_range(last, n_layers, subject)
+            raise UsageError(f"{option} {part.strip()!r} is outside 0..{n_layers - 1}")
+        out.update(range(first, last + 1))
+    return sorted(out)
+
+
+def names(spec: str) -> list[str]:
+    """A comma-separated option as a list of non-empty names."""
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def add_model_options(p: argparse.ArgumentParser, layers: bool = True) -> None:
+    """``--model --release [--layers] --device --json``: every command that runs the backbone."""
+    from qscope_plugin.models import default_model, default_release
+
+    p.add_argument("--model", default=default_model(), help="HF model folder or cached hub id (default: demo model)")
+    p.add_argument("--release", default=default_release(), help="release name or SAE folder (default: demo SAEs)")
+    if layers:
+        p.add_argument("--layers", default="all", help="e.g. 14, 10-14 or all (default)")
+    p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def load_saes(source: str, layers: str) -> dict:
+    """``{layer: QwenScopeSAE}`` for ``--layers`` of a release name or SAE folder."""
+    from qscope_plugin.store import DEMO_RELEASE, DEMO_SAE_DIR, load_sae, local_layers
+
+    folder = DEMO_SAE_DIR if source == DEMO_RELEASE else Path(source)
+    n_layers = 1 + max(local_layers(folder), default=-1) if folder.is_dir() else release(source).n_layers
+    return {n: load_sae(source, n) for n in parse_layers(layers, n_layers, subject=f"{source!r}")}
+
+
+def load_backbone(args: argparse.Namespace):
+    """``(model, tokenizer)`` of ``--model`` on ``--device``."""
+    from qscope_plugin.models import load_model
+
+    return load_model(args.model, device=args.device)
+
+
+def read_texts(literal: list[str] | None, path: str | None, what: str) -> list[str]:
+    """Texts given on the command line, then the non-blank lines of a file (one text per line)."""
+    texts = list(literal or [])
+    if path:
+        try:
+            texts += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as e:
+            raise UsageError(f"cannot read {what} file {path!r}: {e.strerror}") from None
+    return texts
+
+
+def emit(args: argparse.Namespace, payload: object, render: Callable[[], None]) -> None:
+    """``--json``: the payload for scripts; otherwise the table ``render`` prints."""
+    if args.json:
+        print(json.dumps(payload, ensure_ascii=False, indent=2))
+    else:
+        render()

@@ -1,0 +1,105 @@
+"""``qscope footprints / redundancy``: benchmark footprints and their redundancy (report §4)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qscope_plugin.cli._options import UsageError, add_model_options, emit, load_backbone, load_saes
+
+
+def cmd_footprints(args: argparse.Namespace) -> None:
+    from qscope_plugin.recipes.footprints import harvest_footprints, load_benchmark, torchrun_group
+
+    with torchrun_group(args.device) as (rank, device):
+        args.device = device  # under torchrun: this rank's GPU
+        data = load_benchmark(args.data, config=args.config, split=args.split, revision=args.revision,
+                              limit=args.limit)
+        if args.column is None and args.template is None:
+            raise UsageError(f"pass --column (one of {data.column_names}) or --template, e.g. 'Q: {{question}}\\nA:'")
+        template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
+        model, tok = load_backbone(args)
+        fp = harvest_footprints(model, tok, data, load_saes(args.release, args.layers), column=args.column,
+                                template=template, name=args.name or Path(args.data).stem.split(".")[0],
+                                batch_size=args.batch_size, max_length=args.max_length, chunk_size=args.chunk_size,
+                                out=args.out)
+    if rank == 0:
+        for layer, lf in fp.layers.items():
+            print(f"{fp.name} layer {layer}: {len(lf)} samples, |F(D)| = {len(lf.features())}, "
+                  f"{len(lf.indices) / len(lf):.1f} active features per sample")
+        print(f"footprints written to {args.out}")
+
+
+def _named_csv(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise UsageError(f"bad --correctness {spec!r}: expected BENCHMARK=path.csv")
+    return name, path
+
+
+def cmd_redundancy(args: argparse.Namespace) -> None:
+    from qscope_plugin.recipes.redundancy import (
+        load_suite,
+        read_correctness,
+        read_table,
+        redundancy_report,
+        write_report,
+    )
+
+    layer, suite = load_suite(args.footprints, args.layer)
+    correctness = read_correctness(dict(map(_named_csv, args.correctness or [])))
+    report = redundancy_report(suite, correctness=correctness, scores=read_table(args.scores) if args.scores else None,
+                               reference=args.reference, n_draws=args.n_draws, seed=args.seed, variant=args.kendall,
+                               drop_threshold=args.drop_threshold, distinct_threshold=args.distinct_threshold)
+    write_report(report, args.out)
+
+    def render() -> None:
+        print(f"layer {layer}: {'benchmark':20} {'N':>7} {'|F(D)|':>7} {'R_hat':>9} {'n(90%)':>7} {'R':>6}")
+        for name, row in report["benchmarks"].items():
+            perf = row.get("performance_redundancy")
+            print(f"{'':9}{name:20} {row['n_samples']:7} {row['footprint_size']:7} {row['feature_redundancy']:9.4g} "
+                  f"{row['samples_for_90pct_coverage']:7} {'' if perf is None else f'{perf:6.3f}'}")
+        for d in report["summary"]["drop_candidates"]:
+            print(f"drop candidate: {d['benchmark']} ({d['overlap']:.0%} of its footprint is in {d['covered_by']})")
+        for d in report["summary"]["distinct"]:
+            print(f"distinct, keep: {d['benchmark']} (at most {d['max_overlap']:.0%} covered by any other)")
+        print(f"report in {args.out}/report.md")
+
+    emit(args, report, render)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    footprints = sub.add_parser("footprints", help="active SAE features at each sample's last prompt token "
+                                "(report §4); resumable, runs under torchrun")
+    footprints.add_argument("data", help="local json/jsonl/csv/parquet file or a cached hub dataset id")
+    footprints.add_argument("--config", default=None, help="dataset configuration (hub datasets)")
+    footprints.add_argument("--split", default="test", help="dataset split (hub datasets; default test)")
+    footprints.add_argument("--revision", default=None, help="dataset revision to pin")
+    footprints.add_argument("--column", default=None, help="column holding the prompt text")
+    footprints.add_argument("--template", default=None, help="prompt built from columns, e.g. 'Q: {question}\\nA:'")
+    footprints.add_argument("--name", default=None, help="benchmark name in reports (default: the file name)")
+    footprints.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    footprints.add_argument("--batch-size", type=int, default=16)
+    footprints.add_argument("--max-length", type=int, default=2048, help="keep the last N tokens of longer prompts")
+    footprints.add_argument("--chunk-size", type=int, default=1024, help="samples per checkpoint (default 1024)")
+    footprints.add_argument("--out", required=True, help="footprint file (.safetensors); resumes if interrupted")
+    add_model_options(footprints)
+    footprints.set_defaults(func=cmd_footprints)
+
+    redundancy = sub.add_parser("redundancy", help="coverage, R_hat, R, overlaps and correlations of benchmarks "
+                                "from their footprints (report §4)")
+    redundancy.add_argument("footprints", nargs="+", help="footprint files written by `qscope footprints`")
+    redundancy.add_argument("--layer", type=int, default=None, help="layer to compare (needed if files hold several)")
+    redundancy.add_argument("--correctness", action="append", metavar="NAME=CSV",
+                            help="per-sample scores of a benchmark: models as rows, samples as columns (repeatable)")
+    redundancy.add_argument("--scores", default=None, help="CSV of accuracies: models as rows, benchmarks as columns "
+                            "(default: means of --correctness)")
+    redundancy.add_argument("--reference", default="MMLU", help="benchmark to control for in partial correlations")
+    redundancy.add_argument("--n-draws", type=int, default=200, help="Monte-Carlo subsets per n for tau_n")
+    redundancy.add_argument("--seed", type=int, default=0)
+    redundancy.add_argument("--kendall", choices=["a", "b"], default="b", help="Kendall tau variant (default b)")
+    redundancy.add_argument("--drop-threshold", type=float, default=0.6)
+    redundancy.add_argument("--distinct-threshold", type=float, default=0.2)
+    redundancy.add_argument("--out", required=True, help="report folder")
+    redundancy.add_argument("--json", action="store_true", help="print the report JSON instead of a table")
+    redundancy.set_defaults(func=cmd_redundancy)

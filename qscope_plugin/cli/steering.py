@@ -1,0 +1,46 @@
+"""``qscope steer``: a strength sweep of one feature beside the unsteered completion (report §3)."""
+
+from __future__ import annotations
+
+import argparse
+
+from qscope_plugin.cli._options import add_model_options, emit, load_backbone, load_saes, parse_layers
+
+
+def _positions(spec: str) -> str | list[int]:
+    if spec in ("all", "prompt", "generated"):
+        return spec
+    return parse_layers(spec, 1 << 30, "--positions")  # same "1,3,5-7" syntax
+
+
+def cmd_steer(args: argparse.Namespace) -> None:
+    from qscope_plugin.recipes.steering import sweep
+
+    model, tok = load_backbone(args)
+    result = sweep(model, tok, args.prompt, args.layer, args.feature, args.alpha,
+                   load_saes(args.release, str(args.layer)), max_new_tokens=args.max_new_tokens, chat=args.chat,
+                   direction_norm=args.direction_norm, positions=_positions(args.positions))
+
+    def render() -> None:
+        print(f"prompt: {result.prompt!r}\nunsteered: {result.unsteered.text!r}")
+        for row in result.rows:
+            print(f"alpha {row.alpha:+g}: {row.steered.text!r}  (mean token prob {row.mean_prob:.2f})")
+
+    payload = {"prompt": result.prompt, "unsteered": result.unsteered._asdict(),
+               "rows": [{"alpha": r.alpha, "steered": r.steered._asdict(), "mean_prob": r.mean_prob}
+                        for r in result.rows]}
+    emit(args, payload, render)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    steer = sub.add_parser("steer", help="greedy completion with h' = h + alpha * d next to the unsteered one")
+    steer.add_argument("prompt")
+    steer.add_argument("--layer", type=int, required=True)
+    steer.add_argument("--feature", type=int, required=True)
+    steer.add_argument("--alpha", type=float, action="append", required=True, help="strength (repeat to sweep)")
+    steer.add_argument("--direction-norm", choices=["raw", "unit"], default="raw")
+    steer.add_argument("--positions", default="all", help="all, prompt, generated or indices like 0,3-5")
+    steer.add_argument("--max-new-tokens", type=int, default=32)
+    steer.add_argument("--chat", choices=["thinking", "no_thinking"], default=None, help="wrap in Qwen's template")
+    add_model_options(steer, layers=False)
+    steer.set_defaults(func=cmd_steer)
