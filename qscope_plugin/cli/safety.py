@@ -39,7 +39,8 @@ def cmd_safety_targets(args: argparse.Namespace) -> None:
 
     model, tok = load_backbone(args)
     saes = load_saes(args.release, args.layers)
-    features = {layer: parse_layers(args.features, sae.cfg.d_sae, "--features", f"the layer-{layer} SAE") for layer, sae in saes.items()}
+    features = {layer: parse_layers(args.features, sae.cfg.d_sae, "--features", f"the layer-{layer} SAE")
+                for layer, sae in saes.items()}
     chat = _chat(args, model, tok)
     targets = build_targets(model, tok, saes, features, read_texts(None, args.corpus, "corpus"), chat.explainer(),
                             chat.judge(), tau=args.tau, categorize=chat.categorizer(), progress=True)

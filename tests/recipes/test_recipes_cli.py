@@ -50,8 +50,8 @@ def test_steer_sweep_json(assets, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["analyze", "hi", "--layers", "5"], r"outside 0\.\.1"),
-        (["steer", "hi", "--layer", "1", "--feature", "999", "--alpha", "1"], r"features 0\.\.127"),
+        (["analyze", "hi", "--layers", "5"], r"layer 5 is out of range .*2 layers: 0\.\.1"),
+        (["steer", "hi", "--layer", "1", "--feature", "999", "--alpha", "1"], r"128 features: 0\.\.127"),
         (["compare", "--negative", "x"], "no positive texts"),
         (["compare", "--positive-file", "/nonexistent", "--negative", "x"], "cannot read positive file"),
     ],
