@@ -6,7 +6,8 @@
 # and, with a panel of models' per-sample scores, performance redundancy R(D) and partial correlations. The demo
 # model has no benchmarks, so this notebook builds a toy suite from sentence sets; for real benchmarks set
 # `MODEL, RELEASE, LAYER` to a Qwen3 model and its SAEs, and load data with
-# `load_benchmark("openai/gsm8k", config="main")` and a `template="Question: {question}\nAnswer:"`.
+# `qscope_plugin.recipes.data.load_table("openai/gsm8k", config="main", split="test")` and a
+# `template="Question: {question}\nAnswer:"`.
 
 # %%
 import tempfile

@@ -394,11 +394,12 @@ def _init_distributed(args: argparse.Namespace) -> bool:
 def cmd_footprints(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    from qscope_plugin.recipes.footprints import harvest_footprints, load_benchmark
+    from qscope_plugin.recipes.data import load_table
+    from qscope_plugin.recipes.footprints import harvest_footprints
 
     started = _init_distributed(args)
     try:
-        data = load_benchmark(args.data, config=args.config, split=args.split, revision=args.revision)
+        data = load_table(args.data, config=args.config, split=args.split, revision=args.revision)
         if args.limit:
             data = data.select(range(min(args.limit, len(data))))
         if args.column is None and args.template is None:
@@ -572,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(report §4); resumable, runs under torchrun")
     footprints.add_argument("data", help="local json/jsonl/csv/parquet file or a cached hub dataset id")
     footprints.add_argument("--config", default=None, help="dataset configuration (hub datasets)")
-    footprints.add_argument("--split", default="test", help="dataset split (hub datasets; default test)")
+    footprints.add_argument("--split", default=None, help="dataset split, e.g. test (needed if it has several)")
     footprints.add_argument("--revision", default=None, help="dataset revision to pin")
     footprints.add_argument("--column", default=None, help="column holding the prompt text")
     footprints.add_argument("--template", default=None, help="prompt built from columns, e.g. 'Q: {question}\\nA:'")

@@ -6,7 +6,7 @@
 
 The report's protocol: per language, a balanced discovery split of 4,000 (2,000 / 2,000) and a balanced
 evaluation split of 1,000 (500 / 500); the split seed is not specified in the report, so it is a parameter.
-Any dataset with a text and a label column works (hub id, or local json / jsonl / csv / parquet files).
+Any dataset with a text and a label column works (anything ``recipes.data.load_tables`` reads).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from qscope_plugin.errors import QScopeError
 from qscope_plugin.recipes.classifiers import (
     MaxActivations,
     Scores,
@@ -32,6 +31,7 @@ from qscope_plugin.recipes.classifiers import (
     select_layers,
     top_features,
 )
+from qscope_plugin.recipes.data import DataError, Source, load_table, load_tables
 from qscope_plugin.sae import QwenScopeSAE
 
 LANGUAGES = ("en", "ru", "uk", "de", "es", "am", "zh", "ar", "hi", "it", "fr", "tt", "ja")
@@ -40,33 +40,12 @@ METRICS = ("precision", "recall", "f1")
 _NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
-class DataError(QScopeError, ValueError):
-    """A dataset without the expected columns, languages or enough examples."""
-
-
 @dataclass(frozen=True)
 class Split:
     discovery_texts: list[str]
     discovery_labels: np.ndarray
     test_texts: list[str]
     test_labels: np.ndarray
-
-
-def _load(source: str, revision: str | None):
-    """A ``DatasetDict`` from a hub id, a folder of per-language files, or one local file."""
-    import datasets
-
-    path = Path(source)
-    kinds = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-    if path.is_file():
-        return datasets.load_dataset(kinds.get(path.suffix, "json"), data_files={"data": str(path)})
-    if path.is_dir():
-        files = {f.stem: str(f) for f in sorted(path.iterdir()) if f.suffix in kinds}
-        if not files:
-            raise DataError(f"no json/jsonl/csv/parquet files in {source!r}; expected one file per language")
-        kind = kinds[Path(next(iter(files.values()))).suffix]
-        return datasets.load_dataset(kind, data_files=files)
-    return datasets.load_dataset(source, revision=revision)
 
 
 def balanced_split(texts: Sequence[str], labels: Sequence, n_discovery: int, n_test: int, seed: int) -> Split:
@@ -84,19 +63,19 @@ def balanced_split(texts: Sequence[str], labels: Sequence, n_discovery: int, n_t
     return Split([texts[i] for i in disc], y[disc], [texts[i] for i in test], y[test])
 
 
-def load_splits(source: str, languages: Sequence[str] | None = None, *, text_column: str = "text",
+def load_splits(source: Source, languages: Sequence[str] | None = None, *, text_column: str = "text",
                 label_column: str = "toxic", language_column: str | None = None, n_discovery: int = 4000,
                 n_test: int = 1000, split_seed: int = 0, revision: str | None = None) -> dict[str, Split]:
     """Per-language balanced splits from the ``textdetox/multilingual_toxicity_dataset`` layout (one split per
     language, columns ``text`` and ``toxic``) or any labelled dataset (``language_column`` for a single table)."""
-    data = _load(source, revision)
-    tables = {}
     if language_column:
-        (table,) = data.values()
-        for lang in sorted(set(table[language_column])):
-            tables[lang] = table.filter(lambda row, lang=lang: row[language_column] == lang)
+        table = load_table(source, revision=revision)
+        if language_column not in table.column_names:
+            raise DataError(f"{source!r} has no column {language_column!r}; columns: {table.column_names}")
+        tables = {lang: table.filter(lambda row, lang=lang: row[language_column] == lang)
+                  for lang in sorted(set(table[language_column]))}
     else:
-        tables = dict(data)
+        tables = load_tables(source, revision=revision)
     wanted = list(languages) if languages else sorted(tables)
     missing = [lang for lang in wanted if lang not in tables]
     if missing:

@@ -8,7 +8,8 @@ import scipy.sparse as sp
 from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
 
 from qscope_plugin.recipes.classifiers import feature_deltas, predict_or, prf, top_features
-from qscope_plugin.recipes.toxicity import DataError, Harvest, balanced_split, evaluate, load_splits, write_report
+from qscope_plugin.recipes.data import DataError
+from qscope_plugin.recipes.toxicity import Harvest, balanced_split, evaluate, load_splits, write_report
 
 
 def test_balanced_split_is_disjoint_balanced_and_seeded():
