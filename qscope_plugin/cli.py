@@ -239,7 +239,8 @@ def cmd_classify_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_classify_eval(args: argparse.Namespace) -> None:
-    from qscope_plugin.recipes.toxicity import evaluate, load_splits, write_report
+    from qscope_plugin.recipes.reports import write_report
+    from qscope_plugin.recipes.toxicity import evaluate, load_splits
 
     splits = load_splits(args.data, args.languages.split(",") if args.languages else None,
                          text_column=args.text_column, label_column=args.label_column,
@@ -248,7 +249,7 @@ def cmd_classify_eval(args: argparse.Namespace) -> None:
     report = evaluate(model, tok, _saes(args.release, args.layers), splits, eps=args.eps, m_layers=args.m_layers,
                       progress=True)
     write_report(report, args.out)
-    print(f"macro best-over-layers F1 {report['macro_best_f1']:.3f}; report in {args.out}/report.md")
+    print(f"macro best-over-layers F1 {report.macro_best_f1:.3f}; report in {args.out}/report.md")
 
 
 def cmd_classify_predict(args: argparse.Namespace) -> None:
@@ -272,7 +273,7 @@ def cmd_classify_predict(args: argparse.Namespace) -> None:
 
 
 def _chat(args: argparse.Namespace, model, tok):
-    from qscope_plugin.recipes.safety_synthesis import ChatModel
+    from qscope_plugin.recipes.chat import ChatModel
 
     if args.chat_model:
         from qscope_plugin.models import load_model
@@ -439,7 +440,8 @@ def _read_csv(path: str):
 
 def cmd_redundancy(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.footprints import Footprints
-    from qscope_plugin.recipes.redundancy import redundancy_report, write_report
+    from qscope_plugin.recipes.redundancy import redundancy_report
+    from qscope_plugin.recipes.reports import write_report
 
     files = [Footprints.load(path) for path in args.footprints]
     names = [fp.name for fp in files]
@@ -463,17 +465,17 @@ def cmd_redundancy(args: argparse.Namespace) -> None:
 
     def render() -> None:
         print(f"layer {layer}: {'benchmark':20} {'N':>7} {'|F(D)|':>7} {'R_hat':>9} {'n(90%)':>7} {'R':>6}")
-        for name, row in report["benchmarks"].items():
-            perf = row.get("performance_redundancy")
-            print(f"{'':9}{name:20} {row['n_samples']:7} {row['footprint_size']:7} {row['feature_redundancy']:9.4g} "
-                  f"{row['samples_for_90pct_coverage']:7} {'' if perf is None else f'{perf:6.3f}'}")
-        for d in report["summary"]["drop_candidates"]:
-            print(f"drop candidate: {d['benchmark']} ({d['overlap']:.0%} of its footprint is in {d['covered_by']})")
-        for d in report["summary"]["distinct"]:
-            print(f"distinct, keep: {d['benchmark']} (at most {d['max_overlap']:.0%} covered by any other)")
+        for name, row in report.benchmarks.items():
+            perf = row.performance_redundancy
+            print(f"{'':9}{name:20} {row.n_samples:7} {row.footprint_size:7} {row.feature_redundancy:9.4g} "
+                  f"{row.samples_for_90pct_coverage:7} {'' if perf is None else f'{perf:6.3f}'}")
+        for d in report.summary.drop_candidates:
+            print(f"drop candidate: {d.benchmark} ({d.overlap:.0%} of its footprint is in {d.covered_by})")
+        for d in report.summary.distinct:
+            print(f"distinct, keep: {d.benchmark} (at most {d.max_overlap:.0%} covered by any other)")
         print(f"report in {args.out}/report.md")
 
-    _emit(args, report, render)
+    _emit(args, report.to_json(), render)
 
 
 def _add_model_options(p: argparse.ArgumentParser, layers: bool = True) -> None:
