@@ -39,6 +39,8 @@ def test_textdetox_layout_from_local_files(tmp_path):
     assert all(t.startswith("de ") for t in splits["de"].test_texts)
     with pytest.raises(DataError, match=r"languages \['fr'\] are not in"):
         load_splits(str(tmp_path), ["fr"], n_discovery=8, n_test=4)
+    with pytest.raises(DataError, match=r"has splits \['de', 'en'\]; pass split="):  # one table per language column
+        load_splits(str(tmp_path), language_column="lang", n_discovery=8, n_test=4)
 
 
 def test_single_table_with_language_column(tmp_path):
@@ -49,6 +51,8 @@ def test_single_table_with_language_column(tmp_path):
     assert sorted(splits) == ["xx", "yy"]
     with pytest.raises(DataError, match="no column 'text'"):
         load_splits(str(tmp_path / "all.jsonl"), language_column="lang", n_discovery=10, n_test=4)
+    with pytest.raises(DataError, match="no column 'language'"):
+        load_splits(str(tmp_path / "all.jsonl"), language_column="language", n_discovery=10, n_test=4)
 
 
 def _synthetic_harvest(rng, signal_feature: int, n: int = 400, d: int = 32) -> Harvest:
