@@ -56,5 +56,5 @@ assert (again.predict(texts) == clf.predict(texts)).all()
 split = Split([texts[i] for i in np.flatnonzero(even)], labels[even], [texts[i] for i in np.flatnonzero(odd)],
               labels[odd])
 report = evaluate(model, tokenizer, saes, {"zh-vs-en": split}, ks=(1, 2, 5), m_layers=2, fractions=(0.25, 0.5))
-print(report["languages"]["zh-vs-en"]["best_layer_f1"], report["data_efficiency"])
-print("macro P/R/F1 at ℓ* by K:", report["macro"]["selected_layer"])
+print(report.languages["zh-vs-en"].best_layer_f1, report.data_efficiency)
+print("macro P/R/F1 at ℓ* by K:", report.macro.selected_layer)

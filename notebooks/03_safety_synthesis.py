@@ -11,8 +11,8 @@
 from qscope_plugin import load_sae
 from qscope_plugin.demo.run import PROMPTS
 from qscope_plugin.models import default_model, default_release, load_model
+from qscope_plugin.recipes.chat import ChatModel
 from qscope_plugin.recipes.safety_synthesis import (
-    ChatModel,
     build_targets,
     compare_coverage,
     coverage,

@@ -6,7 +6,8 @@
 # and, with a panel of models' per-sample scores, performance redundancy R(D) and partial correlations. The demo
 # model has no benchmarks, so this notebook builds a toy suite from sentence sets; for real benchmarks set
 # `MODEL, RELEASE, LAYER` to a Qwen3 model and its SAEs, and load data with
-# `load_benchmark("openai/gsm8k", config="main")` and a `template="Question: {question}\nAnswer:"`.
+# `qscope_plugin.recipes.data.load_table("openai/gsm8k", config="main", split="test")` and a
+# `template="Question: {question}\nAnswer:"`.
 
 # %%
 import tempfile
@@ -18,7 +19,8 @@ from qscope_plugin import load_sae
 from qscope_plugin.demo.run import SENTENCES
 from qscope_plugin.models import default_model, default_release, load_model
 from qscope_plugin.recipes.footprints import Footprints, harvest_footprints
-from qscope_plugin.recipes.redundancy import expected_coverage, redundancy_report, write_report
+from qscope_plugin.recipes.redundancy import expected_coverage, redundancy_report
+from qscope_plugin.recipes.reports import write_report
 
 MODEL, RELEASE, LAYER = default_model(), default_release(), 3
 
@@ -59,7 +61,7 @@ ability = np.linspace(0.2, 0.9, 6)
 correctness = {name: (rng.random((6, len(fp))) < ability[:, None]).astype(float) for name, fp in footprints.items()}
 report = redundancy_report(footprints, correctness=correctness, reference="en", n_draws=100)
 write_report(report, work / "report")
-for name, row in report["benchmarks"].items():
-    print(f"{name:8} N={row['n_samples']:3} |F|={row['footprint_size']:4} R̂={row['feature_redundancy']:.3f} "
-          f"R={row['performance_redundancy']:.3f}")
-print(report["summary"]["drop_candidates"], "report:", work / "report" / "report.md")
+for name, row in report.benchmarks.items():
+    print(f"{name:8} N={row.n_samples:3} |F|={row.footprint_size:4} R̂={row.feature_redundancy:.3f} "
+          f"R={row.performance_redundancy:.3f}")
+print(report.summary.drop_candidates, "report:", work / "report" / "report.md")

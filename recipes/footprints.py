@@ -1,6 +1,6 @@
 """Benchmark footprints (report §4, R3): the SAE features active at each sample's last prompt token.
 
-    >>> data = load_benchmark("gsm8k.jsonl")                         # or a hub id with config / split
+    >>> data = load_table("gsm8k.jsonl")                             # recipes.data; or a hub id with config / split
     >>> fp = harvest_footprints(model, tok, data, saes, template="Question: {question}\\nAnswer:",
     ...                         out="gsm8k.footprints.safetensors")
     >>> fp[14].support()                                               # m_j: samples in which feature j fires
@@ -36,11 +36,9 @@ from qscope_plugin.errors import QScopeError
 from qscope_plugin.recipes._harvest import harvest
 from qscope_plugin.sae import QwenScopeSAE
 
-LOCAL_KINDS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
 
 class FootprintError(QScopeError, ValueError):
-    """A footprint file, dataset or harvest request that cannot be used."""
+    """A footprint file, prompt format or harvest request that cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -139,42 +137,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: P
     return path
 
 
-# ------------------------------------------------------------------------------------------------ data
-
-
-def load_benchmark(source: str, *, config: str | None = None, split: str = "test", revision: str | None = None,
-                   limit: int | None = None):
-    """A ``datasets.Dataset`` from a hub id (with ``config`` / ``split``) or a local json/jsonl/csv/parquet file;
-    ``limit`` keeps the first samples only (a quick trial run)."""
-    if limit is not None and limit < 1:
-        raise FootprintError(f"limit={limit}; give a positive number of samples, or None for all")
-    data = _load_benchmark(source, config=config, split=split, revision=revision)
-    return data if limit is None else data.select(range(min(limit, len(data))))
-
-
-def _load_benchmark(source: str, *, config: str | None, split: str, revision: str | None):
-    import datasets
-
-    path = Path(source)
-    try:
-        if path.is_file():
-            if path.suffix not in LOCAL_KINDS:
-                raise FootprintError(f"cannot read {source!r}: expected a .json, .jsonl, .csv or .parquet file")
-            was_enabled = datasets.is_progress_bar_enabled()
-            datasets.disable_progress_bars()  # a local file loads at once; keep stderr for what matters
-            try:
-                return datasets.load_dataset(LOCAL_KINDS[path.suffix], data_files=str(path), split="train")
-            finally:
-                if was_enabled:
-                    datasets.enable_progress_bars()
-        data = datasets.load_dataset(source, config, revision=revision)
-    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise FootprintError(f"cannot load dataset {source!r} ({str(e).splitlines()[0]}); pass a local "
-                             "json/jsonl/csv/parquet file or a hub id that is cached (HF_HUB_OFFLINE=1 blocks "
-                             "downloads)") from None
-    if split not in data:
-        raise FootprintError(f"dataset {source!r} has no split {split!r}; it has {sorted(data)}")
-    return data[split]
+# ------------------------------------------------------------------------------------------- prompts
 
 
 PromptFormat = Callable[[dict], str]
@@ -313,7 +276,7 @@ def harvest_footprints(model: object, tokenizer, dataset, saes: Mapping[int, Qwe
     """F(x_i) (R3) for every sample of ``dataset`` at every layer in ``saes``.
 
     Args:
-        dataset: a ``datasets.Dataset`` (see ``load_benchmark``), a list of prompt strings or a list of dicts.
+        dataset: a ``datasets.Dataset`` (see ``recipes.data.load_table``), a list of prompt strings or of dicts.
         column / template / formatter: how a row becomes the prompt (exactly one; not needed for strings).
         name: the benchmark's name in reports (default: the dataset's name).
         max_length: longer prompts keep their last ``max_length`` tokens, so the last token is always real.

@@ -3,7 +3,8 @@
     >>> fps = {fp.name: fp[14] for fp in map(Footprints.load, paths)}          # see recipes.footprints
     >>> expected_coverage(fps["gsm8k"].support(), len(fps["gsm8k"]), [10, 100])  # c_n, exact (R8b)
     >>> report = redundancy_report(fps, scores=scores, correctness=correctness)
-    >>> write_report(report, "redundancy-report")                             # JSON, markdown, heatmaps
+    >>> report.summary.drop_candidates, report.benchmarks["gsm8k"].feature_redundancy
+    >>> write_report(report, "redundancy-report")          # recipes.reports: report.json, report.md, heatmaps
 
 Feature coverage needs no Monte Carlo: a feature present in m of N samples is in a uniformly random n-subset with
 probability 1 − C(N−m, n)/C(N, n) (R8a), so c_n is a sum over the distinct supports m, and R̂(D) = Σ_n c_n / |F(D)|
@@ -14,9 +15,9 @@ vectorised step.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -203,27 +204,161 @@ def partial_correlation(scores: pd.DataFrame, reference: str = "MMLU") -> pd.Dat
     return pd.DataFrame(values, index=inner.index, columns=inner.columns)
 
 
-def pair_correlations(x: pd.DataFrame, y: pd.DataFrame) -> dict:
+@dataclass(frozen=True)
+class PairCorrelation:
+    """Agreement of two benchmark matrices over the unordered pairs they share (None below 3 pairs)."""
+
+    pairs: int
+    pearson: float | None
+    spearman: float | None
+
+
+def pair_correlations(x: pd.DataFrame, y: pd.DataFrame) -> PairCorrelation:
     """Pearson and Spearman between two symmetric benchmark matrices over all pairs i < j they share."""
     names = [name for name in x.index if name in y.index]
     i, j = np.triu_indices(len(names), k=1)
     a = x.loc[names, names].to_numpy()[i, j]
     b = y.loc[names, names].to_numpy()[i, j]
     if len(a) < 3:
-        return {"pairs": len(a), "pearson": None, "spearman": None}
-    return {"pairs": len(a), "pearson": float(stats.pearsonr(a, b).statistic),
-            "spearman": float(stats.spearmanr(a, b).statistic)}
+        return PairCorrelation(len(a), None, None)
+    return PairCorrelation(len(a), float(stats.pearsonr(a, b).statistic), float(stats.spearmanr(a, b).statistic))
 
 
 # --------------------------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A function of the subset size n, sampled on a grid of n."""
+
+    n: list[int]
+    values: list[float]
+
+
+@dataclass(frozen=True)
+class BenchmarkRow:
+    """One benchmark's footprint metrics, and R(D) when per-sample scores were given."""
+
+    n_samples: int
+    footprint_size: int
+    """|F(D)| (R4)."""
+    feature_redundancy: float
+    """R̂(D) (R10)."""
+    samples_for_90pct_coverage: int
+    coverage: Curve
+    """c_n (R8), exact."""
+    performance_redundancy: float | None = None
+    """R(D) (R7)."""
+    tau_profile: Curve | None = None
+    """τ_n (R6), Monte Carlo."""
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> BenchmarkRow:
+        tau = data.get("tau_profile")
+        return cls(**{**data, "coverage": Curve(**data["coverage"]), "tau_profile": tau and Curve(**tau)})
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A benchmark × benchmark table; undefined cells (NaN) are None, so that it is plain JSON."""
+
+    names: list[str]
+    values: list[list[float | None]]
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> Matrix:
+        return cls(list(frame.index), [[_num(v) for v in row] for row in frame.to_numpy()])
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.values, index=self.names, columns=self.names, dtype=float)
+
+
+@dataclass(frozen=True)
+class RankCorrelation:
+    benchmarks: list[str]
+    rho: float
+
+
+@dataclass(frozen=True)
+class DropCandidate:
+    benchmark: str
+    covered_by: str
+    overlap: float
+    """The share of ``benchmark``'s footprint inside ``covered_by``'s."""
+
+
+@dataclass(frozen=True)
+class Distinct:
+    benchmark: str
+    max_overlap: float
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Which benchmarks another one covers (drop candidates) and which no other one covers (keep)."""
+
+    drop_candidates: list[DropCandidate]
+    distinct: list[Distinct]
+    rule: str
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> Summary:
+        return cls([DropCandidate(**d) for d in data["drop_candidates"]], [Distinct(**d) for d in data["distinct"]],
+                   data["rule"])
+
+
+@dataclass(frozen=True)
+class RedundancySettings:
+    reference: str
+    n_draws: int
+    seed: int
+    kendall_variant: KendallVariant
+    drop_threshold: float
+    distinct_threshold: float
+
+
+@dataclass(frozen=True)
+class RedundancyReport:
+    """Every number of report §4 for a suite; ``write_report`` in ``recipes.reports`` renders it."""
+
+    benchmarks: dict[str, BenchmarkRow]
+    overlap: Matrix
+    """overlap(D1, D2) (R11): row D1 covered by column D2."""
+    overlap_min: Matrix
+    """overlap_min (R12), symmetric."""
+    settings: RedundancySettings
+    summary: Summary
+    spearman_r_vs_rhat: RankCorrelation | None = None
+    """ρ(R, R̂) over the benchmarks with per-sample scores (at least 3)."""
+    pearson: Matrix | None = None
+    """ρ_ij (R13) of scores over the model panel."""
+    partial_pearson: Matrix | None = None
+    """ρ_ij|u (R14), given the reference benchmark."""
+    overlap_min_vs_pearson: PairCorrelation | None = None
+    overlap_min_vs_partial_pearson: PairCorrelation | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> RedundancyReport:
+        def maybe(kind, value):
+            return None if value is None else kind(**value)
+
+        return cls({name: BenchmarkRow.from_json(row) for name, row in data["benchmarks"].items()},
+                   Matrix(**data["overlap"]), Matrix(**data["overlap_min"]), RedundancySettings(**data["settings"]),
+                   Summary.from_json(data["summary"]), maybe(RankCorrelation, data["spearman_r_vs_rhat"]),
+                   maybe(Matrix, data["pearson"]), maybe(Matrix, data["partial_pearson"]),
+                   maybe(PairCorrelation, data["overlap_min_vs_pearson"]),
+                   maybe(PairCorrelation, data["overlap_min_vs_partial_pearson"]))
 
 
 def redundancy_report(footprints: Mapping[str, LayerFootprints], *, scores: pd.DataFrame | None = None,
                       correctness: Mapping[str, np.ndarray] | None = None, reference: str = "MMLU",
                       n_draws: int = 200, seed: int = 0, variant: KendallVariant = "b",
                       drop_threshold: float = 0.6, distinct_threshold: float = 0.2,
-                      coverage_points: int = 128) -> dict:
-    """Every number of report §4 for a suite of benchmarks, as a JSON-ready dict.
+                      coverage_points: int = 128) -> RedundancyReport:
+    """Every number of report §4 for a suite of benchmarks.
 
     Args:
         footprints: ``{benchmark: LayerFootprints}``, all from the same SAE.
@@ -251,64 +386,47 @@ def redundancy_report(footprints: Mapping[str, LayerFootprints], *, scores: pd.D
     for name, fp in footprints.items():
         support, n_samples = fp.support(), len(fp)
         grid = default_grid(n_samples, coverage_points)
-        row = {
-            "n_samples": n_samples,
-            "footprint_size": int((support > 0).sum()),
-            "feature_redundancy": feature_redundancy(support, n_samples),
-            "samples_for_90pct_coverage": samples_for_coverage(support, n_samples, 0.9),
-            "coverage": {"n": grid.tolist(), "c_n": expected_coverage(support, n_samples, grid).tolist()},
-        }
+        perf = tau_profile = None
         if name in correctness:
             tau_grid, tau = redundancy_profile(correctness[name], n_draws=n_draws, seed=seed, variant=variant,
-                                               n_grid=default_grid(n_samples, coverage_points))
-            row["performance_redundancy"] = sum_over_sizes(tau_grid, tau, n_samples) / n_samples
-            row["tau_profile"] = {"n": tau_grid.tolist(), "tau_n": tau.tolist()}
-        benchmarks[name] = row
+                                               n_grid=grid)
+            perf = sum_over_sizes(tau_grid, tau, n_samples) / n_samples
+            tau_profile = Curve(tau_grid.tolist(), tau.tolist())
+        benchmarks[name] = BenchmarkRow(
+            n_samples=n_samples, footprint_size=int((support > 0).sum()),
+            feature_redundancy=feature_redundancy(support, n_samples),
+            samples_for_90pct_coverage=samples_for_coverage(support, n_samples, 0.9),
+            coverage=Curve(grid.tolist(), expected_coverage(support, n_samples, grid).tolist()),
+            performance_redundancy=perf, tau_profile=tau_profile)
     overlap, overlap_min = overlaps({name: fp.features() for name, fp in footprints.items()})
-    report = {
-        "benchmarks": benchmarks,
-        "overlap": _matrix(overlap),
-        "overlap_min": _matrix(overlap_min),
-        "settings": {"reference": reference, "n_draws": n_draws, "seed": seed, "kendall_variant": variant,
-                     "drop_threshold": drop_threshold, "distinct_threshold": distinct_threshold},
-    }
-    both = [name for name in benchmarks if "performance_redundancy" in benchmarks[name]]
+    both = [name for name, row in benchmarks.items() if row.performance_redundancy is not None]
+    spearman = None
     if len(both) >= 3:
-        rho = stats.spearmanr([benchmarks[n]["performance_redundancy"] for n in both],
-                              [benchmarks[n]["feature_redundancy"] for n in both]).statistic
-        report["spearman_R_vs_Rhat"] = {"benchmarks": both, "rho": float(rho)}
+        rho = stats.spearmanr([benchmarks[n].performance_redundancy for n in both],
+                              [benchmarks[n].feature_redundancy for n in both]).statistic
+        spearman = RankCorrelation(both, float(rho))
     if scores is None and correctness:
         scores = pd.DataFrame({name: c.mean(axis=1) for name, c in correctness.items()})
+    pearson = partial = vs_pearson = vs_partial = None
     if scores is not None:
-        report.update(_performance_similarity(scores, overlap_min, reference))
-    report["summary"] = _summary(overlap, drop_threshold, distinct_threshold)
-    return report
-
-
-def _matrix(frame: pd.DataFrame) -> dict:
-    return {"names": list(frame.index), "values": [[_num(v) for v in row] for row in frame.to_numpy()]}
+        rho = performance_correlation(scores)
+        pearson, vs_pearson = Matrix.from_frame(rho), pair_correlations(overlap_min, rho)
+        if reference in scores.columns:
+            partial_rho = partial_correlation(scores, reference)
+            partial, vs_partial = Matrix.from_frame(partial_rho), pair_correlations(overlap_min, partial_rho)
+    settings = RedundancySettings(reference, n_draws, seed, variant, drop_threshold, distinct_threshold)
+    return RedundancyReport(benchmarks, Matrix.from_frame(overlap), Matrix.from_frame(overlap_min), settings,
+                            _summary(overlap, drop_threshold, distinct_threshold), spearman, pearson, partial,
+                            vs_pearson, vs_partial)
 
 
 def _num(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def _performance_similarity(scores: pd.DataFrame, overlap_min: pd.DataFrame, reference: str) -> dict:
-    rho = performance_correlation(scores)
-    out = {"pearson": _matrix(rho), "pairs": {"overlap_min_vs_pearson": pair_correlations(overlap_min, rho)}}
-    if reference in scores.columns:
-        partial = partial_correlation(scores, reference)
-        out["partial_pearson"] = _matrix(partial)
-        out["pairs"]["overlap_min_vs_partial_pearson"] = pair_correlations(overlap_min, partial)
-    return out
-
-
-def _summary(overlap: pd.DataFrame, drop_threshold: float, distinct_threshold: float) -> dict:
-    """Which benchmarks another one covers (drop candidates) and which no other one covers (keep).
-
-    When two benchmarks cover each other (a subset and its superset), only the more-covered one is a drop
-    candidate: dropping both would lose what they share.
-    """
+def _summary(overlap: pd.DataFrame, drop_threshold: float, distinct_threshold: float) -> Summary:
+    """When two benchmarks cover each other (a subset and its superset), only the more-covered one is a drop
+    candidate: dropping both would lose what they share."""
     drop, keep = [], []
     for name in overlap.index:
         others = overlap.loc[name].drop(name)
@@ -318,12 +436,12 @@ def _summary(overlap: pd.DataFrame, drop_threshold: float, distinct_threshold: f
                     (others[other], other) > (overlap.loc[other, name], name)]
         if covering:
             best = max(covering, key=lambda other: others[other])
-            drop.append({"benchmark": name, "covered_by": best, "overlap": float(others[best])})
+            drop.append(DropCandidate(name, best, float(others[best])))
         elif others.max() <= distinct_threshold:
-            keep.append({"benchmark": name, "max_overlap": float(others.max())})
-    return {"drop_candidates": drop, "distinct": keep,
-            "rule": f"drop D if another benchmark D2 covers >= {drop_threshold:.0%} of F(D) and D covers less of "
-                    f"F(D2) (overlap R11); keep D as distinct if none covers more than {distinct_threshold:.0%}"}
+            keep.append(Distinct(name, float(others.max())))
+    return Summary(drop, keep, f"drop D if another benchmark D2 covers >= {drop_threshold:.0%} of F(D) and D covers "
+                               f"less of F(D2) (overlap R11); keep D as distinct if none covers more than "
+                               f"{distinct_threshold:.0%}")
 
 
 def load_suite(paths: Sequence[str | Path], layer: int | None = None) -> tuple[int, dict[str, LayerFootprints]]:
@@ -369,91 +487,3 @@ def read_correctness(paths: Mapping[str, str | Path]) -> dict[str, np.ndarray]:
             raise RedundancyError(f"{str(path)!r} holds non-numeric scores ({e}); expected one number per model "
                                   "and sample, e.g. 0/1 correctness") from None
     return out
-
-
-def write_report(report: dict, out: str | Path) -> Path:
-    """``redundancy.json`` (every number), ``report.md``, ``overlap.png`` and ``coverage.png`` in ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "redundancy.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    _plot(report, out)
-    (out / "report.md").write_text(_markdown(report), encoding="utf-8")
-    return out
-
-
-def _plot(report: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names, values = report["overlap"]["names"], np.array(report["overlap"]["values"], dtype=float)
-    size = 1.2 + 0.6 * len(names)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
-    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    for (i, j), v in np.ndenumerate(values):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
-    ax.set_xlabel("D2 (covering)")
-    ax.set_ylabel("D1 (covered)")
-    ax.set_title("overlap(D1, D2) = |F(D1) ∩ F(D2)| / |F(D1)|")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(out / "overlap.png", dpi=120)
-    plt.close(fig)
-
-    profiles = any("tau_profile" in row for row in report["benchmarks"].values())
-    fig, axes = plt.subplots(1, 2 if profiles else 1, figsize=(11 if profiles else 6, 4), squeeze=False)
-    for name, row in report["benchmarks"].items():
-        n = np.array(row["coverage"]["n"]) / row["n_samples"]
-        axes[0, 0].plot(n, row["coverage"]["c_n"], label=f"{name} (R̂ {row['feature_redundancy']:.3g})")
-        if profiles and "tau_profile" in row:
-            axes[0, 1].plot(np.array(row["tau_profile"]["n"]) / row["n_samples"], row["tau_profile"]["tau_n"],
-                            label=f"{name} (R {row['performance_redundancy']:.3f})")
-    axes[0, 0].set(xscale="log", xlabel="subset size n / N", ylabel="c_n (exact)", title="feature coverage c_n")
-    axes[0, 0].legend(fontsize=8)
-    if profiles:
-        axes[0, 1].set(xscale="log", xlabel="subset size n / N", ylabel="τ_n", title="redundancy profile τ_n")
-        axes[0, 1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "coverage.png", dpi=120)
-    plt.close(fig)
-
-
-def _markdown(report: dict) -> str:
-    lines = ["# Benchmark redundancy (Qwen-Scope report §4)", "",
-             "| benchmark | N | \\|F(D)\\| | R̂(D) | n for 90% coverage | R(D) |", "|---|---:|---:|---:|---:|---:|"]
-    for name, row in report["benchmarks"].items():
-        perf = row.get("performance_redundancy")
-        lines.append(f"| {name} | {row['n_samples']} | {row['footprint_size']} | {row['feature_redundancy']:.4g} | "
-                     f"{row['samples_for_90pct_coverage']} | {'' if perf is None else f'{perf:.3f}'} |")
-    if "spearman_R_vs_Rhat" in report:
-        lines += ["", f"Spearman ρ(R, R̂) over {len(report['spearman_R_vs_Rhat']['benchmarks'])} benchmarks: "
-                      f"{report['spearman_R_vs_Rhat']['rho']:.3f}"]
-    lines += ["", "## overlap(D1, D2) (row D1 covered by column D2)", "", "![overlap](overlap.png)", "",
-              _md_matrix(report["overlap"]), "", "## overlap_min", "", _md_matrix(report["overlap_min"])]
-    for key, title in (("pearson", "Pearson ρ of scores over the model panel (R13)"),
-                       ("partial_pearson", f"partial ρ given {report['settings']['reference']} (R14)")):
-        if key in report:
-            lines += ["", f"## {title}", "", _md_matrix(report[key])]
-    for key, pair in report.get("pairs", {}).items():
-        if pair["pearson"] is not None:
-            lines.append(f"\n{key.replace('_', ' ')} over {pair['pairs']} pairs: Pearson {pair['pearson']:.3f}, "
-                         f"Spearman {pair['spearman']:.3f}")
-    summary = report["summary"]
-    lines += ["", "## Summary", "", f"Rule: {summary['rule']}.", ""]
-    lines += [f"- drop candidate: **{d['benchmark']}** ({d['overlap']:.0%} of its footprint is in {d['covered_by']})"
-              for d in summary["drop_candidates"]] or ["- no drop candidates"]
-    lines += [f"- distinct, keep: **{d['benchmark']}** (at most {d['max_overlap']:.0%} covered by any other)"
-              for d in summary["distinct"]]
-    lines += ["", "![coverage](coverage.png)", ""]
-    return "\n".join(lines)
-
-
-def _md_matrix(matrix: dict) -> str:
-    names = matrix["names"]
-    rows = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for name, values in zip(names, matrix["values"], strict=True):
-        rows.append(f"| {name} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |")
-    return "\n".join(rows)

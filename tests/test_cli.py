@@ -134,7 +134,8 @@ def test_parse_layers():
     assert parse_layers("all", 3) == [0, 1, 2]
     assert parse_layers(" 2 - 4 ,9", 28) == [2, 3, 4, 9]
     for bad, message in (("5-3", "reversed range"), ("3-", "bad --layers"), ("-3", "bad --layers"),
-                         ("1,,2", "bad --layers"), ("28", r"layer 28 is out of range for this release \(28 layers: 0..27\)")):
+                         ("1,,2", "bad --layers"),
+                         ("28", r"layer 28 is out of range for this release \(28 layers: 0..27\)")):
         with pytest.raises(QScopeError, match=message):
             parse_layers(bad, 28)
 

@@ -9,12 +9,12 @@ from qscope_plugin.cli._options import UsageError, add_model_options, emit, load
 
 
 def cmd_footprints(args: argparse.Namespace) -> None:
-    from qscope_plugin.recipes.footprints import harvest_footprints, load_benchmark, torchrun_group
+    from qscope_plugin.recipes.data import load_table
+    from qscope_plugin.recipes.footprints import harvest_footprints, torchrun_group
 
     with torchrun_group(args.device) as (rank, device):
         args.device = device  # under torchrun: this rank's GPU
-        data = load_benchmark(args.data, config=args.config, split=args.split, revision=args.revision,
-                              limit=args.limit)
+        data = load_table(args.data, config=args.config, split=args.split, revision=args.revision, limit=args.limit)
         if args.column is None and args.template is None:
             raise UsageError(f"pass --column (one of {data.column_names}) or --template, e.g. 'Q: {{question}}\\nA:'")
         template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
@@ -38,13 +38,8 @@ def _named_csv(spec: str) -> tuple[str, str]:
 
 
 def cmd_redundancy(args: argparse.Namespace) -> None:
-    from qscope_plugin.recipes.redundancy import (
-        load_suite,
-        read_correctness,
-        read_table,
-        redundancy_report,
-        write_report,
-    )
+    from qscope_plugin.recipes.redundancy import load_suite, read_correctness, read_table, redundancy_report
+    from qscope_plugin.recipes.reports import write_report
 
     layer, suite = load_suite(args.footprints, args.layer)
     correctness = read_correctness(dict(map(_named_csv, args.correctness or [])))
@@ -55,17 +50,17 @@ def cmd_redundancy(args: argparse.Namespace) -> None:
 
     def render() -> None:
         print(f"layer {layer}: {'benchmark':20} {'N':>7} {'|F(D)|':>7} {'R_hat':>9} {'n(90%)':>7} {'R':>6}")
-        for name, row in report["benchmarks"].items():
-            perf = row.get("performance_redundancy")
-            print(f"{'':9}{name:20} {row['n_samples']:7} {row['footprint_size']:7} {row['feature_redundancy']:9.4g} "
-                  f"{row['samples_for_90pct_coverage']:7} {'' if perf is None else f'{perf:6.3f}'}")
-        for d in report["summary"]["drop_candidates"]:
-            print(f"drop candidate: {d['benchmark']} ({d['overlap']:.0%} of its footprint is in {d['covered_by']})")
-        for d in report["summary"]["distinct"]:
-            print(f"distinct, keep: {d['benchmark']} (at most {d['max_overlap']:.0%} covered by any other)")
+        for name, row in report.benchmarks.items():
+            perf = row.performance_redundancy
+            print(f"{'':9}{name:20} {row.n_samples:7} {row.footprint_size:7} {row.feature_redundancy:9.4g} "
+                  f"{row.samples_for_90pct_coverage:7} {'' if perf is None else f'{perf:6.3f}'}")
+        for d in report.summary.drop_candidates:
+            print(f"drop candidate: {d.benchmark} ({d.overlap:.0%} of its footprint is in {d.covered_by})")
+        for d in report.summary.distinct:
+            print(f"distinct, keep: {d.benchmark} (at most {d.max_overlap:.0%} covered by any other)")
         print(f"report in {args.out}/report.md")
 
-    emit(args, report, render)
+    emit(args, report.to_json(), render)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -73,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                 "(report §4); resumable, runs under torchrun")
     footprints.add_argument("data", help="local json/jsonl/csv/parquet file or a cached hub dataset id")
     footprints.add_argument("--config", default=None, help="dataset configuration (hub datasets)")
-    footprints.add_argument("--split", default="test", help="dataset split (hub datasets; default test)")
+    footprints.add_argument("--split", default=None, help="dataset split, e.g. test (needed if it has several)")
     footprints.add_argument("--revision", default=None, help="dataset revision to pin")
     footprints.add_argument("--column", default=None, help="column holding the prompt text")
     footprints.add_argument("--template", default=None, help="prompt built from columns, e.g. 'Q: {question}\\nA:'")

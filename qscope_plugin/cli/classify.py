@@ -30,14 +30,15 @@ def cmd_classify_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_classify_eval(args: argparse.Namespace) -> None:
-    from qscope_plugin.recipes.toxicity import evaluate, write_report
+    from qscope_plugin.recipes.reports import write_report
+    from qscope_plugin.recipes.toxicity import evaluate
 
     splits = _splits(args)
     model, tok = load_backbone(args)
     report = evaluate(model, tok, load_saes(args.release, args.layers), splits, eps=args.eps,
                       m_layers=args.m_layers, progress=True)
     write_report(report, args.out)
-    print(f"macro best-over-layers F1 {report['macro_best_f1']:.3f}; report in {args.out}/report.md")
+    print(f"macro best-over-layers F1 {report.macro_best_f1:.3f}; report in {args.out}/report.md")
 
 
 def cmd_classify_predict(args: argparse.Namespace) -> None:

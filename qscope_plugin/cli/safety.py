@@ -18,7 +18,8 @@ from qscope_plugin.cli._options import (
 
 def _chat(args: argparse.Namespace, model, tok):
     """The chat model every generator, explainer and judge runs on: ``--chat-model``, else the backbone."""
-    from qscope_plugin.recipes.safety_synthesis import TEMPLATES, ChatModel
+    from qscope_plugin.recipes.chat import ChatModel
+    from qscope_plugin.recipes.safety_synthesis import TEMPLATES
 
     if args.chat_model:
         from qscope_plugin.models import load_model

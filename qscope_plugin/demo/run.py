@@ -204,7 +204,8 @@ def _classifier_step(model, tok, saes) -> dict:
 def _redundancy_step(model, tok, sae, out: Path) -> dict:
     """Footprints of a toy suite at the last layer; zh_half is a subset of zh, so it must be a drop candidate."""
     from qscope_plugin.recipes.footprints import harvest_footprints
-    from qscope_plugin.recipes.redundancy import redundancy_report, write_report
+    from qscope_plugin.recipes.redundancy import redundancy_report
+    from qscope_plugin.recipes.reports import write_report
 
     suite = {"zh": SENTENCES["zh"], "zh_half": SENTENCES["zh"][::2], "en": SENTENCES["en"],
              "mixed_prompts": SENTENCES["mixed_prompts"]}
@@ -213,10 +214,10 @@ def _redundancy_step(model, tok, sae, out: Path) -> dict:
                   for name, texts in suite.items()}
     report = redundancy_report(footprints)
     write_report(report, out)
-    return {"layer": layer, "benchmarks": {name: {key: row[key] for key in ("n_samples", "footprint_size",
-                                                                           "feature_redundancy")}
-                                           for name, row in report["benchmarks"].items()},
-            "summary": report["summary"], "report": f"{out.name}/report.md"}
+    return {"layer": layer, "benchmarks": {name: {key: getattr(row, key) for key in ("n_samples", "footprint_size",
+                                                                                     "feature_redundancy")}
+                                           for name, row in report.benchmarks.items()},
+            "summary": report.to_json()["summary"], "report": f"{out.name}/report.md"}
 
 
 def _markdown(summary: dict, rows, images: list[str]) -> str:

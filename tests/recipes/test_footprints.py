@@ -13,11 +13,11 @@ import torch
 from qscope_testing import qwen3_tokenizer, tiny_model, tiny_saes
 
 from qscope_plugin.hooks import capture_residual
+from qscope_plugin.recipes.data import load_table
 from qscope_plugin.recipes.footprints import (
     FootprintError,
     Footprints,
     harvest_footprints,
-    load_benchmark,
 )
 
 TEXTS = ["What is 2 + 2?", "我今天很开心", "Translate to French: the cat sleeps on the warm mat all day long.",
@@ -62,7 +62,7 @@ def test_datasets_rows_templates_and_provenance(tmp_path, tok):
     assert as_sets(as_dicts) == as_sets(fp)  # a plain list of rows works like the Dataset
     path = tmp_path / "toy.jsonl"
     data.to_json(path)
-    from_file = harvest_footprints(model, tok, load_benchmark(str(path)), saes, column="question", progress=False)
+    from_file = harvest_footprints(model, tok, load_table(str(path)), saes, column="question", progress=False)
     assert as_sets(from_file) == reference(model, tok, TEXTS, saes)
     with pytest.raises(FootprintError, match=r"field 'prompt'.*columns are \['question', 'answer'\]"):
         harvest_footprints(model, tok, data, saes, column="prompt", progress=False)
@@ -152,7 +152,7 @@ def test_distributed_harvest_under_torchrun_equals_single_process(tmp_path):
     assert "bench layer 3: 24 samples" in run.stdout
     model, tok = load_model(str(DEMO_MODEL_DIR))
     saes = {n: load_sae(DEMO_RELEASE, n) for n in (1, 3)}
-    single = harvest_footprints(model, tok, load_benchmark(str(data_file)), saes, column="text", progress=False)
+    single = harvest_footprints(model, tok, load_table(str(data_file)), saes, column="text", progress=False)
     distributed = Footprints.load(out)
     assert as_sets(distributed) == as_sets(single)
     assert distributed.provenance["n_samples"] == 24 and not Path(f"{out}.partial").exists()
@@ -166,9 +166,3 @@ def test_torchrun_group_outside_torchrun_changes_nothing(monkeypatch, tmp_path):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with torchrun_group("cpu") as (rank, device):
         assert (rank, device) == (0, "cpu") and not dist.is_initialized()
-    data_file = tmp_path / "d.jsonl"
-    data_file.write_text("".join(f'{{"text": "t{i}"}}\n' for i in range(5)))
-    assert load_benchmark(str(data_file), limit=2)["text"] == ["t0", "t1"]
-    assert len(load_benchmark(str(data_file), limit=50)) == 5
-    with pytest.raises(FootprintError, match="limit=0"):
-        load_benchmark(str(data_file), limit=0)

@@ -16,6 +16,7 @@ from scipy import stats
 from qscope_plugin.recipes.footprints import LayerFootprints
 from qscope_plugin.recipes.redundancy import (
     RedundancyError,
+    RedundancyReport,
     expected_coverage,
     feature_redundancy,
     kendall_tau,
@@ -27,8 +28,8 @@ from qscope_plugin.recipes.redundancy import (
     redundancy_profile,
     redundancy_report,
     samples_for_coverage,
-    write_report,
 )
+from qscope_plugin.recipes.reports import write_report
 
 
 def footprints_of(sets: list[set[int]], d_sae: int = 32) -> LayerFootprints:
@@ -170,9 +171,9 @@ def test_pair_correlations_use_each_unordered_pair_once():
     x, y = (pd.DataFrame((m + m.T) / 2, index=names, columns=names) for m in (x, y))
     i, j = np.triu_indices(4, 1)
     out = pair_correlations(x, y)
-    assert out["pairs"] == 6
-    assert out["pearson"] == pytest.approx(stats.pearsonr(x.to_numpy()[i, j], y.to_numpy()[i, j]).statistic)
-    assert out["spearman"] == pytest.approx(stats.spearmanr(x.to_numpy()[i, j], y.to_numpy()[i, j]).statistic)
+    assert out.pairs == 6
+    assert out.pearson == pytest.approx(stats.pearsonr(x.to_numpy()[i, j], y.to_numpy()[i, j]).statistic)
+    assert out.spearman == pytest.approx(stats.spearmanr(x.to_numpy()[i, j], y.to_numpy()[i, j]).statistic)
 
 
 def test_report_on_a_planted_suite(tmp_path):
@@ -188,24 +189,42 @@ def test_report_on_a_planted_suite(tmp_path):
     ability = np.linspace(0.2, 0.8, panel)
     correctness = {name: (rng.random((panel, len(fp))) < ability[:, None]).astype(float) for name, fp in fps.items()}
     report = redundancy_report(fps, correctness=correctness, n_draws=100)
-    overlap = pd.DataFrame(report["overlap"]["values"], index=report["overlap"]["names"],
-                           columns=report["overlap"]["names"])
+    overlap = report.overlap.to_frame()
     gsm_set, math_set = set(fps["GSM8K"].features()), set(fps["MATH"].features())
     assert overlap.loc["GSM8K", "MATH"] == len(gsm_set & math_set) / len(gsm_set) > 0.9
     assert overlap.loc["MATH", "GSM8K"] == len(gsm_set & math_set) / len(math_set) < 0.2
-    (drop,) = report["summary"]["drop_candidates"]
-    assert drop["benchmark"] == "GSM8K" and drop["covered_by"] == "MATH"
-    assert {d["benchmark"] for d in report["summary"]["distinct"]} == {"CODE"}
-    gsm = report["benchmarks"]["GSM8K"]
-    assert gsm["feature_redundancy"] == pytest.approx(feature_redundancy(fps["GSM8K"].support(), 60))
-    assert gsm["footprint_size"] == len(fps["GSM8K"].features())
-    assert 0 < gsm["performance_redundancy"] <= 1
-    assert set(report["spearman_R_vs_Rhat"]["benchmarks"]) == set(fps)
-    assert "partial_pearson" in report and report["pairs"]["overlap_min_vs_partial_pearson"]["pairs"] == 3
-    write_report(report, tmp_path)
-    assert json.loads((tmp_path / "redundancy.json").read_text())["benchmarks"]["MATH"]["n_samples"] == 80
+    (drop,) = report.summary.drop_candidates
+    assert drop.benchmark == "GSM8K" and drop.covered_by == "MATH"
+    assert {d.benchmark for d in report.summary.distinct} == {"CODE"}
+    gsm = report.benchmarks["GSM8K"]
+    assert gsm.feature_redundancy == pytest.approx(feature_redundancy(fps["GSM8K"].support(), 60))
+    assert gsm.footprint_size == len(fps["GSM8K"].features())
+    assert gsm.coverage.values == pytest.approx(expected_coverage(fps["GSM8K"].support(), 60, gsm.coverage.n))
+    assert 0 < gsm.performance_redundancy <= 1 and gsm.tau_profile.values[-1] == pytest.approx(1.0)
+    assert set(report.spearman_r_vs_rhat.benchmarks) == set(fps)
+    assert report.partial_pearson.names == ["GSM8K", "MATH", "CODE"]
+    assert report.overlap_min_vs_partial_pearson.pairs == 3
+    files = write_report(report, tmp_path)
+    assert [f.name for f in files] == ["report.json", "report.md", "overlap.png", "coverage.png"]
+    assert json.loads((tmp_path / "report.json").read_text())["benchmarks"]["MATH"]["n_samples"] == 80
     assert (tmp_path / "overlap.png").stat().st_size > 0 and (tmp_path / "coverage.png").stat().st_size > 0
-    assert "drop candidate: **GSM8K**" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "drop candidate: **GSM8K**" in md and "partial ρ given MMLU (R14)" in md
+    # report.json reads back to an equal report, which renders the same markdown
+    again = RedundancyReport.from_json(json.loads((tmp_path / "report.json").read_text()))
+    assert again == report
+    write_report(again, tmp_path / "again")
+    assert (tmp_path / "again" / "report.md").read_text() == md
+
+
+def test_report_without_scores_round_trips_its_missing_parts():
+    fps = {"a": footprints_of([{1, 2}, {2, 3}]), "b": footprints_of([{1}, {2}, {5}])}
+    report = redundancy_report(fps)
+    assert report.pearson is None and report.spearman_r_vs_rhat is None
+    assert report.benchmarks["a"].performance_redundancy is None and report.benchmarks["a"].tau_profile is None
+    data = json.loads(json.dumps(report.to_json()))
+    assert RedundancyReport.from_json(data) == report
+    assert RedundancyReport.from_json({**data, "summary": {**data["summary"], "rule": "other"}}) != report
 
 
 def test_report_refuses_mismatched_inputs():

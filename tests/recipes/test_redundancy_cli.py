@@ -42,7 +42,7 @@ def test_footprints_then_redundancy(tmp_path, capsys):
     files = [str(tmp_path / f"{name}.safetensors") for name in suites]
     assert main(["redundancy", *files, *args, "--n-draws", "50", "--reference", "en", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    report = json.loads((out / "redundancy.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     overlap = dict(zip(report["overlap"]["names"], report["overlap"]["values"], strict=True))
     names = report["overlap"]["names"]
     assert overlap["zh_half"][names.index("zh")] == 1.0  # a subset is fully covered

@@ -9,10 +9,10 @@ from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
 
 from qscope_plugin.errors import QScopeWarning
 from qscope_plugin.recipes._harvest import harvest
+from qscope_plugin.recipes.chat import ChatModel, parse_category, parse_score, strip_thinking
 from qscope_plugin.recipes.safety_synthesis import (
     ATTACK_STYLES,
     TEMPLATES,
-    ChatModel,
     Generators,
     SynthesisError,
     Target,
@@ -21,11 +21,8 @@ from qscope_plugin.recipes.safety_synthesis import (
     coverage_curve,
     coverage_from_firing,
     load_targets,
-    parse_category,
-    parse_score,
     read_synthesized,
     save_targets,
-    strip_thinking,
     synthesize,
 )
 
@@ -320,7 +317,7 @@ def cli_env(planted, monkeypatch):
     """`qscope safety ...` on the planted tiny model, every chat call scripted by its template (test-only)."""
     import qscope_plugin.cli as cli
     import qscope_plugin.cli.safety as safety_cli
-    from qscope_plugin.recipes import safety_synthesis as ss
+    from qscope_plugin.recipes import chat
 
     model, tok, saes, targets = planted
     monkeypatch.setattr(safety_cli, "load_backbone", lambda args: (model, tok))
@@ -335,7 +332,7 @@ def cli_env(planted, monkeypatch):
             return "<think>maybe 0.1</think> 9/10"
         return TRIGGER if text.startswith("Write one user request") else NEUTRAL
 
-    monkeypatch.setattr(ss.ChatModel, "__call__", scripted)
+    monkeypatch.setattr(chat.ChatModel, "__call__", scripted)
     return cli, targets, calls
 
 
