@@ -1,4 +1,4 @@
-"""Harvest throughput of OR-rule classifier discovery: ``fit`` / ``max_activations`` vs a bare forward + SAE encode.
+"""OR-rule classifier discovery throughput: ``fit`` / ``harvest(pooling="max")`` vs a bare forward + SAE encode.
 
     python benchmarks/bench_classifier.py        # prints a table, writes docs/benchmarks_classifier.md
 
@@ -24,8 +24,8 @@ from _timing import best_of_interleaved
 from qscope_plugin.demo.run import PROMPTS
 from qscope_plugin.hooks import capture_residual
 from qscope_plugin.models import DEMO_MODEL_DIR, load_model
-from qscope_plugin.recipes._common import batched
-from qscope_plugin.recipes.classifiers import ORRuleClassifier, max_activations
+from qscope_plugin.recipes import harvest
+from qscope_plugin.recipes.classifiers import ORRuleClassifier
 from qscope_plugin.store import DEMO_SAE_DIR, load_sae, local_layers
 
 N_TEXTS, BATCH, REPEATS, MAX_LENGTH = 512, 16, 5, 512
@@ -41,17 +41,17 @@ def main() -> None:
 
     @torch.no_grad()
     def forward_only(encode: bool = False, lm_head: bool = True) -> None:
-        for batch in batched(texts, BATCH):
-            enc = tok(list(batch), return_tensors="pt", padding=True, truncation=True, max_length=MAX_LENGTH,
-                      add_special_tokens=False)
+        for start in range(0, len(texts), BATCH):
+            enc = tok(texts[start : start + BATCH], return_tensors="pt", padding=True, truncation=True,
+                      max_length=MAX_LENGTH, add_special_tokens=False)
             with capture_residual(model, list(saes)) as acts:
                 (model if lm_head else model.model)(**enc)
             if encode:
                 for layer, sae in saes.items():
                     sae.encode_sparse(acts[layer])
 
-    def harvest() -> None:
-        max_activations(model, tok, texts, saes, batch_size=BATCH, max_length=MAX_LENGTH)
+    def discovery_harvest() -> None:
+        harvest(model, tok, texts, saes, pooling="max", batch_size=BATCH, max_length=MAX_LENGTH)
 
     def fit() -> None:
         ORRuleClassifier(model, tok, saes, k_features=5).fit(texts, labels)  # fit's defaults: batch 16, length 512
@@ -60,7 +60,7 @@ def main() -> None:
     timings = best_of_interleaved(repeats=REPEATS, runs={
         "forward + hooks only": forward_only,
         "forward + encode_sparse (baseline)": lambda: forward_only(encode=True),
-        "max_activations (discovery harvest)": harvest,
+        "harvest(pooling='max') (discovery harvest)": discovery_harvest,
         "ORRuleClassifier.fit (harvest + Δ + ℓ*)": fit,
         "decoder stack + encode_sparse, no lm_head": lambda: forward_only(encode=True, lm_head=False),
     })
