@@ -5,8 +5,10 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
 
+from qscope_plugin.backends import Backend
 from qscope_plugin.errors import QScopeWarning
 from qscope_plugin.recipes._harvest import harvest
 from qscope_plugin.recipes.chat import ChatModel, parse_category, parse_score, strip_thinking
@@ -246,24 +248,18 @@ def test_answer_parsing():
     assert parse_category("mostly harmful", cats, default="other") == "other"
 
 
-class ScriptedLM:
-    """Test-only causal LM: records the token ids it is given and answers a fixed text."""
+class ScriptedLM(Backend):
+    """Test-only backend: records the prompts it is given and answers a fixed text (no model runs)."""
+
+    device = torch.device("cpu")
 
     def __init__(self, tok, answer: str) -> None:
-        import torch
-
+        super().__init__(self, torch.nn.Identity())
         self.tok, self.answer, self.seen = tok, answer, []
-        self._p = torch.zeros(1)
 
-    def parameters(self):
-        yield self._p
-
-    def generate(self, ids, **options):
-        import torch
-
-        self.seen.append(self.tok.decode(ids[0]))
-        reply = torch.tensor([self.tok(self.answer, add_special_tokens=False)["input_ids"]])
-        return torch.cat([ids, reply], dim=1)
+    def generate(self, input_ids, attention_mask=None, **options):
+        self.seen.append(self.tok.decode(input_ids[0]))
+        return torch.tensor([self.tok(self.answer, add_special_tokens=False)["input_ids"]])
 
 
 class NoTemplate:
@@ -416,4 +412,4 @@ def test_cli_refuses_an_empty_targets_file_and_names_the_bad_option(cli_env, tmp
     assert "holds no targets" in capsys.readouterr().err
     assert cli.main(["safety", "targets", "--layers", "1", "--features", "0-99999", "--corpus",
                      str(tmp_path / "p.txt"), "--out", str(tmp_path / "t.jsonl")]) == 2
-    assert "--features '0-99999' is outside" in capsys.readouterr().err
+    assert "feature 99999 is out of range for the layer-0 SAE (128 features" in capsys.readouterr().err
