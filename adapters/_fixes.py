@@ -1,6 +1,7 @@
 """WARNING: these functions patch upstream classes for the whole process (as TransformerLens' own compat shims do).
 
-One function per upstream defect that breaks Qwen3 / Qwen3.5 with transformers 5.x today. Each one:
+One function per upstream defect that breaks Qwen3 / Qwen3.5 with transformers 5.x today (docs/upstream.md §2).
+Each one:
 - is applied only when the defect is detected (by probing behaviour or code, never by version strings);
 - is idempotent: it returns True when it patched, False when nothing was needed or it already ran;
 - is named after what it fixes, and says when it can be deleted.
@@ -31,7 +32,9 @@ def fix_tl_bridge_kv_cache_kwarg() -> bool:
         present when the probe's ``update`` is never called.
     Upstream: TransformerLens 3.9 / 4.3 ``AttentionBridge._update_kv_cache`` reads only ``past_key_values`` /
         ``layer_past``; transformers 5.x decoder layers pass ``cache`` (``past_key_values`` is a deprecated
-        alias until 5.40).
+        alias until 5.40). No upstream issue or PR found; the code path came with
+        https://github.com/TransformerLensOrg/TransformerLens/pull/1232 (KV cache for AttentionBridge).
+        Details and measurements: docs/upstream.md §2.3.
     Remove when: the probe sees ``update`` called without the patch.
     """
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
@@ -72,7 +75,9 @@ def fix_tl_gated_delta_net_functions() -> bool:
     Detected by: the bridge's prefill path reading ``hf.chunk_gated_delta_rule`` while transformers' module no
         longer defines it (it became a module-level function with a torch fallback).
     Upstream: TransformerLens 3.9 ``GatedDeltaNetBridge`` (``gated_delta_net.py``); 4.3 fixes the attribute
-        crash (``_resolve_hf_fn``) but still keys generation on ``cache_params``.
+        crash (``_resolve_hf_fn``) but still keys generation on ``cache_params``. No upstream issue or PR found;
+        TransformerLens 4 needs https://github.com/decoderesearch/SAELens/issues/738 (sae-lens on TL 4) first.
+        Details: docs/upstream.md §2.4.
     Remove when: transformer-lens >= 4 is usable with sae-lens and the generation check accepts ``cache``.
     """
     from transformer_lens.model_bridge.generalized_components.gated_delta_net import GatedDeltaNetBridge
@@ -114,7 +119,8 @@ def fix_saelens_bridge_hook_aliases() -> bool:
         ``run_with_cache(names_filter=alias)`` returns an empty cache. Plain ``TransformerBridge`` is fine.
     Detected by: ``SAETransformerBridge.hook_dict`` being overridden without adding the aliases back.
     Upstream: sae-lens 6.54 ``SAETransformerBridge.hook_dict`` rebuilds the dict from ``_hook_registry`` and
-        skips TransformerBridge's ``_add_aliases_to_hooks``.
+        skips TransformerBridge's ``_add_aliases_to_hooks``. No upstream issue or PR found.
+        Details: docs/upstream.md §2.5.
     Remove when: that property calls ``_add_aliases_to_hooks``.
     """
     from sae_lens.analysis.sae_transformer_bridge import SAETransformerBridge

@@ -7,7 +7,7 @@
     >>> ids = steered_generate(lm, "The weather today", sae.cfg.layer, -20 * sae.direction(6159), max_new_tokens=20)
 
 Loading always passes a tokenizer: nnsight's default lazy (meta) load cannot guess one on transformers 5.x
-(upstream-status §4). Steering uses a bounded ``tracer.iter[:N]``, so code after the loop runs. For remote runs
+(docs/upstream.md §3.1). Steering uses a bounded ``tracer.iter[:N]``, so code after the loop runs. For remote runs
 (``remote=True``, NDIF) only what is needed travels: the decoder columns to steer with and the encoder rows of
 the features to read, never whole SAE matrices; ``check_remote`` fails fast, in one clear error, when the hub or
 NDIF cannot be reached.

@@ -6,7 +6,7 @@
 
 After ``register()``, SAELens' ``qwen_scope`` conversion function is the plugin's: the file is memory-mapped,
 ``d_in``/``d_sae`` come from the tensors (so custom widths load), and SAELens' parameters are transposed *views*
-of the file's tensors instead of ``.T.contiguous()`` copies (upstream-status §1.5: 2.1x file size of peak RSS).
+of the file's tensors instead of ``.T.contiguous()`` copies (docs/upstream.md §1.3: 2.1x file size of peak RSS).
 The metadata is corrected: Qwen tokenizers prepend no BOS (``prepend_bos=False``), and the hf hook name is the
 text-only layout's ``model.layers.{n}``.
 """

@@ -194,8 +194,8 @@ def main() -> None:
               "copies on CPU keep the file layout.", "",
               "bf16 on CPU depends on the ISA (the CPU capability is in the first line): on AVX2-only CPUs "
               "SAELens' contiguous (d_in, d_sae) bf16 matrix is ~80x slower than the file's (d_sae, d_in) "
-              "layout, which the plugin keeps (upstream-status §1.5); with AVX512-BF16 both layouts are fast. "
-              "Calls over 2 s are timed once.", "",
+              "layout, which the plugin keeps ([upstream.md](upstream.md) §1.4); with AVX512-BF16 both layouts "
+              "are fast. Calls over 2 s are timed once.", "",
               "## Compute (CPU)", "", "| operation | plugin (ms) | baseline (ms) | baseline | speed-up |",
               "|---|---|---|---|---|"]
     for what, ours, theirs, name in rows:

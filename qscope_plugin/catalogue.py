@@ -6,7 +6,7 @@
     ('Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50', 32768, 50, 'layer14')
 
 The backbone pairing comes from the report's Table 1, not from the model cards, whose "Base model" field is
-unreliable (spec §1.1 rule 5). ``tests/test_catalogue.py`` checks this table against SAELens' registry.
+unreliable (docs/method.md §1.1 rule 5). ``tests/test_catalogue.py`` checks this table against SAELens' registry.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Release:
 
     @property
     def bytes_per_layer(self) -> int:
-        """Size of one float32 ``layer{n}.sae.pt`` payload (spec §1.3)."""
+        """Size of one float32 ``layer{n}.sae.pt`` payload (docs/method.md §1.3)."""
         return 4 * (2 * self.d_sae * self.d_model + self.d_sae + self.d_model)
 
     def check_layer(self, layer: int) -> int:
@@ -66,7 +66,8 @@ class Release:
 
 def _group(model: str, model_id: str, family: Family, d_model: int, n_layers: int,
            widths: tuple[tuple[int, int], ...], instruct: bool = False) -> tuple[Release, ...]:
-    """All (width, k) groups of one backbone, named by the two published naming patterns (spec §1.1 rule 1)."""
+    """All (width, k) groups of one backbone, named by the two published naming patterns (docs/method.md §1.1
+    rule 1)."""
     version, size = model.split("-", 1)  # "3.5", "9b-base"
     out = []
     for width_k, k in widths:
@@ -112,7 +113,7 @@ def check_backbone(rel: Release, model_id: str | None) -> bool:
     """Warn (never refuse) when SAEs are used on a model other than the one they were trained on.
 
     Base-trained SAEs on post-trained checkpoints are endorsed by the model cards ("also reasonable"), so this
-    is information, not an error (spec §1.1 rule 6). Returns True when the pairing matches.
+    is information, not an error (docs/method.md §1.1 rule 6). Returns True when the pairing matches.
     """
     if model_id is None or model_id == rel.model_id:
         return True

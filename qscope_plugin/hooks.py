@@ -6,7 +6,7 @@
     >>> with add_to_residual(model, 14, alpha * sae.direction(f)):
     ...     model.generate(**batch, max_new_tokens=20)
 
-SAE ``layer{n}`` reads the raw output of decoder block n (spec §2.1). ``output_hidden_states[-1]`` is *not*
+SAE ``layer{n}`` reads the raw output of decoder block n (docs/method.md §2.1). ``output_hidden_states[-1]`` is *not*
 that for the last block (the final RMSNorm is applied), so everything here hooks the block itself.
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from qscope_plugin.errors import QScopeError, layer_out_of_range
 
-# Search order of spec §2.2: text-only CausalLM, multimodal ConditionalGeneration, wrappers, bare backbone.
+# Search order of docs/method.md §2.2: text-only CausalLM, multimodal ConditionalGeneration, wrappers, bare backbone.
 LAYER_PATHS = (
     "model.layers",
     "model.language_model.layers",

@@ -1,7 +1,7 @@
 """Load a backbone and its tokenizer for the CLI and the demo (plain transformers, offline-friendly).
 
 ``AutoModelForCausalLM`` maps published Qwen3.5 checkpoints (``*ForConditionalGeneration`` layout) to the
-text-only ``*ForCausalLM``, which is what the SAEs read (spec §2.2).
+text-only ``*ForCausalLM``, which is what the SAEs read (docs/method.md §2.2).
 """
 
 from __future__ import annotations

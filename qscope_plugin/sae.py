@@ -6,7 +6,7 @@
     >>> h_hat = sae.decode_sparse(values, idx)                    # gathers k decoder columns only
     >>> fast = sae.to()                                           # in-RAM copy, feature-major decoder (fp32)
 
-Equations (spec §2.3), for one token's block output ``x`` (no centring, no ``b_dec`` subtraction):
+Equations (docs/method.md §2.3), for one token's block output ``x`` (no centring, no ``b_dec`` subtraction):
 
     (E1) pre(x) = x @ W_enc.T + b_enc
     (E2) z(x)   = scatter(TopK_k(ReLU(pre(x))))
@@ -14,7 +14,7 @@ Equations (spec §2.3), for one token's block output ``x`` (no centring, no ``b_
 
 The on-disk layouts are kept (``W_enc (d_sae, d_model)``, ``W_dec (d_model, d_sae)``): both are exactly the
 ``nn.Linear`` weight layouts of the two products, so ``F.linear`` runs on them directly. SAELens instead makes
-transposed copies, which doubles peak memory and is ~80x slower in bf16 on AVX2 CPUs (upstream-status §1.5).
+transposed copies, which doubles peak memory and is ~80x slower in bf16 on AVX2 CPUs (docs/upstream.md §1.3, §1.4).
 A float32 or CUDA ``.to()`` copy stores the decoder feature-major instead (same logical shape), which makes the
 sparse decode an embedding-bag over contiguous rows.
 """
@@ -158,7 +158,7 @@ class QwenScopeSAE:
         feature-major: the same ``(d_model, d_sae)`` tensor as a view of ``(d_sae, d_model)`` memory, so each
         feature direction is one contiguous row and ``decode_sparse`` reads exactly the k rows a token uses.
         bf16/fp16 copies on CPU keep the file layout: there a feature-major matrix makes the dense GEMM ~80x
-        slower on AVX2 CPUs (upstream-status §1.5). ``sae.to()`` with no arguments copies on the current device
+        slower on AVX2 CPUs (docs/upstream.md §1.4). ``sae.to()`` with no arguments copies on the current device
         and dtype.
         """
         device = self.device if device is None else torch.device(device)

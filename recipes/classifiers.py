@@ -8,7 +8,7 @@ The saved JSON records the backbone (``model``: its ``name_or_path``), the SAE `
 each used layer's SAE geometry (d_model, d_sae, k), the layers, features, ε, per-feature thresholds, K / m and
 provenance; ``load`` refuses SAEs whose release or geometry differ from the saved ones.
 
-Equations (spec §3.3), with a^{(ℓ)}_{i,t,f} the SAE activation z_f of token t of example i at layer ℓ:
+Equations (docs/method.md §3.3), with a^{(ℓ)}_{i,t,f} the SAE activation z_f of token t of example i at layer ℓ:
 
     (R15) h_{i,f} = 1[ max_t a_{i,t,f} > ε ]                       example-level firing, ε = 0
     (R16) Δ_f = P(h_f = 1 | positive) − P(h_f = 1 | negative)       on the discovery split

@@ -5,7 +5,7 @@
     >>> ranking[14][0]                       # best feature of layer 14: FeatureScore(feature=..., score=...)
     >>> contexts = top_contexts(model, tok, dataset["text"], saes, {14: [ranking[14][0].feature]})
 
-Two contrastive scores are offered (spec §3.1):
+Two contrastive scores are offered (docs/method.md §3.1):
 - ``method="mean"``, (R1): δ_f = mean over D+ of pool_t z_f − mean over D− of pool_t z_f (pool = mean | max);
 - ``method="rate"``, (R2, the official app's Compare): difference of firing rates 1[z_f > 0] over kept tokens.
 Position 0 carries massive-norm outliers on Qwen3, so ``exclude_first_token`` defaults to True.
@@ -58,7 +58,7 @@ def analyze(model: object, tokenizer, text: str, saes: Mapping[int, QwenScopeSAE
 
 @dataclass(frozen=True)
 class ContrastOptions:
-    """Choices the report leaves open (spec §4 row 3), with the official app's options."""
+    """Choices the report leaves open (docs/method.md §4 row 3), with the official app's options."""
 
     method: Literal["mean", "rate"] = "mean"
     pool: Literal["mean", "max"] = "mean"

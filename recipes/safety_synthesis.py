@@ -8,7 +8,7 @@
     >>> curves = compare_coverage(model, tok, saes, targets, chat.generators(), seed_prompts=seed, pool=pool,
     ...                           budgets=[0, 50, 100, 200], rows=kept)   # reuses kept; baselines under the budget
 
-Equations (spec §3.4), with h^{(ℓ)}_{i,f} = 1[max_t a^{(ℓ)}_{i,t,f} > 0] on the prompt of example i (R15):
+Equations (docs/method.md §3.4), with h^{(ℓ)}_{i,f} = 1[max_t a^{(ℓ)}_{i,t,f} > 0] on the prompt of example i (R15):
 
     (R22) c_f(D) = 1[∃ i ∈ D : h_{i,f} = 1]               a target is covered by D
     (R23) T = {(ℓ, f) : s_f ≥ τ}                          s ∈ [0, 1] from a judge of the feature's explanation
@@ -41,7 +41,7 @@ from qscope_plugin.sae import QwenScopeSAE
 
 TEMPLATES = Path(__file__).parent / "templates"
 ATTACK_STYLES = ("role-play", "hypothetical framing", "payload splitting", "polite indirect request")
-"""Default adversarial rewrite styles η_k; the report does not list its own (spec §4 row 9)."""
+"""Default adversarial rewrite styles η_k; the report does not list its own (docs/method.md §4 row 9)."""
 RISK_CATEGORIES = ("violence", "weapons", "self-harm", "sexual content", "hate and harassment", "illegal activity",
                    "cybercrime", "privacy", "misinformation", "benign")
 """Default risk categories for ``ChatModel.categorizer``; the report does not list its own. A target whose category
@@ -139,7 +139,8 @@ class Coverage:
 
 
 def coverage_from_firing(fired: np.ndarray, targets: Sequence[Target], *, weak_support: int = 3) -> Coverage:
-    """(R22, R24, R27) from a firing matrix; ``weak_support`` is not specified in the report (spec §4 row 9)."""
+    """(R22, R24, R27) from a firing matrix; ``weak_support`` is not specified in the report (docs/method.md §4
+    row 9)."""
     if not targets:
         raise SynthesisError("no targets; build them first (build_targets or `qscope safety targets`)")
     support = fired.sum(axis=0) if len(fired) else np.zeros(len(targets), dtype=int)

@@ -1,4 +1,4 @@
-"""Steering with SAE feature directions (report §3, spec §2.4): h' = h + α · Σ_i c_i · d_i at block n.
+"""Steering with SAE feature directions (report §3, docs/method.md §2.4, E5): h' = h + α · Σ_i c_i · d_i at block n.
 
     >>> spec = SteeringSpec.single(layer=3, feature=417, alpha=-8.0, direction_norm="unit")
     >>> with steer(model, spec, saes):                          # HF model, TL bridge or nnsight model
@@ -33,7 +33,7 @@ CHAT_TEMPLATES = {
     "thinking": "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n",
     "no_thinking": "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
 }
-"""The official app's optional wrappers (spec §2.5); raw text is the default."""
+"""The official app's optional wrappers (docs/method.md §2.5); raw text is the default."""
 
 
 class SteeringError(QScopeError, ValueError):

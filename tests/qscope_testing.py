@@ -93,7 +93,7 @@ FAMILIES = ("qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe")
 
 
 def tiny_config(family: str, *, multimodal: bool = False, n_layers: int = 4, vocab_size: int = 151_669):
-    """A transformers config of each Qwen family, small enough for CPU tests (upstream-status §5).
+    """A transformers config of each Qwen family, small enough for CPU tests (docs/upstream.md §4).
 
     Qwen3.5 keeps one full-attention layer in every four (3 Gated DeltaNet + 1 gated attention), as the real
     models do; ``multimodal`` gives the published ``*ForConditionalGeneration`` layout with a tiny vision tower.

@@ -27,7 +27,7 @@ def test_matches_sae_lens_registry():
 
 def test_sizes_follow_the_spec():
     r = release("qwen-scope-3-1.7b-base-w32k-l50")
-    assert r.bytes_per_layer == 537_010_176  # 537.0 MB, spec §1.3
+    assert r.bytes_per_layer == 537_010_176  # 537.0 MB, docs/method.md §1.3
     assert release("qwen-scope-3.5-27b-w80k-l100").d_sae == 81920
     assert [r.name for r in releases() if r.instruct] == ["qwen-scope-3.5-27b-w80k-l50", "qwen-scope-3.5-27b-w80k-l100"]
     assert {r.d_sae // r.d_model for r in releases()} == {16, 64}

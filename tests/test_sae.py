@@ -11,7 +11,7 @@ from qscope_plugin.sae import QScopeSAEConfig, SAEInputError
 
 
 def reference_encode(t: dict[str, torch.Tensor], x: torch.Tensor, k: int) -> torch.Tensor:
-    """The official app's order: TopK of ReLU(pre), scattered (spec E1-E2), written out plainly."""
+    """The official app's order: TopK of ReLU(pre), scattered (docs/method.md E1-E2), written out plainly."""
     pre = x @ t["W_enc"].T + t["b_enc"]
     acts = torch.relu(pre)
     z = torch.zeros_like(acts)
@@ -127,7 +127,7 @@ def test_to_copies_once_into_a_feature_major_decoder(sae_and_tensors, monkeypatc
         assert torch.allclose(decoder.decode_sparse(values, idx), expected, atol=1e-5)
         assert torch.allclose(decoder.decode_sparse(values, idx.to(torch.int16)), expected, atol=1e-5)
         assert torch.equal(decoder.decode_sparse(values[..., :0], idx[..., :0]), t["b_dec"].expand(3, 4, 16))
-    # bf16 on CPU keeps the file layout: a feature-major bf16 GEMM is ~80x slower on AVX2 (upstream-status §1.5)
+    # bf16 on CPU keeps the file layout: a feature-major bf16 GEMM is ~80x slower on AVX2 (docs/upstream.md §1.4)
     half = sae.to(dtype=torch.bfloat16)
     assert half.W_dec.stride() == (64, 1)
     assert torch.allclose(half.decode_sparse(values, idx).float(), expected, atol=0.05, rtol=0.02)
