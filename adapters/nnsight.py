@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from qscope_plugin.backends import Backend, register_backend
+from qscope_plugin.backends import Backend, generation_options, register_backend
 from qscope_plugin.errors import QScopeError
 from qscope_plugin.hooks import LAYER_PATHS, resolve_layers
 from qscope_plugin.sae import QwenScopeSAE
@@ -179,13 +179,10 @@ class NNsightBackend(Backend):
                  max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
         ids = input_ids.to(self.device)
-        options = {"attention_mask": attention_mask.to(self.device)} if attention_mask is not None else {}
-        if do_sample:
-            options.update(temperature=temperature, top_p=top_p)
-        if eos_token_id is not None:
-            options.update(eos_token_id=eos_token_id, pad_token_id=pad_token_id if pad_token_id is not None
-                           else eos_token_id)
-        with self.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, **options) as tracer:
+        options = generation_options(do_sample, temperature, top_p, eos_token_id, pad_token_id)
+        if attention_mask is not None:
+            options["attention_mask"] = attention_mask.to(self.device)
+        with self.model.generate(ids, max_new_tokens=max_new_tokens, **options) as tracer:
             out = tracer.result.save()
         return out[:, ids.shape[1]:]
 

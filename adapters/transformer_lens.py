@@ -234,8 +234,8 @@ class BridgeBackend(Backend):
         mask = None if attention_mask is None else attention_mask.to(self.device)
         out = self.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                   top_p=top_p if do_sample and top_p < 1 else None, use_past_kv_cache=True,
-                                  return_type="tokens", verbose=False, stop_at_eos=eos_token_id is not None,
-                                  eos_token_id=eos_token_id, attention_mask=mask)
+                                  return_type="tokens", verbose=False, eos_token_id=eos_token_id,
+                                  attention_mask=mask)  # eos None: the bridge's tokenizer's EOS, as HF's default
         return out[:, ids.shape[1]:]
 
 

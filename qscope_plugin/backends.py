@@ -148,15 +148,24 @@ class Backend:
         """
         ids = input_ids.to(self.device)
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device)
-        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-        out = self.module.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                   eos_token_id=eos_token_id, pad_token_id=_pad(pad_token_id, eos_token_id),
-                                   **sampling)
+        options = generation_options(do_sample, temperature, top_p, eos_token_id, pad_token_id)
+        out = self.module.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, **options)
         return out[:, ids.shape[1]:]
 
 
-def _pad(pad_token_id: int | None, eos_token_id: int | None) -> int | None:
-    return pad_token_id if pad_token_id is not None else eos_token_id
+def generation_options(do_sample: bool, temperature: float, top_p: float, eos_token_id: int | None,
+                       pad_token_id: int | None) -> dict[str, Any]:
+    """transformers ``generate`` keyword arguments; an unset token id is left out, so the model's generation
+    config (its own EOS) applies instead of being overwritten with None."""
+    options: dict[str, Any] = {"do_sample": do_sample}
+    if do_sample:
+        options.update(temperature=temperature, top_p=top_p)
+    if eos_token_id is not None:
+        options["eos_token_id"] = eos_token_id
+    pad = pad_token_id if pad_token_id is not None else eos_token_id
+    if pad is not None:
+        options["pad_token_id"] = pad
+    return options
 
 
 _REGISTRY: list[tuple[Callable[[object], bool], Callable[[object], Backend]]] = []
