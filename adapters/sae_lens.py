@@ -24,7 +24,17 @@ from sae_lens.saes.sae import SAEMetadata
 
 from qscope_plugin.catalogue import Release, release, releases
 from qscope_plugin.errors import SAEFileError
+from qscope_plugin.models import DEMO_MODEL_DIR
 from qscope_plugin.sae import QwenScopeSAE
+from qscope_plugin.store import (
+    DEMO_RELEASE,
+    DEMO_SAE_DIR,
+    _local_settings,
+    fetch,
+    layer_filename,
+    load_sae,
+    local_layers,
+)
 
 __all__ = ["register", "to_sae_lens"]
 
@@ -107,13 +117,13 @@ def _config(sae: QwenScopeSAE, model_name: str | None, device: str, overrides: d
 def _open(repo_id: str, folder_name: str, force_download: bool) -> tuple[QwenScopeSAE, str | None]:
     rel = _release_for_repo(repo_id)
     layer = _layer(folder_name)
+    if repo_id == DEMO_RELEASE:  # shipped inside the package: nothing to download
+        return load_sae(DEMO_RELEASE, layer, cache=None), str(DEMO_MODEL_DIR)
     if rel is None:  # a repo in the Qwen-Scope format that the catalogue does not know
         from huggingface_hub import hf_hub_download
 
         path = hf_hub_download(repo_id, folder_name, force_download=force_download)
         return QwenScopeSAE.from_file(path, _k_from_repo(repo_id), layer=layer, release=repo_id), None
-    from qscope_plugin.store import fetch, load_sae
-
     if force_download:
         fetch(rel, layer, force_download=True)  # replaces the cached file that load_sae then maps
     return load_sae(rel.name, layer, cache=None), rel.model_id
@@ -133,17 +143,27 @@ def qwen_scope_config(repo_id: str, folder_name: str, device: str, force_downloa
     return _config(sae, model_name, device, cfg_overrides)
 
 
-def _lookup(rel: Release) -> PretrainedSAELookup:
-    paths = {sae_id: f"{sae_id}.sae.pt" for sae_id in rel.sae_ids}
+def _lookup(name: str, repo_id: str, model: str, layers: list[int], k: int) -> PretrainedSAELookup:
+    paths = {f"layer{n}": layer_filename(n) for n in layers}
     return PretrainedSAELookup(
-        release=rel.name, repo_id=rel.repo_id, model=rel.model_id, conversion_func=CONVERSION_FUNC,
-        saes_map=paths, expected_var_explained=dict.fromkeys(paths, 1.0), expected_l0=dict.fromkeys(paths, rel.k),
+        release=name, repo_id=repo_id, model=model, conversion_func=CONVERSION_FUNC,
+        saes_map=paths, expected_var_explained=dict.fromkeys(paths, 1.0), expected_l0=dict.fromkeys(paths, k),
         neuronpedia_id=dict.fromkeys(paths), norm_scaling_factor={}, config_overrides=None,
     )
 
 
+def _demo_lookup() -> PretrainedSAELookup | None:
+    """The embedded demo SAEs, so SAELens tutorials run offline on the CLI's default backbone (``None`` when this
+    installation has no demo assets). Its "repo id" is the release name, which ``_open`` serves from the package."""
+    layers = local_layers(DEMO_SAE_DIR)
+    if not layers:
+        return None
+    k, _ = _local_settings(DEMO_SAE_DIR, None)
+    return _lookup(DEMO_RELEASE, DEMO_RELEASE, str(DEMO_MODEL_DIR), layers, k)
+
+
 def register() -> list[str]:
-    """Route SAELens' Qwen-Scope loading through the plugin; add any release this SAELens lacks.
+    """Route SAELens' Qwen-Scope loading through the plugin; add any release this SAELens lacks, and the demo.
 
     Idempotent. Returns what it changed (empty on a second call).
     """
@@ -155,8 +175,11 @@ def register() -> list[str]:
     directory = get_pretrained_saes_directory()  # functools.cache: the dict every SAELens lookup reads
     for rel in releases():
         if rel.name not in directory:
-            directory[rel.name] = _lookup(rel)
+            directory[rel.name] = _lookup(rel.name, rel.repo_id, rel.model_id, list(range(rel.n_layers)), rel.k)
             changed.append(rel.name)
+    if DEMO_RELEASE not in directory and (demo := _demo_lookup()) is not None:
+        directory[DEMO_RELEASE] = demo
+        changed.append(DEMO_RELEASE)
     return changed
 
 
