@@ -15,6 +15,8 @@ import sys
 from types import SimpleNamespace
 from typing import Any
 
+import torch
+
 _PATCHED = "_qscope_fix"
 
 
@@ -59,7 +61,9 @@ def _kv_cache_kwarg_ignored(update_kv_cache) -> bool:
             calls.append(layer_idx)
             return k, v
 
-    update_kv_cache(SimpleNamespace(_layer_idx=0, name="probe"), None, None, cache=Probe())
+    # real (empty) tensors: under runtime type checking (jaxtyping + beartype) ``k: torch.Tensor`` rejects None
+    empty = torch.empty(1, 1, 0, 1)
+    update_kv_cache(SimpleNamespace(_layer_idx=0, name="probe"), empty, empty, cache=Probe())
     return not calls
 
 

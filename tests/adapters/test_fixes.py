@@ -92,3 +92,36 @@ def test_fixes_are_idempotent_and_gated():
 
     # with the fix in place the probe sees the cache used: the defect detector reports it absent
     assert not _fixes._kv_cache_kwarg_ignored(AttentionBridge._update_kv_cache)
+
+
+def test_fixes_apply_in_a_type_checked_process():
+    """TransformerLens' own test option ``--jaxtyping-packages=transformer_lens,beartype.beartype`` checks every
+    annotated call at runtime: the fixes' probes must pass real values, and every family must boot and generate."""
+    code = """
+from jaxtyping import TypeCheckError, install_import_hook
+install_import_hook(["transformer_lens"], "beartype.beartype")  # before anything imports transformer_lens
+import copy
+from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+from qscope_plugin.adapters._fixes import apply_all
+from qscope_plugin.adapters.transformer_lens import boot
+from qscope_testing import FAMILIES, qwen3_tokenizer, tiny_model
+try:  # checking is really on: the call that aborted the KV-cache probe is rejected
+    AttentionBridge._update_kv_cache(None, None, None)
+    raise SystemExit("transformer_lens is not type-checked")
+except TypeCheckError:
+    pass
+assert all(apply_all().values())
+tok = qwen3_tokenizer()
+ids = tok("The quick brown fox jumps over", return_tensors="pt")["input_ids"]
+for family in FAMILIES:
+    hf = tiny_model(family)
+    reference = copy.deepcopy(hf)
+    bridge = boot(hf, saes=True, tokenizer=tok)
+    out = bridge.generate(ids, max_new_tokens=4, do_sample=False, use_past_kv_cache=True, return_type="tokens",
+                          verbose=False, stop_at_eos=False)
+    ref = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             pad_token_id=0)
+    assert torch.equal(out, ref), family
+print("ok")
+"""
+    assert run_fresh(code) == "ok"
