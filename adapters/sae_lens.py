@@ -22,6 +22,7 @@ from sae_lens.loading import pretrained_sae_loaders as loaders
 from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
 from sae_lens.saes.sae import SAEMetadata
 
+from qscope_plugin.adapters._fixes import fix_saelens_save_model_non_contiguous
 from qscope_plugin.catalogue import Release, release, releases
 from qscope_plugin.errors import SAEFileError
 from qscope_plugin.models import DEMO_MODEL_DIR
@@ -163,7 +164,8 @@ def _demo_lookup() -> PretrainedSAELookup | None:
 
 
 def register() -> list[str]:
-    """Route SAELens' Qwen-Scope loading through the plugin; add any release this SAELens lacks, and the demo.
+    """Route SAELens' Qwen-Scope loading through the plugin; add any release this SAELens lacks, and the demo;
+    let ``save_model`` write the loaded SAEs (``_fixes.fix_saelens_save_model_non_contiguous``).
 
     Idempotent. Returns what it changed (empty on a second call).
     """
@@ -180,6 +182,8 @@ def register() -> list[str]:
     if DEMO_RELEASE not in directory and (demo := _demo_lookup()) is not None:
         directory[DEMO_RELEASE] = demo
         changed.append(DEMO_RELEASE)
+    if fix_saelens_save_model_non_contiguous():  # the loaded SAEs' parameters are views: save_model must copy
+        changed.append("fix_saelens_save_model_non_contiguous")
     return changed
 
 

@@ -84,10 +84,32 @@ print(len(calls))
     assert run_fresh(code) == ("1" if patched else "0")  # unpatched: the hook silently never runs
 
 
+@pytest.mark.parametrize("patched", [False, True])
+def test_saelens_save_model_non_contiguous(patched, tmp_path):
+    code = ("from qscope_plugin.adapters._fixes import fix_saelens_save_model_non_contiguous as f; assert f()\n"
+            if patched else "") + f"""
+from sae_lens import TopKSAE, TopKSAEConfig
+sae = TopKSAE(TopKSAEConfig(d_in=4, d_sae=8, k=2, device="cpu"))
+state = {{key: torch.randn_like(value) for key, value in sae.state_dict().items()}}
+state["W_dec"] = torch.randn(4, 8).T  # a view, as the plugin's zero-copy loads give
+sae.load_state_dict(state, assign=True)
+try:
+    sae.save_model({str(tmp_path)!r})
+except ValueError as e:
+    print("non contiguous" in str(e) and "refused")
+else:
+    back = TopKSAE.load_from_disk({str(tmp_path)!r})
+    x = torch.randn(3, 4)
+    print(torch.equal(back(x), sae(x)) and not sae.W_dec.is_contiguous())  # copies made for the file only
+"""
+    assert run_fresh(code) == ("True" if patched else "refused")
+
+
 def test_fixes_are_idempotent_and_gated():
     _fixes.apply_all()
     assert _fixes.apply_all() == dict.fromkeys(
-        ["fix_tl_bridge_kv_cache_kwarg", "fix_tl_gated_delta_net_functions", "fix_saelens_bridge_hook_aliases"], False)
+        ["fix_tl_bridge_kv_cache_kwarg", "fix_tl_gated_delta_net_functions", "fix_saelens_bridge_hook_aliases",
+         "fix_saelens_save_model_non_contiguous"], False)
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
     # with the fix in place the probe sees the cache used: the defect detector reports it absent
