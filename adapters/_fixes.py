@@ -16,6 +16,8 @@ import sys
 from types import SimpleNamespace
 from typing import Any
 
+import torch
+
 _PATCHED = "_qscope_fix"
 
 
@@ -62,7 +64,9 @@ def _kv_cache_kwarg_ignored(update_kv_cache) -> bool:
             calls.append(layer_idx)
             return k, v
 
-    update_kv_cache(SimpleNamespace(_layer_idx=0, name="probe"), None, None, cache=Probe())
+    # real (empty) tensors: under runtime type checking (jaxtyping + beartype) ``k: torch.Tensor`` rejects None
+    empty = torch.empty(1, 1, 0, 1)
+    update_kv_cache(SimpleNamespace(_layer_idx=0, name="probe"), empty, empty, cache=Probe())
     return not calls
 
 
@@ -149,7 +153,51 @@ def fix_saelens_bridge_hook_aliases() -> bool:
     return True
 
 
+def fix_saelens_save_model_non_contiguous() -> bool:
+    """Let SAELens' ``save_model`` write a ``TopKSAE`` whose parameters are views (the plugin's zero-copy loads).
+
+    Symptom: ``sae.save_model(path)`` raises ``ValueError: You are trying to save a non contiguous tensor: W_dec``.
+    Detected by: a tiny ``TopKSAE`` state dict holding a transposed view, passed through
+        ``process_state_dict_for_saving``, is refused by ``safetensors.torch.save``.
+    Upstream: sae-lens 6.54 ``SAE.save_model`` hands ``state_dict()`` to safetensors' ``save_file``, which refuses
+        non-contiguous tensors, although SAELens itself fills SAEs with ``load_state_dict(assign=True)``.
+    Remove when: the probe saves without the patch.
+    The copies are made at save time only: the loaded SAE keeps its memory-mapped views.
+    """
+    from sae_lens import TopKSAE
+
+    original = TopKSAE.process_state_dict_for_saving
+    if _already(original) or not _saving_refuses_views(TopKSAE):
+        return False
+
+    @functools.wraps(original)
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        original(self, state_dict)
+        for key, value in state_dict.items():
+            if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                state_dict[key] = value.contiguous()
+
+    setattr(process_state_dict_for_saving, _PATCHED, True)
+    TopKSAE.process_state_dict_for_saving = process_state_dict_for_saving
+    return True
+
+
+def _saving_refuses_views(sae_cls) -> bool:
+    from sae_lens import TopKSAEConfig
+    from safetensors.torch import save
+
+    sae = sae_cls(TopKSAEConfig(d_in=2, d_sae=2, k=1, device="cpu"))
+    state = sae.state_dict()
+    state["W_dec"] = state["W_dec"].T
+    sae.process_state_dict_for_saving(state)
+    try:
+        save(state)
+    except ValueError:
+        return True
+    return False
+
+
 def apply_all() -> dict[str, bool]:
     """Apply every fix whose defect is present; returns which ones patched now."""
     return {fix.__name__: fix() for fix in (fix_tl_bridge_kv_cache_kwarg, fix_tl_gated_delta_net_functions,
-                                            fix_saelens_bridge_hook_aliases)}
+                                            fix_saelens_bridge_hook_aliases, fix_saelens_save_model_non_contiguous)}

@@ -37,17 +37,24 @@ class RemoteUnavailableError(QScopeError, ConnectionError):
 
 
 def load(model: str | nn.Module, *, tokenizer=None, **kwargs: Any):
-    """A working ``nnsight.LanguageModel`` for any Qwen3 / Qwen3.5 model (hub id, local folder or loaded model).
+    """A working nnsight text-generation model for any Qwen3 / Qwen3.5 model (hub id, local folder or loaded model).
 
-    ``kwargs`` go to ``LanguageModel`` (e.g. ``dispatch=True``, ``device_map="auto"``, ``dtype``).
+    nnsight >= 0.8.1 gives a ``TransformersModel(..., task="text-generation")``: its ``LanguageModel`` is a deprecated
+    alias that warns on every load. Older nnsight, which lacks ``TransformersModel``, gives a ``LanguageModel``.
+    ``kwargs`` go to that class (e.g. ``dispatch=True``, ``device_map="auto"``, ``dtype``).
     """
-    from nnsight import LanguageModel
     from transformers import AutoTokenizer
 
+    try:
+        from nnsight import TransformersModel
+    except ImportError:  # nnsight 0.8.0: LanguageModel is the text-generation class and does not warn
+        from nnsight import LanguageModel as TransformersModel
+    else:
+        kwargs.setdefault("task", "text-generation")
     if tokenizer is None:
         name = model if isinstance(model, str) else model.config._name_or_path
         tokenizer = AutoTokenizer.from_pretrained(name)
-    return LanguageModel(model, tokenizer=tokenizer, **kwargs)
+    return TransformersModel(model, tokenizer=tokenizer, **kwargs)
 
 
 def _layers_path(lm) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -77,9 +78,12 @@ def read_state_dict(path: str | Path, *, mmap: bool = True) -> dict[str, torch.T
     try:
         sd = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
+        # PyTorch's own text advises re-running with weights_only=False, i.e. executing the file: never repeat it
+        culprit = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it references the Python object {culprit.group(1)}" if culprit else "it holds Python objects"
         raise SAEFileError(
-            f"refused to load {str(path)!r}: it is not a plain tensor file ({str(e).splitlines()[0]}); "
-            "Qwen-Scope files hold only four tensors, so this file is corrupt or malicious"
+            f"refused to load {str(path)!r}: it is not a plain tensor file ({what}). Qwen-Scope files hold only "
+            f"four tensors, so this file is corrupt or malicious; {fix}"
         ) from None
     except FileNotFoundError:
         raise

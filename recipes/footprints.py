@@ -189,7 +189,7 @@ def _concat(parts: Sequence[LayerFootprints]) -> LayerFootprints:
 
 def _provenance(model, tokenizer, dataset, saes, fmt_desc: str, name: str | None, max_length: int | None,
                 n_samples: int) -> dict:
-    from importlib.metadata import version
+    import qscope_plugin
 
     module = as_backend(model).module
     config = getattr(module, "config", None)
@@ -211,7 +211,7 @@ def _provenance(model, tokenizer, dataset, saes, fmt_desc: str, name: str | None
         "k": first.k,
         "d_sae": first.d_sae,
         "threshold": "z_j > 0",
-        "qscope_plugin": version("qscope-plugin"),
+        "qscope_plugin": qscope_plugin.__version__,  # "0+unknown" from an uninstalled source tree
     }
 
 

@@ -15,6 +15,7 @@ several prompts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +50,14 @@ class Term:
     alpha: float = 1.0
     clamp: float | None = None
     """Set the feature's activation z_f to this value (write back (clamp − z_f) · W_dec[:, f]) instead of adding."""
+
+    def __post_init__(self) -> None:
+        # a NaN or infinite strength turns every steered residual into NaN, and generation into empty text
+        for name in ("alpha", "clamp"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise SteeringError(f"{name}={value!r} for layer {self.layer} feature {self.feature} is not a finite "
+                                    f"number; pass a finite {name}, e.g. {name}=-8.0")
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,23 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_wheel_has_only_the_qscope_plugin_top_level_package(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path)], check=True)
-    (wheel,) = tmp_path.glob("qscope_plugin-*.whl")
+@pytest.fixture(scope="module")
+def built_wheel(tmp_path_factory) -> tuple[Path, str]:
+    """The wheel built from this tree, and everything the build printed."""
+    out = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+                            "-v", "-w", str(out)], check=True, capture_output=True, text=True)
+    (wheel,) = out.glob("qscope_plugin-*.whl")
+    return wheel, build.stdout + build.stderr
+
+
+def test_wheel_has_only_the_qscope_plugin_top_level_package(built_wheel):
+    wheel, _ = built_wheel
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top_level == {"qscope_plugin"}
@@ -22,6 +32,19 @@ def test_wheel_has_only_the_qscope_plugin_top_level_package(tmp_path):
     assert cli <= set(names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "qscope = qscope_plugin.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_wheel_ships_the_demo_assets_and_templates_without_setuptools_warnings(built_wheel):
+    """Every data folder is declared: a fresh install is quiet, and the embedded demo runs from the wheel."""
+    wheel, log = built_wheel
+    assert "is absent from the `packages` configuration" not in log
+    names = set(zipfile.ZipFile(wheel).namelist())
+    demo = "qscope_plugin/demo/assets"
+    model = [f"{demo}/model/{f}" for f in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                                           "model.safetensors")]
+    saes = [f"{demo}/saes/{f}" for f in ("qscope.json", *(f"layer{n}.sae.pt" for n in range(4)))]
+    templates = [f"qscope_plugin/recipes/templates/{p.name}" for p in (ROOT / "recipes" / "templates").glob("*.txt")]
+    assert templates and set(model + saes + templates) <= names, sorted(set(model + saes + templates) - names)
 
 
 def test_installed_names():

@@ -126,3 +126,20 @@ def test_force_download_reaches_the_hub_client(hub_cache, monkeypatch):
     assert ("layer5.sae.pt", True) not in requests
     SAE.from_pretrained(RELEASE, "layer5", force_download=True)
     assert ("layer5.sae.pt", True) in requests
+
+
+def test_demo_release_loads_offline_through_sae_lens(hub_cache):
+    """The embedded demo is a SAELens release too, so SAELens tutorials run end to end on the CLI's default."""
+    from sae_lens import SAE
+
+    from qscope_plugin.models import DEMO_MODEL_DIR
+    from qscope_plugin.store import DEMO_RELEASE
+
+    sae = SAE.from_pretrained(DEMO_RELEASE, "layer3")  # the hub cache is empty: nothing may be downloaded
+    ours = load_sae(DEMO_RELEASE, 3, cache=None)
+    assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k) == (ours.cfg.d_model, ours.cfg.d_sae, ours.cfg.k)
+    assert sae.cfg.metadata.model_name == str(DEMO_MODEL_DIR)  # a folder TransformerLens and transformers load
+    assert sae.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+    x = torch.randn(7, ours.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(sae.encode(x), ours.encode(x))

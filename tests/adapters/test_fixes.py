@@ -84,11 +84,66 @@ print(len(calls))
     assert run_fresh(code) == ("1" if patched else "0")  # unpatched: the hook silently never runs
 
 
+@pytest.mark.parametrize("patched", [False, True])
+def test_saelens_save_model_non_contiguous(patched, tmp_path):
+    # the plugin's SAELens registration applies the fix (importing qscope_plugin registers when SAELens loads)
+    code = ("import qscope_plugin.adapters.sae_lens\n" if patched else "") + f"""
+from sae_lens import TopKSAE, TopKSAEConfig
+sae = TopKSAE(TopKSAEConfig(d_in=4, d_sae=8, k=2, device="cpu"))
+state = {{key: torch.randn_like(value) for key, value in sae.state_dict().items()}}
+state["W_dec"] = torch.randn(4, 8).T  # a view, as the plugin's zero-copy loads give
+sae.load_state_dict(state, assign=True)
+try:
+    sae.save_model({str(tmp_path)!r})
+except ValueError as e:
+    print("non contiguous" in str(e) and "refused")
+else:
+    back = TopKSAE.load_from_disk({str(tmp_path)!r})
+    x = torch.randn(3, 4)
+    print(torch.equal(back(x), sae(x)) and not sae.W_dec.is_contiguous())  # copies made for the file only
+"""
+    assert run_fresh(code) == ("True" if patched else "refused")
+
+
 def test_fixes_are_idempotent_and_gated():
     _fixes.apply_all()
     assert _fixes.apply_all() == dict.fromkeys(
-        ["fix_tl_bridge_kv_cache_kwarg", "fix_tl_gated_delta_net_functions", "fix_saelens_bridge_hook_aliases"], False)
+        ["fix_tl_bridge_kv_cache_kwarg", "fix_tl_gated_delta_net_functions", "fix_saelens_bridge_hook_aliases",
+         "fix_saelens_save_model_non_contiguous"], False)
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
     # with the fix in place the probe sees the cache used: the defect detector reports it absent
     assert not _fixes._kv_cache_kwarg_ignored(AttentionBridge._update_kv_cache)
+
+
+def test_fixes_apply_in_a_type_checked_process():
+    """TransformerLens' own test option ``--jaxtyping-packages=transformer_lens,beartype.beartype`` checks every
+    annotated call at runtime: the fixes' probes must pass real values, and every family must boot and generate."""
+    code = """
+from jaxtyping import TypeCheckError, install_import_hook
+install_import_hook(["transformer_lens"], "beartype.beartype")  # before anything imports transformer_lens
+import copy
+from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+from qscope_plugin.adapters._fixes import apply_all
+from qscope_plugin.adapters.transformer_lens import boot
+from qscope_testing import FAMILIES, qwen3_tokenizer, tiny_model
+try:  # checking is really on: the call that aborted the KV-cache probe is rejected
+    AttentionBridge._update_kv_cache(None, None, None)
+    raise SystemExit("transformer_lens is not type-checked")
+except TypeCheckError:
+    pass
+apply_all()  # aborted with TypeCheckError; the generations below fail if a fix is missing
+tok = qwen3_tokenizer()
+ids = tok("The quick brown fox jumps over", return_tensors="pt")["input_ids"]
+for family in FAMILIES:
+    hf = tiny_model(family)
+    reference = copy.deepcopy(hf)
+    bridge = boot(hf, saes=True, tokenizer=tok)
+    out = bridge.generate(ids, max_new_tokens=4, do_sample=False, use_past_kv_cache=True, return_type="tokens",
+                          verbose=False, stop_at_eos=False)
+    ref = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             pad_token_id=0)
+    assert torch.equal(out, ref), family
+print("ok")
+"""
+    assert run_fresh(code) == "ok"

@@ -159,3 +159,43 @@ def test_load_by_local_path(tok, tmp_path):
     with lm.trace(PROMPT):
         logits = lm.lm_head.output.save()
     assert (logits - hf(ids).logits).abs().max() <= 1e-5
+
+
+def test_load_avoids_the_deprecated_language_model(tok, tmp_path):
+    """nnsight 0.8.1 warns on every ``LanguageModel``; ``load`` gives its replacement, which traces and generates."""
+    import warnings
+
+    from nnsight import NNsightDeprecationWarning
+
+    hf = tiny_model("qwen3", n_layers=2)
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                           pad_token_id=0)[0, ids.shape[1]:].tolist()
+    for source in (copy.deepcopy(hf), str(tmp_path)):  # a loaded model, and the lazy (meta) load of a folder
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lm = load(source, tokenizer=tok)
+        assert not [w for w in caught if issubclass(w.category, NNsightDeprecationWarning)]
+        with lm.trace(PROMPT):
+            logits = lm.lm_head.output.save()
+        assert (logits - hf(ids).logits).abs().max() <= 1e-5
+        with lm.generate(PROMPT, max_new_tokens=5, do_sample=False) as tracer:
+            out = tracer.result.save()
+        assert out[0, ids.shape[1]:].tolist() == expected
+
+
+def test_load_falls_back_to_language_model_on_older_nnsight(tok, monkeypatch):
+    """nnsight 0.8.0 has no ``TransformersModel``: ``load`` then builds the ``LanguageModel`` it does have."""
+    import nnsight
+
+    monkeypatch.delattr(nnsight, "TransformersModel", raising=False)
+    monkeypatch.setattr(nnsight, "_LAZY_IMPORTS", {k: v for k, v in nnsight._LAZY_IMPORTS.items()
+                                                   if k != "TransformersModel"})
+    hf = tiny_model("qwen3", n_layers=2)
+    lm = load(copy.deepcopy(hf), tokenizer=tok)
+    assert type(lm) is nnsight.LanguageModel
+    with lm.trace(PROMPT):
+        logits = lm.lm_head.output.save()
+    assert (logits - hf(tok(PROMPT, return_tensors="pt")["input_ids"]).logits).abs().max() <= 1e-5

@@ -70,6 +70,22 @@ def test_datasets_rows_templates_and_provenance(tmp_path, tok):
         harvest_footprints(model, tok, data, saes, progress=False)
 
 
+def test_provenance_works_from_an_uninstalled_source_tree(tok, monkeypatch):
+    """No package metadata (a source checkout on sys.path): the version falls back as ``qscope_plugin`` does."""
+    import importlib.metadata
+
+    import qscope_plugin
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    monkeypatch.setattr(qscope_plugin, "__version__", "0+unknown")
+    model = tiny_model("qwen3", n_layers=2)
+    fp = harvest_footprints(model, tok, TEXTS[:2], tiny_saes(model, d_sae=64, k=6), progress=False)
+    assert fp.provenance["qscope_plugin"] == "0+unknown"
+
+
 def test_long_prompts_keep_their_last_tokens(tok):
     model = tiny_model("qwen3")
     saes = {1: tiny_saes(model, d_sae=64, k=6)[1]}

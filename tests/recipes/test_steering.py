@@ -260,6 +260,9 @@ def test_hooks_are_removed_when_the_body_raises(setup):
         (lambda: SteeringSpec(()), "at least one Term"),
         (lambda: SteeringSpec.single(1, 1, 1.0, positions="middle"), "positions='middle'"),
         (lambda: SteeringSpec.single(1, 1, 1.0, direction_norm="l2"), "direction_norm='l2'"),
+        (lambda: SteeringSpec.single(1, 1, float("nan")), "alpha=nan .* not a finite number"),
+        (lambda: SteeringSpec.single(1, 1, float("-inf")), "alpha=-inf .* not a finite number"),
+        (lambda: SteeringSpec((Term(1, 1, clamp=float("inf")),)), "clamp=inf .* not a finite number"),
     ],
 )
 def test_bad_specs(make, message):
