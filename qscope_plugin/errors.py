@@ -20,7 +20,11 @@ class LayerOutOfRangeError(QScopeError, ValueError):
     """A layer index outside ``0 .. n_layers - 1`` of a release, an SAE folder or a model."""
 
 
-class FeatureOutOfRangeError(QScopeError, ValueError):
+class SAEInputError(QScopeError, ValueError):
+    """An activation tensor or feature id that does not fit the SAE."""
+
+
+class FeatureOutOfRangeError(SAEInputError):
     """A feature index outside ``0 .. d_sae - 1`` of an SAE."""
 
 

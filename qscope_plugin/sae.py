@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from qscope_plugin.errors import QScopeError, QScopeWarning, SAEFileError, feature_out_of_range
+from qscope_plugin.errors import QScopeWarning, SAEFileError, SAEInputError, feature_out_of_range
 
 if TYPE_CHECKING:
     from sae_lens import TopKSAE
@@ -43,10 +43,6 @@ SAE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STAGING_ELEMENTS = 1 << 24
 """Most elements ``.to()`` transposes in one step (64 MiB in float32)."""
-
-
-class SAEInputError(QScopeError, ValueError):
-    """An activation tensor or feature id that does not fit the SAE."""
 
 
 @dataclass(frozen=True)
