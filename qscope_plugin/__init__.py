@@ -17,11 +17,13 @@ from importlib.util import find_spec
 
 from qscope_plugin.catalogue import LICENSE_NOTICE, Release, release, releases
 from qscope_plugin.errors import (
+    ChecksumMismatchError,
     HubError,
     HubFileNotFoundError,
     HubRepoNotFoundError,
     HubRevisionNotFoundError,
     HubUnreachableError,
+    IntegrityError,
     LayerOutOfRangeError,
     NotCachedError,
     QScopeError,
@@ -39,11 +41,13 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "LICENSE_NOTICE",
+    "ChecksumMismatchError",
     "HubError",
     "HubFileNotFoundError",
     "HubRepoNotFoundError",
     "HubRevisionNotFoundError",
     "HubUnreachableError",
+    "IntegrityError",
     "LayerOutOfRangeError",
     "NotCachedError",
     "QScopeError",
