@@ -18,6 +18,7 @@ from importlib.util import find_spec
 from qscope_plugin.catalogue import LICENSE_NOTICE, Release, release, releases
 from qscope_plugin.errors import (
     ChecksumMismatchError,
+    FeatureOutOfRangeError,
     HubError,
     HubFileNotFoundError,
     HubRepoNotFoundError,
@@ -42,6 +43,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "LICENSE_NOTICE",
     "ChecksumMismatchError",
+    "FeatureOutOfRangeError",
     "HubError",
     "HubFileNotFoundError",
     "HubRepoNotFoundError",
