@@ -240,3 +240,9 @@ def test_fetch_of_a_corrupted_download_leaves_nothing_behind(hub_cache, monkeypa
     assert len(err.splitlines()) == 1 and "layer 4 (layer4.sae.pt) is corrupted" in err and "removed" in err
     assert calls[0]["force_download"] is True
     assert not list(repo.rglob("*.sae.pt")) and not list((repo / "blobs").iterdir())
+
+
+def test_a_device_torch_cannot_use_is_one_usage_error(capsys):
+    assert main(["analyze", "hi", "--device", "nan"]) == 2  # refused before the model loads
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("qscope analyze: error: device 'nan' cannot be used here")
