@@ -17,11 +17,14 @@ from importlib.util import find_spec
 
 from qscope_plugin.catalogue import LICENSE_NOTICE, Release, release, releases
 from qscope_plugin.errors import (
+    ChecksumMismatchError,
+    FeatureOutOfRangeError,
     HubError,
     HubFileNotFoundError,
     HubRepoNotFoundError,
     HubRevisionNotFoundError,
     HubUnreachableError,
+    IntegrityError,
     LayerOutOfRangeError,
     NotCachedError,
     QScopeError,
@@ -39,11 +42,14 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "LICENSE_NOTICE",
+    "ChecksumMismatchError",
+    "FeatureOutOfRangeError",
     "HubError",
     "HubFileNotFoundError",
     "HubRepoNotFoundError",
     "HubRevisionNotFoundError",
     "HubUnreachableError",
+    "IntegrityError",
     "LayerOutOfRangeError",
     "NotCachedError",
     "QScopeError",

@@ -44,6 +44,15 @@ class SAEFileError(QScopeError, ValueError):
     """A ``layer{n}.sae.pt`` file that is unreadable, unsafe or not in the Qwen-Scope format."""
 
 
+class ChecksumMismatchError(SAEFileError):
+    """An SAE file whose SHA-256 differs from the one recorded for it (its LFS blob name, or ``SHA256SUMS``):
+    a flipped byte in the float data loads as finite, wrong weights that no structural check can see."""
+
+
+class IntegrityError(QScopeError, OSError):
+    """``qscope verify`` found corrupted files: the disk or a transfer changed them (a runtime failure)."""
+
+
 class NotCachedError(QScopeError, FileNotFoundError):
     """An SAE file that is not in the local cache while the hub is unreachable or offline."""
 

@@ -20,6 +20,24 @@ class ModelLoadError(QScopeError, OSError):
     """A model or tokenizer that cannot be loaded."""
 
 
+class DeviceError(QScopeError, ValueError):
+    """A device string torch does not know, or a device this machine does not have."""
+
+
+def check_device(device: str | None) -> torch.device | None:
+    """``device`` as a ``torch.device``, refused before any loading when torch cannot use it here."""
+    if not device:
+        return None
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, TypeError) as e:  # unknown string; CUDA/MPS not built in or not present
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DeviceError(f"device {device!r} cannot be used here ({why}); pass one this machine has, e.g. cpu, "
+                          "cuda or cuda:1") from None
+    return dev
+
+
 def default_model() -> str:
     """The demo model shipped in the package: the CLI's default backbone."""
     return str(DEMO_MODEL_DIR)
@@ -33,6 +51,7 @@ def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | No
     """``(model, tokenizer)`` in eval mode; a clear error instead of a deep traceback when it cannot load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = check_device(device)
     if Path(model) == DEMO_MODEL_DIR and not DEMO_MODEL_DIR.is_dir():
         raise ModelLoadError(
             f"the demo model is not in this installation ({DEMO_MODEL_DIR}); build it with "

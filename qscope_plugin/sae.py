@@ -128,6 +128,7 @@ class QwenScopeSAE:
         self._decoder_norms: torch.Tensor | None = None
         self._on_invalid: list[Callable[[], None]] = []
         """Called once when ``validate()`` fails, e.g. to drop this SAE from the LRU of ``load_sae``."""
+        self._warned_non_finite = False
 
     @classmethod
     def from_file(cls, path: str | Path, k: int, *, layer: int | None = None, release: str | None = None,
@@ -193,8 +194,20 @@ class QwenScopeSAE:
         return F.linear(self._check_input(x), self.W_enc, self.b_enc)
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(E2) as ``(values, indices)``, each ``(..., k)``; values are >= 0 (zeros where < k are positive)."""
-        values, indices = self.pre_acts(x).topk(self.cfg.k, dim=-1, sorted=False)
+        """(E2) as ``(values, indices)``, each ``(..., k)``; values are >= 0 (zeros where < k are positive).
+
+        Non-finite activations (a NaN from an upstream bf16 overflow) warn once per SAE instead of silently
+        becoming features; the check is one reduction, skipped once it has warned.
+        """
+        x = self._check_input(x)
+        if not self._warned_non_finite and not bool(torch.isfinite(x).all()):
+            self._warned_non_finite = True
+            bad = int((~torch.isfinite(x)).sum())
+            where = f"{self.cfg.release or 'SAE'} layer {self.cfg.layer}"
+            warnings.warn(f"{where}: {bad} of {x.numel()} input activations are NaN/inf, so its features for those "
+                          "tokens are meaningless; check the model's dtype (bf16 overflow) and the hooked layer "
+                          "(warned once per SAE)", QScopeWarning, stacklevel=2)
+        values, indices = F.linear(x, self.W_enc, self.b_enc).topk(self.cfg.k, dim=-1, sorted=False)
         return values.relu_(), indices
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,22 +6,33 @@
 ``fetch`` is the only function that touches the network; it goes through ``huggingface_hub.hf_hub_download``
 and so honours ``HF_HUB_OFFLINE``, ``HF_HOME`` / ``HF_HUB_CACHE`` and revisions. Loading maps the file and
 never copies it. Loaded layers are kept in a bounded, thread-safe LRU (the official app keeps 8).
+
+Integrity is checked offline against what is already recorded: the hub cache stores large files as LFS blobs
+named by their SHA-256, and a local folder may hold a ``SHA256SUMS`` file (``write_checksums``, the
+``sha256sum`` format). ``verify`` hashes cached layers against it; ``fetch(verify=True)`` and
+``load_sae(verify=True)`` refuse (and drop from the hub cache) a file that does not match.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from qscope_plugin.catalogue import LICENSE_NOTICE, Release, release
 from qscope_plugin.errors import (
+    ChecksumMismatchError,
     HubError,
     HubFileNotFoundError,
     HubRepoNotFoundError,
@@ -41,6 +52,10 @@ DEMO_SAE_DIR = Path(__file__).parent / "demo" / "assets" / "saes"
 """SAEs of the small demo model shipped inside the package, in the Qwen-Scope file format."""
 LOCAL_CONFIG = "qscope.json"
 """Optional file beside local ``layer{n}.sae.pt`` files: ``{"k": 50, "release": "..."}``."""
+CHECKSUMS = "SHA256SUMS"
+"""Optional file beside local ``layer{n}.sae.pt`` files, in ``sha256sum`` format (``sha256sum -c`` reads it)."""
+HASH_CHUNK = 16 << 20
+"""Bytes per read when hashing: large reads keep SHA-256 at disk speed (hashlib releases the GIL)."""
 
 
 def layer_filename(layer: int) -> str:
@@ -53,6 +68,26 @@ def _drop_from_hub_cache(path: Path) -> None:
     path.unlink(missing_ok=True)
     if blob != path:
         blob.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | os.PathLike, *, progress: bool = False, desc: str | None = None) -> str:
+    """Hex SHA-256 of a file, read in ``HASH_CHUNK`` pieces; ``progress`` shows a byte bar on a terminal."""
+    from tqdm import tqdm
+
+    digest, buffer = hashlib.sha256(), memoryview(bytearray(HASH_CHUNK))
+    with open(path, "rb", buffering=0) as f, tqdm(total=os.fstat(f.fileno()).st_size, unit="B", unit_scale=True,
+                                                  desc=desc, disable=None if progress else True) as bar:
+        while n := f.readinto(buffer):
+            digest.update(buffer[:n])
+            bar.update(n)
+    return digest.hexdigest()
+
+
+def _recorded_sha256(path: Path) -> str | None:
+    """The SHA-256 a hub cache entry records for itself: the name of the LFS blob it links to (``None`` for a
+    small git-stored file, whose blob is named by its git SHA-1, or a cache without symlinks)."""
+    blob = path.resolve()
+    return blob.name if blob != path and re.fullmatch(r"[0-9a-f]{64}", blob.name) else None
 
 
 def _first_line(e: BaseException) -> str:
@@ -130,15 +165,35 @@ def _hub_error(e: BaseException, rel: Release, filename: str, revision: str | No
     return None
 
 
-def fetch(rel: Release, layer: int, *, revision: str | None = None, force_download: bool = False) -> Path:
+def _repair_hint(rel: Release, layer: int, revision: str | None) -> str:
+    pin = f" --revision {revision}" if revision else ""
+    return f"`qscope fetch {rel.name} --layers {layer}{pin} --force-download`"
+
+
+def _check_download(path: Path, rel: Release, layer: int, revision: str | None) -> None:
+    """Hash a hub cache entry against its LFS blob name; a mismatch is dropped from the cache and raised."""
+    expected = _recorded_sha256(path)
+    if expected is None:
+        return
+    actual = sha256_file(path)
+    if actual != expected:
+        _drop_from_hub_cache(path)
+        raise ChecksumMismatchError(
+            f"{rel.name} layer {layer} ({path.name}) is corrupted: its SHA-256 is {actual}, the hub recorded "
+            f"{expected}. It was removed from the cache; download it again with {_repair_hint(rel, layer, revision)}")
+
+
+def fetch(rel: Release, layer: int, *, revision: str | None = None, force_download: bool = False,
+          verify: bool = False) -> Path:
     """Download (or find in the hub cache; ``force_download`` downloads again) ``layer{n}.sae.pt`` of a release;
-    returns the local path.
+    returns the local path. ``verify`` hashes the file against the SHA-256 its LFS blob is named by (a full read).
 
     Raises:
         NotCachedError: offline, or the hub is unreachable, and the file is not cached.
         HubError: the repo, revision or file does not exist, the hub answered an HTTP error, or the transfer
             failed (``HubRepoNotFoundError``, ``HubRevisionNotFoundError``, ``HubFileNotFoundError``,
             ``HubUnreachableError``). No partial download is left in the cache.
+        ChecksumMismatchError: ``verify`` and the file does not match its SHA-256; it is removed from the cache.
     """
     from huggingface_hub import hf_hub_download, is_offline_mode
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -146,7 +201,7 @@ def fetch(rel: Release, layer: int, *, revision: str | None = None, force_downlo
     rel.check_layer(layer)
     filename, revision = layer_filename(layer), revision or rel.revision
     try:
-        return Path(hf_hub_download(rel.repo_id, filename, revision=revision, force_download=force_download))
+        path = Path(hf_hub_download(rel.repo_id, filename, revision=revision, force_download=force_download))
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if is_offline_mode() else "the Hugging Face hub cannot be reached"
         raise NotCachedError(
@@ -161,6 +216,9 @@ def fetch(rel: Release, layer: int, *, revision: str | None = None, force_downlo
             raise
         _discard_partial_downloads(rel.repo_id)
         raise error from e
+    if verify:
+        _check_download(path, rel, layer, revision)
+    return path
 
 
 def _local_config(folder: Path) -> dict:
@@ -192,6 +250,119 @@ def _local_settings(folder: Path, k: int | None) -> tuple[int, str | None]:
 def local_layers(folder: Path) -> list[int]:
     """Sorted layer indices of the ``layer{n}.sae.pt`` files in a folder."""
     return sorted(int(p.name[5:-7]) for p in folder.glob("layer*.sae.pt") if p.name[5:-7].isdigit())
+
+
+def read_checksums(folder: Path) -> dict[str, str]:
+    """``{file name: hex SHA-256}`` from a folder's ``SHA256SUMS`` (``sha256sum`` format, text or binary mode)."""
+    path = folder / CHECKSUMS
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise QScopeError(f"{str(folder)!r} has no {CHECKSUMS} to verify its SAE files against; write one from "
+                          f"files you trust with `qscope checksum {folder}`") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise QScopeError(f"cannot read {str(path)!r} ({_first_line(e)}); expected `sha256sum` output, one "
+                          f"'HASH  layerN.sae.pt' per line. Rewrite it with `qscope checksum {folder}`") from None
+    sums = {}
+    for number, line in enumerate(lines, 1):
+        entry = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line.strip())
+        if entry is None and line.strip():
+            raise QScopeError(f"{str(path)!r} line {number} is {line.strip()[:80]!r}; expected 'HASH  layerN.sae.pt'"
+                              f" (`sha256sum` format). Rewrite it with `qscope checksum {folder}`")
+        if entry:
+            sums[entry[2]] = entry[1].lower()
+    return sums
+
+
+def write_checksums(folder: str | os.PathLike, *, progress: bool = False) -> Path:
+    """Hash every ``layer{n}.sae.pt`` of a folder into its ``SHA256SUMS`` (replaced atomically); returns its path.
+
+    Run it on files you trust: ``verify`` and ``load_sae(verify=True)`` later compare against it, and so does
+    ``sha256sum -c SHA256SUMS`` inside the folder.
+    """
+    folder = Path(folder)
+    layers = local_layers(folder)
+    if not layers:
+        raise QScopeError(f"{str(folder)!r} holds no layer{{n}}.sae.pt files to checksum; pass a folder of SAE files")
+    lines = [f"{sha256_file(folder / layer_filename(n), progress=progress, desc=layer_filename(n))}  "
+             f"{layer_filename(n)}\n" for n in layers]
+    tmp = folder / f".{CHECKSUMS}.tmp"
+    tmp.write_text("".join(lines), encoding="utf-8")
+    return tmp.replace(folder / CHECKSUMS)
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """The integrity of one layer: ``ok``, ``corrupted`` (bytes differ from the recorded SHA-256), ``missing``
+    (not cached / not in the folder) or ``unverifiable`` (no SHA-256 recorded for it)."""
+
+    layer: int
+    status: Literal["ok", "corrupted", "missing", "unverifiable"]
+    path: Path | None = None
+    expected: str | None = None
+    """The recorded SHA-256 (LFS blob name or ``SHA256SUMS`` entry)."""
+    actual: str | None = None
+    """The SHA-256 of the bytes on disk (only when there was something to compare with)."""
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "status": self.status, "path": self.path and str(self.path),
+                "expected": self.expected, "actual": self.actual}
+
+
+def _check(layer: int, path: Path | None, expected: str | None, progress: bool) -> LayerCheck:
+    if path is None or not path.is_file():
+        return LayerCheck(layer, "missing", path, expected)
+    if expected is None:
+        return LayerCheck(layer, "unverifiable", path)
+    actual = sha256_file(path, progress=progress, desc=f"layer {layer}")
+    return LayerCheck(layer, "ok" if actual == expected else "corrupted", path, expected, actual)
+
+
+def verify(source: str | os.PathLike, layers: Sequence[int] | None = None, *, revision: str | None = None,
+           progress: bool = False) -> list[LayerCheck]:
+    """Hash the cached layers of a release (or the files of a folder) against their recorded SHA-256, offline.
+
+    Args:
+        source: release name, HF repo id, or a folder with a ``SHA256SUMS`` (``write_checksums``).
+        layers: layers to check; default every layer of the release, or every file and entry of the folder.
+        revision: hub revision whose snapshot to check (default: the release's, else ``main``).
+        progress: a byte progress bar per file on a terminal.
+
+    Raises:
+        LayerOutOfRangeError: a layer outside the release.
+        QScopeError: a folder without a readable ``SHA256SUMS``.
+    """
+    target = _resolve(source)
+    if isinstance(target, Path):
+        sums = read_checksums(target)
+        if layers is None:
+            listed = {int(name[5:-7]) for name in sums if re.fullmatch(r"layer\d+\.sae\.pt", name)}
+            layers = sorted(listed | set(local_layers(target)))
+        return [_check(n, target / layer_filename(n), sums.get(layer_filename(n)), progress) for n in layers]
+    from huggingface_hub import try_to_load_from_cache
+
+    checks = []
+    for n in range(target.n_layers) if layers is None else layers:
+        cached = try_to_load_from_cache(target.repo_id, layer_filename(target.check_layer(n)),
+                                        revision=revision or target.revision)
+        path = Path(cached) if isinstance(cached, str) else None
+        checks.append(_check(n, path, path and _recorded_sha256(path), progress))
+    return checks
+
+
+def _verify_local(folder: Path, layer: int) -> None:
+    path, name = folder / layer_filename(layer), layer_filename(layer)
+    expected = read_checksums(folder).get(name)
+    if expected is None:
+        raise QScopeError(f"{str(folder / CHECKSUMS)!r} records no SHA-256 for {name}, so it cannot be verified; "
+                          f"rewrite it from files you trust with `qscope checksum {folder}`")
+    if not path.is_file():
+        return  # the load reports the missing layer with the layers present
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ChecksumMismatchError(
+            f"layer {layer} ({str(path)!r}) is corrupted: its SHA-256 is {actual}, {CHECKSUMS} records {expected}. "
+            f"Restore the file from its source (or, if the change is intended, run `qscope checksum {folder}`)")
 
 
 def _load_local(folder: Path, layer: int, k: int, name: str | None) -> QwenScopeSAE:
@@ -268,6 +439,11 @@ class SAECache:
             self._evict()
         return future.result()
 
+    def forget(self, key: tuple) -> None:
+        """Drop ``key`` whatever it holds (its file turned out corrupted)."""
+        with self._lock:
+            self._entries.pop(key, None)
+
     def _discard(self, key: tuple, future: Future) -> None:
         """Drop ``key`` if it still maps to ``future`` (a newer load of the same key is kept)."""
         with self._lock:
@@ -297,7 +473,7 @@ DEFAULT_CACHE = SAECache()
 
 
 def load_sae(source: str | os.PathLike, layer: int, *, k: int | None = None, revision: str | None = None,
-             cache: SAECache | None = DEFAULT_CACHE) -> QwenScopeSAE:
+             cache: SAECache | None = DEFAULT_CACHE, verify: bool = False) -> QwenScopeSAE:
     """Load SAE ``layer`` of a release name, HF repo id or local folder of ``layer{n}.sae.pt`` files.
 
     Args:
@@ -306,6 +482,11 @@ def load_sae(source: str | os.PathLike, layer: int, *, k: int | None = None, rev
         k: TopK of a local folder (else read from its ``qscope.json``); must match for hub releases.
         revision: hub revision to pin.
         cache: LRU to keep the loaded layer in; ``None`` loads without caching.
+        verify: hash the file first against its recorded SHA-256 (LFS blob name, or the folder's
+            ``SHA256SUMS``). Off by default: it reads the whole file, where a plain load maps it in milliseconds.
+
+    Raises:
+        ChecksumMismatchError: ``verify`` and the file is corrupted (a hub file is also removed from the cache).
     """
     target = _resolve(source)
     if isinstance(target, Path):
@@ -316,10 +497,18 @@ def load_sae(source: str | os.PathLike, layer: int, *, k: int | None = None, rev
             return _load_local(target, layer, k, name)
         return _load_release(target, target.check_layer(layer), k, revision)
 
-    if cache is None:
-        return load()
     if isinstance(target, Path):  # one entry per SAE however it is spelled: resolved folder, effective k/revision
         key = (str(target.resolve()), layer, k, None)
     else:
         key = (target.name, layer, target.k if k is None else k, revision or target.revision)
-    return cache.get(key, load)
+    if verify:
+        try:
+            if isinstance(target, Path):
+                _verify_local(target, layer)
+            else:
+                fetch(target, target.check_layer(layer), revision=revision, verify=True)
+        except ChecksumMismatchError:
+            if cache is not None:
+                cache.forget(key)  # an SAE mapped from the bad file before must not be served again
+            raise
+    return load() if cache is None else cache.get(key, load)

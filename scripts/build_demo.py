@@ -299,6 +299,7 @@ def main() -> None:
 
     t = time.perf_counter()
     from qscope_plugin.sae import QwenScopeSAE
+    from qscope_plugin.store import write_checksums
 
     train_acts = collect_activations(model, train_stream, SAE["tokens"])
     held_acts = collect_activations(model, held_stream, 16_384)
@@ -316,6 +317,7 @@ def main() -> None:
     (out / "saes" / "qscope.json").write_text(json.dumps({
         "k": SAE["k"], "release": "qscope-demo-qwen3-4l", "model": "../model", "d_model": MODEL["hidden_size"],
         "d_sae": SAE["d_sae"], "n_layers": MODEL["num_hidden_layers"]}, indent=2) + "\n")
+    write_checksums(out / "saes")  # `qscope verify qscope-demo-qwen3-4l` checks the shipped files against it
     timings["saes"] = time.perf_counter() - t
 
     report = {

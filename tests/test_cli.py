@@ -165,3 +165,84 @@ def test_cli_modules_hold_no_model_code():
         for command in commands:  # every command reaches a recipe or the core through a qscope_plugin import
             imports = [n.module for n in ast.walk(command) if isinstance(n, ast.ImportFrom)]
             assert any(m and m.startswith("qscope_plugin.") for m in imports) or module.stem == "hub", command.name
+
+
+def _corrupt(path) -> None:
+    from test_store import _flip_float_byte
+
+    _flip_float_byte(path)
+
+
+def test_verify_command_names_the_corrupted_layer_and_the_repair(hub_cache, capsys):
+    for n in (0, 1, 2):
+        hub_cache.add_sae(REPO, n, d_model=8, d_sae=64, seed=n)
+    snapshot = hub_cache.root / f"models--{REPO.replace('/', '--')}" / "snapshots" / ("a" * 40)
+    assert main(["verify", RELEASE, "--layers", "0-3"]) == 0
+    assert [line.split()[:3] for line in capsys.readouterr().out.splitlines()] == [
+        ["layer", "0", "OK"], ["layer", "1", "OK"], ["layer", "2", "OK"], ["layer", "3", "not"]]
+    _corrupt((snapshot / "layer1.sae.pt").resolve())
+    assert main(["verify", RELEASE, "--layers", "0-2"]) == 1
+    captured = capsys.readouterr()
+    assert [line.split()[2] for line in captured.out.splitlines()] == ["OK", "CORRUPTED", "OK"]
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("qscope verify: error: 1 of 3 layer(s)")
+    assert f"`qscope fetch {RELEASE} --layers 1 --force-download`" in err
+
+
+def test_checksum_then_verify_a_folder(tmp_path, capsys):
+    import json
+
+    from qscope_testing import write_sae_file
+
+    for n in (0, 1):
+        write_sae_file(tmp_path / f"layer{n}.sae.pt", d_model=8, d_sae=32, seed=n)
+    assert main(["verify", str(tmp_path)]) == 1  # no SHA256SUMS yet: says how to write one
+    assert "`qscope checksum" in capsys.readouterr().err
+    assert main(["checksum", str(tmp_path)]) == 0 and (tmp_path / "SHA256SUMS").is_file()
+    capsys.readouterr()
+    _corrupt(tmp_path / "layer0.sae.pt")
+    assert main(["verify", str(tmp_path), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert [c["status"] for c in json.loads(captured.out)] == ["corrupted", "ok"]
+    assert "restore them from their source" in captured.err
+    assert main(["checksum", str(tmp_path / "layer0.sae.pt")]) == 2
+
+
+def test_fetch_of_a_corrupted_download_leaves_nothing_behind(hub_cache, monkeypatch, capsys):
+    """The transfer delivers bytes that do not match the SHA-256 the blob is named by (as huggingface_hub names
+    LFS blobs by the server's hash): fetch must not report success, and must not keep the blob."""
+    import hashlib
+    import os
+
+    import huggingface_hub
+    from qscope_testing import write_sae_file
+
+    staging = hub_cache.root / "s.pt"
+    write_sae_file(staging, d_model=8, d_sae=64)
+    good = staging.read_bytes()
+    repo = hub_cache.root / f"models--{REPO.replace('/', '--')}"
+    calls = []
+
+    def corrupted_download(repo_id, filename, **kwargs):
+        calls.append(kwargs)
+        blob = repo / "blobs" / hashlib.sha256(good).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(good[:-100] + bytes(100))  # the last block overwritten in transit
+        link = repo / "snapshots" / ("a" * 40) / filename
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+        return str(link)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", corrupted_download)
+    assert main(["fetch", RELEASE, "--layers", "4", "--force-download"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "layer 4 (layer4.sae.pt) is corrupted" in err and "removed" in err
+    assert calls[0]["force_download"] is True
+    assert not list(repo.rglob("*.sae.pt")) and not list((repo / "blobs").iterdir())
+
+
+def test_a_device_torch_cannot_use_is_one_usage_error(capsys):
+    assert main(["analyze", "hi", "--device", "nan"]) == 2  # refused before the model loads
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("qscope analyze: error: device 'nan' cannot be used here")

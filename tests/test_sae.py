@@ -236,3 +236,23 @@ def test_from_file_memory_maps_the_file(tmp_path):
     copied = QwenScopeSAE.from_file(path, k=8, mmap=False)  # control: a plain load copies out of the file
     # (no RSS check here: in a long test run the allocator reuses freed memory, so RSS need not grow)
     assert _mapped_file(copied.W_enc.untyped_storage().data_ptr()) != str(path.resolve())
+
+
+def test_non_finite_activations_warn_once_per_sae():
+    import warnings
+
+    from qscope_plugin.errors import QScopeWarning
+
+    sae = QwenScopeSAE(make_sae_tensors(16, 64), QScopeSAEConfig(16, 64, 8, layer=3))
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sae.encode_sparse(x)  # finite input: silent
+    x[2, 5] = float("nan")
+    with pytest.warns(QScopeWarning, match=r"layer 3: 1 of 64 input activations are NaN/inf"):
+        sae.encode(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sae.encode_sparse(x)  # once per SAE, not per call
+    with pytest.warns(QScopeWarning, match="NaN/inf"):  # another SAE (a .to() copy) warns on its own
+        sae.to().encode_sparse(torch.full((1, 16), float("inf")))

@@ -301,3 +301,81 @@ def test_every_plugin_error_is_importable_from_the_top_level():
               if issubclass(obj, QScopeError) and obj.__module__ == module.__name__}
     assert "NotCachedError" in raised and set(raised) <= set(qscope_plugin.__all__)
     assert all(getattr(qscope_plugin, name) is obj for name, obj in raised.items())
+
+
+def _flip_float_byte(path) -> None:
+    """Flip one byte inside a weight matrix's float data: the file still loads as a finite, valid SAE."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:  # torch.save's zip: each tensor is one stored (uncompressed) entry
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)  # the local header's own
+    offset = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    data[offset - offset % 4] ^= 0x01  # lowest mantissa bit of a float32: a finite, slightly wrong weight
+    path.write_bytes(bytes(data))
+
+
+def test_verify_reports_exactly_the_corrupted_layer(hub_cache):
+    from qscope_plugin.store import verify
+
+    for n in (2, 3, 4):
+        hub_cache.add_sae(REPO, n, d_model=8, d_sae=64, seed=n)
+    snapshot = hub_cache.root / f"models--{REPO.replace('/', '--')}" / "snapshots" / ("a" * 40)
+    blob = (snapshot / "layer3.sae.pt").resolve()
+    before = load_sae(RELEASE, 3, cache=None)
+    before = (before.W_enc.clone(), before.W_dec.clone())
+    _flip_float_byte(blob)
+    flipped = load_sae(RELEASE, 3, cache=None)
+    changed = [not torch.equal(a, b) for a, b in zip((flipped.W_enc, flipped.W_dec), before, strict=True)]
+    assert sum(changed) == 1 and flipped.validate()  # one weight differs; no structural check can see it
+    checks = verify(RELEASE, [1, 2, 3, 4])
+    assert [(c.layer, c.status) for c in checks] == [(1, "missing"), (2, "ok"), (3, "corrupted"), (4, "ok")]
+    assert checks[2].expected == blob.name and checks[2].actual != blob.name and checks[1].actual == checks[1].expected
+    assert blob.exists()  # verify only reports
+
+
+def test_load_sae_verify_refuses_a_corrupted_file_and_drops_it(hub_cache):
+    from qscope_plugin.errors import ChecksumMismatchError
+    from qscope_plugin.store import DEFAULT_CACHE
+
+    hub_cache.add_sae(REPO, 5, d_model=8, d_sae=64)
+    path = hub_cache.root / f"models--{REPO.replace('/', '--')}" / "snapshots" / ("a" * 40) / "layer5.sae.pt"
+    blob = path.resolve()
+    assert load_sae(RELEASE, 5, verify=True).cfg.layer == 5  # an intact file loads
+    _flip_float_byte(blob)
+    cached = load_sae(RELEASE, 5)  # without verify: the LRU entry, loaded before the flip
+    with pytest.raises(ChecksumMismatchError, match=rf"layer 5 .* is corrupted: its SHA-256 is [0-9a-f]{{64}}, the "
+                       rf"hub recorded {blob.name}\. It was removed .*`qscope fetch {RELEASE} --layers 5 "
+                       r"--force-download`"):
+        load_sae(RELEASE, 5, verify=True)
+    assert not path.exists() and not blob.exists() and len(DEFAULT_CACHE) == 0 and cached is not None
+    with pytest.raises(NotCachedError):
+        load_sae(RELEASE, 5)
+
+
+def test_checksums_of_a_local_folder(tmp_path):
+    import subprocess
+
+    from qscope_plugin.errors import ChecksumMismatchError
+    from qscope_plugin.store import verify, write_checksums
+
+    for n in (0, 1):
+        write_sae_file(tmp_path / f"layer{n}.sae.pt", d_model=8, d_sae=32, seed=n)
+    with pytest.raises(QScopeError, match="has no SHA256SUMS .*`qscope checksum"):
+        verify(tmp_path)
+    sums = write_checksums(tmp_path)
+    assert subprocess.run(["sha256sum", "-c", sums.name], cwd=tmp_path, capture_output=True).returncode == 0
+    write_sae_file(tmp_path / "layer2.sae.pt", d_model=8, d_sae=32)  # added after the checksums
+    assert load_sae(tmp_path, 1, k=4, cache=None, verify=True).cfg.layer == 1
+    _flip_float_byte(tmp_path / "layer1.sae.pt")
+    assert [(c.layer, c.status) for c in verify(tmp_path)] == [(0, "ok"), (1, "corrupted"), (2, "unverifiable")]
+    with pytest.raises(ChecksumMismatchError, match=r"layer 1 .* is corrupted: .* SHA256SUMS records"):
+        load_sae(tmp_path, 1, k=4, cache=None, verify=True)
+    assert (tmp_path / "layer1.sae.pt").exists()  # a user's own file is reported, never deleted
+    with pytest.raises(QScopeError, match="records no SHA-256 for layer2.sae.pt"):
+        load_sae(tmp_path, 2, k=4, cache=None, verify=True)
+    sums.write_text("not a checksum line\n")
+    with pytest.raises(QScopeError, match=r"line 1 is 'not a checksum line'; expected 'HASH  layerN\.sae\.pt'"):
+        verify(tmp_path)

@@ -85,6 +85,9 @@ def read_texts(literal: list[str] | None, path: str | None, what: str) -> list[s
             texts += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         except OSError as e:
             raise UsageError(f"cannot read {what} file {path!r}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{what} file {path!r} is not UTF-8 text ({e.reason} at byte {e.start}); pass a "
+                             "UTF-8 text file with one text per line") from None
     return texts
 
 

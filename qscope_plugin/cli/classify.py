@@ -51,6 +51,10 @@ def cmd_classify_predict(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read classifier {args.classifier!r} ({e}); pass a JSON written by "
                          "`qscope classify fit`") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("features", {}), dict)
+            and all(isinstance(saved.get(key) or "", str) for key in ("release", "model_id"))):
+        raise UsageError(f"{args.classifier!r} is not a classifier: expected a JSON object with 'features' "
+                         "({layer: [ids]}) and string 'release' / 'model_id', as `qscope classify fit` writes")
     # the saved backbone and SAEs unless overridden: predicting with other SAEs would be silently wrong
     args.release = args.release or saved.get("release") or default_release()
     args.model = args.model or saved.get("model_id") or default_model()

@@ -54,14 +54,16 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_fetch(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from qscope_plugin.store import load_sae
+    from qscope_plugin.store import fetch, load_sae
 
     r = release(args.release)
     layers = parse_layers(args.layers, r.n_layers, subject=f"release {r.name!r}")
     for n in tqdm(layers, desc=f"fetch {r.name}", unit="layer", disable=None):  # no bar when not a TTY
-        # load_sae drops a file that fails from_file or validate() from the hub cache: the next fetch downloads it
+        # a file that fails its SHA-256, from_file or validate() leaves the hub cache: the next fetch downloads it
+        fetch(r, n, revision=args.revision, force_download=args.force_download, verify=True)
         load_sae(r.name, n, revision=args.revision, cache=None).validate()
-    print(f"{len(layers)} layer(s) of {r.name} cached and validated. {LICENSE_NOTICE}")
+    print(f"{len(layers)} layer(s) of {r.name} cached, checked against their SHA-256 and validated. "
+          f"{LICENSE_NOTICE}")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -73,4 +75,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fetch.add_argument("release")
     fetch.add_argument("--layers", default="all", help="e.g. 14, 10-14, 3,5,7-9 or all (default)")
     fetch.add_argument("--revision", default=None, help="hub revision to pin")
+    fetch.add_argument("--force-download", action="store_true",
+                       help="download again even if cached (repairs a layer `qscope verify` reports corrupted)")
     fetch.set_defaults(func=cmd_fetch)
