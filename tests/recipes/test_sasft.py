@@ -289,3 +289,13 @@ def test_encode_and_collate_mask_prompts_and_padding():
     assert batch["language"].tolist() == [1, 0]
     with pytest.raises(SASFTError, match="language 'ko' has no thresholds"):
         encode_examples(Tok(), [Example("a", "b", "ko")], feats)
+
+
+def test_cli_usage_errors_exit_2(tmp_path, capsys):
+    from qscope_plugin.cli import main
+
+    assert main(["sasft", "features", "--texts", str(tmp_path / "none.json"), "--target", "zh", "--out", "f"]) == 2
+    assert "cannot read --texts file" in capsys.readouterr().err
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "a"}\n')
+    assert main(["sasft", "train", "--features", "f", "--data", str(tmp_path / "rows.jsonl"), "--out", "o"]) == 2
+    assert "prompt, response and language" in capsys.readouterr().err
