@@ -132,6 +132,21 @@ class Backend:
         with edit_residual(self.module, edits, pass_kwargs=True):
             yield
 
+    @contextmanager
+    def tap(self, layers: Iterable[int], fn: Callable[[torch.Tensor, int, dict], None]) -> Iterator[None]:
+        """Call ``fn(hidden, n, layer_kwargs)`` on block n's output in every forward inside the block, graph kept.
+
+        Unlike ``capture`` (no_grad, stops early) the forward runs whole and ``hidden`` carries gradients, so a
+        training loss can read the residual stream (SASFT's penalty) without changing it.
+        """
+        with self.edit(dict.fromkeys(self.check_layers(layers), fn)):  # fn returns None: the output is unchanged
+            yield
+
+    def forward(self, **inputs: Any) -> Any:
+        """The transformers module's forward with gradients (a training step), outputs as transformers returns
+        them (``.loss`` when ``labels`` are given)."""
+        return self.module(**inputs)
+
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``(batch, seq, vocab)`` logits of the framework's own forward."""

@@ -28,6 +28,8 @@ LAYER_PATHS = (
     "language_model.model.layers",
     "model.text_model.layers",
     "layers",
+    "base_model.model.model.layers",  # a PEFT PeftModel (LoRA) around a CausalLM
+    "base_model.model.model.language_model.layers",
 )
 
 
