@@ -111,14 +111,22 @@ def _pool_max(sae: QwenScopeSAE, hidden: torch.Tensor, mask: torch.Tensor, skip_
     return [(row.nonzero().flatten(), row[row.nonzero().flatten()]) for row in best]
 
 
-def _pool_last(sae: QwenScopeSAE, hidden: torch.Tensor, mask: torch.Tensor, skip_first: bool) -> list:
-    last = mask.shape[1] - 1 - mask.flip(-1).int().argmax(-1)  # each row's last real token, either padding side
-    values, indices = sae.encode_sparse(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+def _last_rows(sae: QwenScopeSAE, hidden: torch.Tensor, mask: torch.Tensor, skip_first: bool) -> torch.Tensor:
+    """Each row's last real token ``(batch, d_model)``, either padding side; encoded after the forward."""
+    last = mask.shape[1] - 1 - mask.flip(-1).int().argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def _active_features(sae: QwenScopeSAE, rows: torch.Tensor) -> list:
+    values, indices = sae.encode_sparse(rows)
     active = torch.where(values > 0, indices, -1).sort(dim=-1).values.cpu().numpy()
     return [row[row >= 0].astype(np.int32) for row in active]
 
 
-POOLERS = {"tokens": _pool_tokens, "max": _pool_max, "last": _pool_last}
+POOLERS = {"tokens": (_pool_tokens, None), "max": (_pool_max, None), "last": (_last_rows, _active_features)}
+"""pooling -> (what the layer hook keeps of its batch, what turns that into per-row results after the forward).
+``last`` keeps one row per text in the hook and encodes after the forward: measured ~15% faster than encoding
+inside the hook. ``tokens`` / ``max`` encode inside the hook, so a batch's full activations never pile up."""
 
 
 @overload
@@ -162,12 +170,14 @@ def harvest(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, Q
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted((i for i, ids in enumerate(encoded) if ids), key=lambda i: len(encoded[i]))
     pooled: dict[int, list] = {n: [None] * len(texts) for n in layers}
-    pool = POOLERS[pooling]
+    pool, finish = POOLERS[pooling]
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     for rows in tqdm(batches, disable=not progress, desc=desc, unit="batch"):
         ids, mask, positions = pad([encoded[i] for i in rows], pad_id, padding_side)
         found = backend.capture(ids, mask, layers=layers, position_ids=positions,
                                 reduce=_pooling(pool, saes, mask.bool(), exclude_first_token))
+        if finish is not None:
+            found = {n: finish(saes[n], kept) for n, kept in found.items()}
         for n, per_row in found.items():
             for i, result in zip(rows, per_row, strict=True):
                 pooled[n][i] = result
@@ -184,7 +194,7 @@ def harvest(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, Q
 def _pooling(pool, saes: Mapping[int, QwenScopeSAE], mask: torch.Tensor, skip_first: bool):
     """The capture's ``reduce``: pool block n's batch with its SAE, the mask moved to the block's device."""
 
-    def reduce(hidden: torch.Tensor, n: int) -> list:
+    def reduce(hidden: torch.Tensor, n: int):
         return pool(saes[n], hidden, mask.to(hidden.device), skip_first)
 
     return reduce
