@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from qscope_testing import make_sae_tensors, write_sae_file
 
-from qscope_plugin import QwenScopeSAE
+from qscope_plugin import FeatureOutOfRangeError, QwenScopeSAE
 from qscope_plugin.sae import QScopeSAEConfig, SAEInputError
 
 
@@ -170,7 +170,7 @@ def test_wrong_activation_shape_is_one_clear_error(sae_and_tensors, bad):
 @pytest.mark.parametrize("feature", [-1, 64, 2.0])
 def test_feature_out_of_range(sae_and_tensors, feature):
     sae, _ = sae_and_tensors
-    with pytest.raises(SAEInputError, match=r"features 0\.\.63"):
+    with pytest.raises(FeatureOutOfRangeError, match=r"64 features: 0\.\.63"):
         sae.direction(feature)
 
 
