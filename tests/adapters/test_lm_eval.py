@@ -297,3 +297,28 @@ def test_bad_output_folders(panel_outputs, tmp_path):
         read_lm_eval_outputs(changed, tasks=["toy_arc"])
     with pytest.raises(LmEvalError, match=r"no samples_toy_piqa_\*.jsonl for short"):
         read_lm_eval_outputs(changed, tasks=["toy_piqa"])
+
+
+def test_cli_footprints_and_redundancy_from_lm_eval(tasks, panel_outputs, tmp_path, capsys):
+    from qscope_plugin.cli import main
+
+    paths = []
+    for task in TASKS:
+        paths.append(str(tmp_path / f"{task}.safetensors"))
+        assert main(["footprints", "--lm-eval-task", task, "--include-path", str(tasks), "--num-fewshot", "1",
+                     "--layers", "2", "--out", paths[-1]]) == 0
+    assert "toy_gsm8k layer 2: 12 samples" in capsys.readouterr().out
+    assert Footprints.load(paths[0]).provenance["num_fewshot"] == 1
+    out = tmp_path / "report"
+    assert main(["redundancy", *paths, "--lm-eval-outputs", *map(str, panel_outputs.values()), "--reference",
+                 "toy_arc", "--n-draws", "20", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert all(row["performance_redundancy"] is not None for row in report["benchmarks"].values())
+    assert sorted(report["pearson"]["names"]) == sorted(TASKS) and report["partial_pearson"] is not None
+    assert main(["footprints", "--lm-eval-task", "toy_ark", "--include-path", str(tasks), "--out",
+                 str(tmp_path / "x.safetensors")]) == 2
+    assert "close matches: toy_arc" in capsys.readouterr().err
+    assert main(["redundancy", paths[0], "--lm-eval-outputs", str(tmp_path), "--out", str(out)]) == 2
+    assert "no lm-eval results_*.json under" in capsys.readouterr().err
+    assert main(["footprints", "data.jsonl", "--num-fewshot", "2", "--out", str(tmp_path / "y.safetensors")]) == 2
+    assert "--num-fewshot only apply with --lm-eval-task" in capsys.readouterr().err
