@@ -79,11 +79,12 @@ class TaskPrompts:
         return {"lm_eval_task": self.task, "lm_eval_version": lm_eval.__version__, "task_version": self.version,
                 "num_fewshot": self.num_fewshot, "fewshot_seed": self.fewshot_seed,
                 "chat_template": self.chat_template, "fewshot_as_multiturn": self.fewshot_as_multiturn,
-                "documents": documents_digest(self.doc_hashes)}
+                "documents": documents_digest(self.doc_hashes),
+                "prompts": documents_digest([_hash(prompt) for prompt in self.prompts])}
 
 
 def documents_digest(doc_hashes: Sequence[str]) -> str:
-    """One digest of a task's documents in ``doc_id`` order: equal digests, equal document sets."""
+    """One digest of a task's documents (or prompts) in ``doc_id`` order from lm-eval's per-sample hashes."""
     return hashlib.sha256("".join(doc_hashes).encode()).hexdigest()[:16]
 
 
@@ -159,9 +160,16 @@ def task_prompts(task: str, *, num_fewshot: int | None = None, fewshot_seed: int
 
 def _doc_hash(doc: Any) -> str:
     """lm-eval's ``doc_hash`` of one document (``evaluator.evaluate``'s formula)."""
-    from lm_eval.utils import handle_non_serializable, hash_string
+    from lm_eval.utils import handle_non_serializable
 
-    return hash_string(json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    return _hash(json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False))
+
+
+def _hash(text: str) -> str:
+    """lm-eval's ``hash_string`` (its ``prompt_hash`` of a context)."""
+    from lm_eval.utils import hash_string
+
+    return hash_string(text)
 
 
 def harvest_task_footprints(model: object, tokenizer, task: str, saes: Mapping[int, QwenScopeSAE], *,
@@ -193,6 +201,8 @@ class TaskResults:
     documents: str
     """``documents_digest`` of the documents (the same for every model, else reading fails)."""
     version: str | None
+    prompts: dict[str, str] = field(default_factory=dict)
+    """model -> digest of the contexts it was scored on (models may differ, e.g. in chat template)."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +234,11 @@ class LmEvalPanel:
             if digest is not None and digest != scored.documents:
                 raise LmEvalError(f"{name}: the footprints were harvested on other documents than lm-eval scored "
                                   "(document hashes differ); harvest and evaluate the same task data")
+            prompts = fp.provenance.get("prompts")
+            if prompts is not None and prompts not in scored.prompts.values():
+                raise LmEvalError(f"{name}: the footprints were harvested on other contexts than any model was "
+                                  "scored on (few-shot count or seed, or chat template differ); harvest with the "
+                                  "settings of the evaluation")
 
 
 def _latest_run(folder: Path) -> tuple[Path, str]:
@@ -310,7 +325,7 @@ def _task_results(task: str, samples: dict[str, list[dict]], results: dict[str, 
     if len(set(versions.values())) > 1:
         raise LmEvalError(f"{task}: the models were evaluated on different task versions "
                           f"({', '.join(f'{m}: {v}' for m, v in versions.items())}); rerun them on one version")
-    rows, hashes = {}, {}
+    rows, hashes, prompts = {}, {}, {}
     for model, logged in samples.items():
         kept = sorted((s for s in logged if s["filter"] == filter_key), key=lambda s: s["doc_id"])
         if not kept or name not in kept[0]:
@@ -318,6 +333,7 @@ def _task_results(task: str, samples: dict[str, list[dict]], results: dict[str, 
                               f"{', '.join(_logged(logged)) or 'nothing'}")
         rows[model] = pd.Series([float(s[name]) for s in kept], index=[s["doc_id"] for s in kept])
         hashes[model] = documents_digest([s["doc_hash"] for s in kept])
+        prompts[model] = documents_digest([s["prompt_hash"] for s in kept])
     sizes = {m: len(r) for m, r in rows.items()}
     if len(set(sizes.values())) > 1:
         raise LmEvalError(f"{task}: the models were scored on different numbers of documents "
@@ -327,7 +343,7 @@ def _task_results(task: str, samples: dict[str, list[dict]], results: dict[str, 
         raise LmEvalError(f"{task}: {', '.join(differ)} scored other documents than {first} (document hashes "
                           "differ); evaluate every model on the same task data")
     frame = pd.DataFrame(rows).T
-    return TaskResults(metric, [int(i) for i in frame.columns], frame, hashes[first], versions[first])
+    return TaskResults(metric, [int(i) for i in frame.columns], frame, hashes[first], versions[first], prompts)
 
 
 def _aggregate(results: dict, task: str, metric: str) -> float:

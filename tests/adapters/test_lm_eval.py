@@ -266,6 +266,10 @@ def test_panel_gives_a_complete_redundancy_report(demo, manager, panel_outputs, 
     other = harvest_task_footprints(model, tok, "toy_arc", {2: saes[2]}, limit=5, manager=manager, progress=False)
     with pytest.raises(LmEvalError, match="footprints hold 5 samples but lm-eval scored 12"):
         panel.check_footprints({"toy_arc": other})
+    zero_shot = harvest_task_footprints(model, tok, "toy_arc", {2: saes[2]}, num_fewshot=0, manager=manager,
+                                        progress=False)
+    with pytest.raises(LmEvalError, match="other contexts than any model was scored on"):
+        panel.check_footprints({"toy_arc": zero_shot})
 
 
 def test_bad_output_folders(panel_outputs, tmp_path):
