@@ -61,8 +61,10 @@ def _gsm(i: int) -> dict:
 TASKS = {  # name: (builtin YAML, row maker, evaluation split, overrides)
     "toy_arc": ("arc/arc_easy.yaml", _arc, "test", "validation_split: null\n"),
     "toy_piqa": ("piqa/piqa.yaml", _piqa, "validation", ""),
+    # the demo model ends a bare "Answer:" at once; "Answer: He has" leaves generate_until something to generate
     "toy_gsm8k": ("gsm8k/gsm8k.yaml", _gsm, "test",
-                  "num_fewshot: 2\ngeneration_kwargs:\n  until: ['Question:']\n  do_sample: false\n"
+                  "num_fewshot: 2\ndoc_to_text: \"Question: {{question}}\\nAnswer: He has\"\n"
+                  "generation_kwargs:\n  until: ['Question:']\n  do_sample: false\n"
                   "  max_gen_toks: 6\n"),
 }
 
@@ -326,3 +328,22 @@ def test_cli_footprints_and_redundancy_from_lm_eval(tasks, panel_outputs, tmp_pa
     assert "no lm-eval results_*.json under" in capsys.readouterr().err
     assert main(["footprints", "data.jsonl", "--num-fewshot", "2", "--out", str(tmp_path / "y.safetensors")]) == 2
     assert "--num-fewshot only apply with --lm-eval-task" in capsys.readouterr().err
+
+
+def test_steered_generation_equals_the_recipes_steered_generate(demo, manager):
+    """generate_until under qscope-steered: the continuation of greedy generation under ``steer``, cut at the
+    task's stop sequence, and not the unsteered one."""
+    model, tok, saes = demo
+    logged = _evaluate(SteeredHFLM(pretrained=model, tokenizer=tok, device="cpu", batch_size=1, spec=SPEC,
+                                   saes=saes), manager, "toy_gsm8k", limit=4)["samples"]["toy_gsm8k"]
+    backend = as_backend(model)
+    steered, plain = [], []
+    for sample in sorted((s for s in logged if s["filter"] == "strict-match"), key=lambda s: s["doc_id"]):
+        ids = tok(sample["arguments"][0][0], return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with steer(model, SPEC, saes):
+            new = backend.generate(ids, max_new_tokens=6, pad_token_id=tok.pad_token_id)[0]
+        steered.append(sample["resps"][0][0])
+        plain.append(tok.decode(backend.generate(ids, max_new_tokens=6)[0], skip_special_tokens=True)
+                     .split("Question:")[0])
+        assert sample["resps"][0][0] == tok.decode(new, skip_special_tokens=True).split("Question:")[0]
+    assert steered != plain
