@@ -272,7 +272,8 @@ def harvest_footprints(model: object, tokenizer, dataset, saes: Mapping[int, Qwe
                        column: str | None = None, template: str | None = None,
                        formatter: PromptFormat | None = None, name: str | None = None, batch_size: int = 16,
                        max_length: int | None = 2048, chunk_size: int = 1024, padding_side: str = "right",
-                       out: str | os.PathLike | None = None, progress: bool = True) -> Footprints:
+                       out: str | os.PathLike | None = None, progress: bool = True,
+                       provenance: Mapping[str, object] | None = None) -> Footprints:
     """F(x_i) (R3) for every sample of ``dataset`` at every layer in ``saes``.
 
     Args:
@@ -283,6 +284,8 @@ def harvest_footprints(model: object, tokenizer, dataset, saes: Mapping[int, Qwe
         padding_side: ``right`` (default; the real tokens of a causal model never see padding) or ``left``.
         out: footprint file; enables checkpointing to ``<out>.partial/`` and resuming, and is required with
             several ``torch.distributed`` ranks.
+        provenance: more to record about the prompts (e.g. the lm-eval task and few-shot settings); part of
+            what makes a resumed or existing output "the same run".
     """
     if not saes:
         raise FootprintError("no SAEs given; pass {layer: QwenScopeSAE} for at least one layer")
@@ -296,7 +299,8 @@ def harvest_footprints(model: object, tokenizer, dataset, saes: Mapping[int, Qwe
     strings = not hasattr(dataset, "column_names") and isinstance(dataset[0], str)
     fmt, fmt_desc = (str, "text") if strings else prompt_format(column=column, template=template, formatter=formatter)
     saes = dict(sorted(saes.items()))
-    provenance = _provenance(model, tokenizer, dataset, saes, fmt_desc, name, max_length, n_samples)
+    provenance = {**_provenance(model, tokenizer, dataset, saes, fmt_desc, name, max_length, n_samples),
+                  **(provenance or {})}
     rank, world = _distributed()
     if world > 1 and out is None:
         raise FootprintError("a distributed harvest needs out= (a path on storage shared by all ranks)")
