@@ -187,3 +187,36 @@ def test_no_repeats_and_bad_features_are_clear_errors(demo_setup):
     spec = repetition_spec({1: [10 ** 6]}, 1.0)
     with pytest.raises(FeatureOutOfRangeError):
         causal_check(model, tok, ["今天"], spec, saes, [1.0], max_new_tokens=2)
+
+
+@demo
+def test_grpo_trainer_steps_with_the_steered_rollout(demo_setup, tmp_path):
+    pytest.importorskip("trl")
+    import copy
+
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    from qscope_plugin.adapters.trl import dapo_config, repetition_reward_func, repetition_rollout_func
+
+    model, tok, saes = demo_setup
+    model = copy.deepcopy(model)
+    seen: list[tuple[list[bool], list[list[int]]]] = []
+
+    def flagged(completion_ids, steered, **kwargs):
+        """Records what TRL forwards; the steered completion is the group's negative."""
+        seen.append((list(steered), [list(c) for c in completion_ids]))
+        return [-1.0 if s else 0.0 for s in steered]
+
+    before = model.model.layers[3].mlp.down_proj.weight.detach().clone()
+    rows = Dataset.from_list([{"prompt": "今天早上我"}, {"prompt": "这个城市的"}])
+    args = dapo_config(str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=2,
+                       max_completion_length=8, learning_rate=1e-3, use_cpu=True, logging_steps=1, seed=0)
+    trainer = GRPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tok,
+                          reward_funcs=[flagged, repetition_reward_func()],
+                          rollout_func=repetition_rollout_func(repetition_spec({2: [3]}, 20.0), saes))
+    trainer.train()
+    assert seen and all(flags == [False, True, False, True] for flags, _ in seen)
+    assert all(len(c) <= 8 for _, ids in seen for c in ids)
+    assert not torch.equal(before, model.model.layers[3].mlp.down_proj.weight)
+    assert len([h for h in trainer.state.log_history if "loss" in h]) == 2
