@@ -328,6 +328,23 @@ class CausalCheck:
         return json.dumps(asdict(self), indent=2)
 
 
+@torch.no_grad()
+def continuations(model: object, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32,
+                  vectors: Mapping[int, torch.Tensor] | None = None) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` in one left-padded batch, cut after EOS; ``vectors[n]`` (if given) is
+    added to block n's output at every decode step (R33)."""
+    prompts = check_texts(prompts, "prompts")
+    backend = as_backend(model)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width, eos = max(len(e) for e in encoded), tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    with _add_at_decode(backend, vectors or {}, torch.tensor([len(e) for e in encoded])):
+        new = backend.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    return [_cut(row, eos) for row in new.tolist()]
+
+
 def causal_check(model: object, tokenizer, prompts: Sequence[str], spec: SteeringSpec,
                  saes: Mapping[int, QwenScopeSAE], alphas: Sequence[float], *, max_new_tokens: int = 32,
                  seed: int = 0, progress: bool = False, **params: int) -> CausalCheck:
@@ -336,24 +353,15 @@ def causal_check(model: object, tokenizer, prompts: Sequence[str], spec: Steerin
     if not alphas:
         raise RepetitionError("no strengths to sweep; pass alphas, e.g. [-8.0, 0.0, 8.0]")
     alphas = [check_alpha(a) for a in alphas]
-    prompts = check_texts(prompts, "prompts")
-    backend = as_backend(model)
     unit = steering_vectors(SteeringSpec(tuple(Term(t.layer, t.feature, 1.0) for t in spec.terms),
                                          direction_norm=spec.direction_norm), saes)
     g = torch.Generator().manual_seed(seed)
     random = {n: (r := torch.randn(v.shape, generator=g)) * (v.norm() / r.norm()) for n, v in unit.items()}
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(len(e) for e in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    lengths = torch.tensor([len(e) for e in encoded])
-    eos = tokenizer.eos_token_id
 
     def ratio(vectors: Mapping[int, torch.Tensor], alpha: float) -> float:
-        with _add_at_decode(backend, {n: alpha * v for n, v in vectors.items()}, lengths):
-            new = backend.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-        return repeat_ratio([_cut(row, eos) for row in new.tolist()], **params)
+        scaled = {n: alpha * v for n, v in vectors.items()}
+        return repeat_ratio(continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens, vectors=scaled),
+                            **params)
 
     rows = [CausalRow(a, ratio(unit, a), ratio(random, a)) for a in tqdm(alphas, disable=not progress, desc="alpha")]
     return CausalCheck(len(prompts), max_new_tokens, rows)
