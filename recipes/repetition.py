@@ -345,6 +345,12 @@ def continuations(model: object, tokenizer, prompts: Sequence[str], *, max_new_t
     return [_cut(row, eos) for row in new.tolist()]
 
 
+def extend(model: object, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 48) -> list[str]:
+    """Each prompt followed by its decoded greedy continuation: discovery texts from the model's own loops."""
+    new = continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    return [p + tokenizer.decode(ids, skip_special_tokens=True) for p, ids in zip(prompts, new, strict=True)]
+
+
 def causal_check(model: object, tokenizer, prompts: Sequence[str], spec: SteeringSpec,
                  saes: Mapping[int, QwenScopeSAE], alphas: Sequence[float], *, max_new_tokens: int = 32,
                  seed: int = 0, progress: bool = False, **params: int) -> CausalCheck:
@@ -363,5 +369,8 @@ def causal_check(model: object, tokenizer, prompts: Sequence[str], spec: Steerin
         return repeat_ratio(continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens, vectors=scaled),
                             **params)
 
-    rows = [CausalRow(a, ratio(unit, a), ratio(random, a)) for a in tqdm(alphas, disable=not progress, desc="alpha")]
+    rows = []
+    for a in tqdm(alphas, disable=not progress, desc="alpha"):
+        steered = ratio(unit, a)
+        rows.append(CausalRow(a, steered, steered if a == 0 else ratio(random, a)))  # α = 0: both add nothing
     return CausalCheck(len(prompts), max_new_tokens, rows)

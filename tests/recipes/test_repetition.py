@@ -220,3 +220,35 @@ def test_grpo_trainer_steps_with_the_steered_rollout(demo_setup, tmp_path):
     assert all(len(c) <= 8 for _, ids in seen for c in ids)
     assert not torch.equal(before, model.model.layers[3].mlp.down_proj.weight)
     assert len([h for h in trainer.state.log_history if "loss" in h]) == 2
+
+
+@demo
+def test_cli_features_then_check(tmp_path, capsys):
+    import json
+
+    from qscope_plugin.cli import main
+
+    out = tmp_path / "rep.json"
+    looping = ["医生建议大家不要去，" + "我就买了，" * 4, "今天早上，" + "我说我，" * 4]
+    assert main(["repetition", "features", *looping, "--n-features", "2", "--out", str(out), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["n_texts"] == 2 and all(len(f) == 2 for f in shown["features"].values())
+    assert main(["repetition", "check", "今天早上", "医生建议", "--features", str(out), "--alphas", "-4,4",
+                 "--steer-layers", "2", "--max-new-tokens", "8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["alpha"] for r in rows] == [-4.0, 4.0] and all(0 <= r["features"] <= 1 for r in rows)
+
+
+@demo
+@pytest.mark.parametrize(("argv", "message"), [
+    (["check", "x", "--features", "missing.json", "--alphas", "nan"], "finite"),
+    (["check", "x", "--features", "missing.json"], "cannot read --features"),
+    (["features", "没有重复的句子。", "--out", "x.json"], "no repeated tokens"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, message):
+    from qscope_plugin.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["repetition", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
