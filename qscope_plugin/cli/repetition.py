@@ -2,7 +2,7 @@
 
     qscope repetition features --texts looping.txt --out rep_features.json        # texts that loop
     qscope repetition features 今天早上 医生建议 --continue-tokens 48 --out rep.json   # loop the model's own
-    qscope repetition check --features rep.json --prompts prompts.txt --alphas -8,0,8 --steer-layers 1,2
+    qscope repetition check --features rep.json --prompts prompts.txt --alphas=-8,0,8 --steer-layers 1,2
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("prompt", nargs="*", help="prompts (or --prompts FILE)")
     c.add_argument("--prompts", default=None, help="file with one prompt per line")
     c.add_argument("--features", required=True, help="JSON from `qscope repetition features`")
-    c.add_argument("--alphas", default="-8,0,8", help="strengths, e.g. -8,0,8 (negative suppresses)")
+    c.add_argument("--alphas", default="-8,0,8", help="strengths, e.g. --alphas=-8,0,8 (negative suppresses)")
     c.add_argument("--steer-layers", default=None, help="e.g. 1,2 (default: every layer in the JSON)")
     c.add_argument("--n-features", type=int, default=1, help="top features per layer to steer")
     c.add_argument("--direction-norm", choices=["raw", "unit"], default="unit", help="unit: alpha in residual units")
