@@ -196,6 +196,8 @@ def repetition_spec(found: RepetitionFeatures | Mapping[int, Sequence[int]], alp
     """(R33) h' = h + α · Σ d_f over the top ``n_features`` repetition features of each of ``layers`` (default: all),
     on generated positions only (the decode steps)."""
     check_alpha(alpha)
+    if isinstance(n_features, bool) or not isinstance(n_features, int) or n_features < 1:
+        raise RepetitionError(f"n_features={n_features!r}; expected an integer >= 1 (features steered per layer)")
     features = found.features if isinstance(found, RepetitionFeatures) else dict(found)
     layers = sorted(features) if layers is None else list(layers)
     missing = [n for n in layers if n not in features]
@@ -334,8 +336,12 @@ def continuations(model: object, tokenizer, prompts: Sequence[str], *, max_new_t
     """Greedy continuations of ``prompts`` in one left-padded batch, cut after EOS; ``vectors[n]`` (if given) is
     added to block n's output at every decode step (R33)."""
     prompts = check_texts(prompts, "prompts")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise RepetitionError(f"max_new_tokens={max_new_tokens!r}; expected an integer >= 1")
     backend = as_backend(model)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if not all(encoded):
+        raise RepetitionError(f"{sum(not e for e in encoded)} prompt(s) tokenize to nothing; pass non-empty prompts")
     width, eos = max(len(e) for e in encoded), tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
@@ -359,6 +365,8 @@ def causal_check(model: object, tokenizer, prompts: Sequence[str], spec: Steerin
     if not alphas:
         raise RepetitionError("no strengths to sweep; pass alphas, e.g. [-8.0, 0.0, 8.0]")
     alphas = [check_alpha(a) for a in alphas]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise RepetitionError(f"seed={seed!r}; expected an integer in 0..2**63-1")
     unit = steering_vectors(SteeringSpec(tuple(Term(t.layer, t.feature, 1.0) for t in spec.terms),
                                          direction_norm=spec.direction_norm), saes)
     g = torch.Generator().manual_seed(seed)

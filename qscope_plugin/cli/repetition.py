@@ -1,7 +1,7 @@
 """``qscope repetition features | check``: repetition features (R32) and their causal check (R33), report §8.
 
     qscope repetition features --texts looping.txt --out rep_features.json        # texts that loop
-    qscope repetition features 今天早上 医生建议 --continue-tokens 48 --out rep.json   # loop the model's own
+    qscope repetition features 今天早上 医生建议 --max-new-tokens 48 --out rep.json   # loop the model's own
     qscope repetition check --features rep.json --prompts prompts.txt --alphas=-8,0,8 --steer-layers 1,2
 """
 
@@ -18,12 +18,12 @@ def cmd_features(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.repetition import extend, repetition_features
 
     texts = read_texts(args.text, args.texts, "--texts")
-    if args.continue_tokens < 0:
-        raise UsageError(f"--continue-tokens {args.continue_tokens}; expected 0 (texts as given) or more")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}; expected 0 (texts as given) or more")
     model, tok = load_backbone(args)
     saes = load_saes(args.release, args.layers)
-    if args.continue_tokens:
-        texts = extend(model, tok, texts, max_new_tokens=args.continue_tokens)
+    if args.max_new_tokens:
+        texts = extend(model, tok, texts, max_new_tokens=args.max_new_tokens)
     found = repetition_features(model, tok, texts, saes, n_features=args.n_features, rep_agg=args.rep_agg)
     try:
         Path(args.out).write_text(found.to_json(), encoding="utf-8")
@@ -54,7 +54,10 @@ def cmd_check(args: argparse.Namespace) -> None:
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise UsageError(f"cannot read --features {args.features!r} ({e}); pass the JSON of "
                          "`qscope repetition features`") from None
-    layers = None if args.steer_layers is None else [int(n) for n in names(args.steer_layers)]
+    try:
+        layers = None if args.steer_layers is None else [int(n) for n in names(args.steer_layers)]
+    except ValueError:
+        raise UsageError(f"--steer-layers {args.steer_layers!r}; expected layer numbers, e.g. 1,2") from None
     spec = repetition_spec(found, 1.0, layers=layers, n_features=args.n_features, direction_norm=args.direction_norm)
     model, tok = load_backbone(args)
     saes = load_saes(args.release, "all")
@@ -76,8 +79,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     f = cmds.add_parser("features", help="repetition features (R32) of texts that loop, to JSON")
     f.add_argument("text", nargs="*", help="texts (or --texts FILE)")
     f.add_argument("--texts", default=None, help="file with one text per line")
-    f.add_argument("--continue-tokens", type=int, default=0,
-                   help="first extend each text by this many greedy tokens (the model's own loops)")
+    f.add_argument("--max-new-tokens", type=int, default=0,
+                   help="first extend each text by this many greedy tokens (the model's own loops); 0: as given")
     f.add_argument("--n-features", type=int, default=8, help="features kept per layer")
     f.add_argument("--rep-agg", choices=["mean", "pooled"], default="mean",
                    help="mean per text then texts (default), or one mean over all repeated tokens")
