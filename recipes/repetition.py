@@ -268,16 +268,20 @@ def old_logprobs(model: object, prompt_ids: Sequence[int], completions: Sequence
 def rollout_groups(model: object, prompts: Sequence[Sequence[int]], spec: SteeringSpec,
                    saes: Mapping[int, QwenScopeSAE], *, group_size: int, max_new_tokens: int,
                    temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | None = None,
-                   pad_token_id: int | None = None, progress: bool = False) -> list[RolloutGroup]:
+                   pad_token_id: int | None = None, groups_per_batch: int = 8,
+                   progress: bool = False) -> list[RolloutGroup]:
     """Per prompt (token ids), G−1 normal samples and one steered by ``spec`` (R33, decode steps), flagged.
 
-    Each group is one sampled ``generate`` of G rows in which only the last row is steered (the others sample
-    exactly as without the hook), then one unsteered forward of the G completions for their old log-probs.
+    ``groups_per_batch`` groups are sampled by one left-padded ``generate`` in which only each group's last row
+    is steered (the other rows sample exactly as without the hook); then one unsteered forward per group gives
+    the old log-probs of its G completions.
     """
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
         raise RepetitionError(f"group_size={group_size!r}; a group needs G >= 2 (G-1 normal samples + 1 steered)")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise RepetitionError("every prompt needs at least one token id; got an empty prompt or no prompts")
+    if groups_per_batch < 1:
+        raise RepetitionError(f"groups_per_batch={groups_per_batch!r}; expected an integer >= 1")
     for term in spec.terms:
         check_alpha(term.alpha)
     backend = as_backend(model)
@@ -285,17 +289,23 @@ def rollout_groups(model: object, prompts: Sequence[Sequence[int]], spec: Steeri
     if any(t.clamp is not None for t in spec.terms):
         raise RepetitionError("rollout steering adds feature directions (R33); clamp terms are not supported here")
     vectors = steering_vectors(spec, saes)
-    steered_row = torch.arange(group_size) == group_size - 1
+    flags = [row == group_size - 1 for row in range(group_size)]
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    prompts = [list(p) for p in prompts]
     groups = []
-    for prompt in tqdm(prompts, disable=not progress, desc="rollout groups", unit="group"):
-        ids = torch.tensor([list(prompt)] * group_size, dtype=torch.long)
-        with _add_at_decode(backend, vectors, torch.full((group_size,), len(prompt)), steered_row):
-            new = backend.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                   top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad)
-        completions = [_cut(row, eos_token_id) for row in new.tolist()]
-        logprobs = old_logprobs(backend, prompt, completions, temperature=temperature, pad_token_id=pad)
-        groups.append(RolloutGroup(list(prompt), completions, logprobs, steered_row.tolist()))
+    batches = [prompts[i : i + groups_per_batch] for i in range(0, len(prompts), groups_per_batch)]
+    for batch in tqdm(batches, disable=not progress, desc="rollout groups", unit="batch"):
+        rows = [p for p in batch for _ in range(group_size)]
+        width = max(len(p) for p in rows)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], dtype=torch.long)
+        with _add_at_decode(backend, vectors, torch.tensor([len(p) for p in rows]), torch.tensor(flags * len(batch))):
+            new = backend.generate(ids, mask, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                   top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad).tolist()
+        for g, prompt in enumerate(batch):
+            completions = [_cut(row, eos_token_id) for row in new[g * group_size : (g + 1) * group_size]]
+            logprobs = old_logprobs(backend, prompt, completions, temperature=temperature, pad_token_id=pad)
+            groups.append(RolloutGroup(prompt, completions, logprobs, list(flags)))
     return groups
 
 

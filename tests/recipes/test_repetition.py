@@ -252,3 +252,15 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, m
     assert main(["repetition", *argv]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qscope")]  # not progress
     assert len(errors) == 1 and message in errors[0]
+
+
+def test_groups_batched_under_left_padding(tiny):
+    """Prompts of different lengths share one generate; each group's old log-probs are still its own forward."""
+    model, saes = tiny
+    prompts = [[11, 42, 7, 99, 3], [5, 6], [8, 9, 10]]
+    torch.manual_seed(1)
+    groups = rollout_groups(model, prompts, _spec(), saes, group_size=3, max_new_tokens=6, groups_per_batch=2)
+    assert [g.prompt_ids for g in groups] == prompts and all(g.steered == [False, False, True] for g in groups)
+    for g in groups:
+        assert all(len(c) == 6 for c in g.completion_ids)
+        assert g.logprobs == old_logprobs(model, g.prompt_ids, g.completion_ids)
