@@ -1,4 +1,5 @@
-"""SASFT as a drop-in ``transformers.Trainer`` / TRL ``SFTTrainer`` (install ``qscope-plugin[train]``).
+"""TRL pieces of the training recipes (install ``qscope-plugin[train]``): SASFT as a drop-in ``transformers.Trainer`` /
+TRL ``SFTTrainer``, and repetition-steered rollouts for ``GRPOTrainer`` (report §8).
 
     >>> penalty = SASFTPenalty(model, features, saes, lam=1e-3)
     >>> rows = Dataset.from_list(encode_examples(tok, examples, features))
@@ -9,22 +10,33 @@
 ``compute_loss`` runs the parent's loss (one forward, no ``return_outputs``) while ``penalty.track`` reads the
 penalised layers, then adds lambda * L_reduce. PEFT models work as they are: LoRA layers sit inside the same
 decoder blocks the penalty reads.
+
+    >>> trainer = GRPOTrainer(model=model, args=dapo_config("out"), train_dataset=prompts, processing_class=tok,
+    ...                       reward_funcs=[task_reward, repetition_reward_func()],
+    ...                       rollout_func=repetition_rollout_func(repetition_spec(found, alpha=8.0), saes))
+
+Each group of G completions then holds G−1 normal samples and one steered by (R33), flagged ``steered`` in the
+reward functions' keyword arguments; the reward must penalise repetition or the steered negative teaches nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
 from transformers import Trainer
 
 from qscope_plugin.errors import QScopeError
+from qscope_plugin.recipes.repetition import RepetitionError, repetition_reward, rollout_groups
 from qscope_plugin.recipes.sasft import SASFTPenalty, collate
+from qscope_plugin.recipes.steering import SteeringSpec
+from qscope_plugin.sae import QwenScopeSAE
 
 try:
-    from trl import SFTConfig, SFTTrainer
+    from trl import GRPOConfig, SFTConfig, SFTTrainer
 except ImportError:  # pragma: no cover - exercised only without the extra
-    raise QScopeError("the SASFT trainers need TRL; install the extra: pip install 'qscope-plugin[train]'") from None
+    raise QScopeError("the TRL pieces need TRL; install the extra: pip install 'qscope-plugin[train]'") from None
 
 
 class SASFTMixin:
@@ -74,3 +86,57 @@ def sft_config(output_dir: str, **kwargs: Any) -> SFTConfig:
     defaults = {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True},
                 "report_to": "none"}
     return SFTConfig(output_dir=output_dir, **{**defaults, **kwargs})
+
+
+def repetition_rollout_func(spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE], *,
+                            max_new_tokens: int | None = None) -> Callable[[list, Any], dict[str, list]]:
+    """A ``GRPOTrainer`` ``rollout_func``: per group, G−1 normal samples and one steered by ``spec`` (R33).
+
+    TRL (1.16) hands the rollout the process's prompts with each already repeated G times (``num_generations``,
+    consecutive); each run of G becomes one group (``rollout_groups``). Returns ``prompt_ids``, ``completion_ids``,
+    ``logprobs`` (unsteered, logits / ``temperature``, as TRL scores) and ``steered``, which TRL forwards to the
+    reward functions. Without vLLM, TRL recomputes the old log-probs it trains on with the unsteered model as well.
+    """
+
+    def rollout(prompts: list, trainer: Any) -> dict[str, list]:
+        tokenizer = trainer.processing_class
+        group_size = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
+        if len(prompts) % group_size or any(len({repr(p) for p in prompts[i : i + group_size]}) != 1
+                                            for i in range(0, len(prompts), group_size)):
+            raise RepetitionError(f"rollout_func expects each prompt repeated num_generations={group_size} times in "
+                                  f"a row (TRL's RepeatSampler); got {len(prompts)} prompts that are not")
+        firsts = prompts[::group_size]
+        if isinstance(firsts[0], list):  # conversational: render as the trainer would, generation prompt added
+            firsts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in firsts]
+        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in firsts]
+        groups = rollout_groups(trainer.accelerator.unwrap_model(trainer.model), encoded, spec, saes,
+                                group_size=group_size, max_new_tokens=max_new_tokens or trainer.max_completion_length,
+                                temperature=trainer.temperature, top_p=trainer.top_p,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "steered": []}
+        for group in groups:
+            out["prompt_ids"] += [group.prompt_ids] * group_size
+            out["completion_ids"] += group.completion_ids
+            out["logprobs"] += group.logprobs
+            out["steered"] += group.steered
+        return out
+
+    return rollout
+
+
+def repetition_reward_func(endless_penalty: float = 1.0, **params: int) -> Callable[..., list[float]]:
+    """``repetition_reward`` shaped as a TRL reward function (reads ``completion_ids``); add a task reward beside it."""
+
+    def repetition(completion_ids: list[list[int]], **kwargs: Any) -> list[float]:
+        return repetition_reward(completion_ids, endless_penalty=endless_penalty, **params)
+
+    return repetition
+
+
+def dapo_config(output_dir: str, **kwargs: Any) -> GRPOConfig:
+    """A ``GRPOConfig`` for DAPO as the report runs it: ``loss_type="dapo"``, clip-higher (ε_low 0.2, ε_high 0.28),
+    no KL term, and truncated completions kept in the loss (endless loops are truncated: masking them would drop
+    exactly the negatives). TRL does no dynamic sampling, as the report wants."""
+    defaults = {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28, "beta": 0.0,
+                "mask_truncated_completions": False, "report_to": "none"}
+    return GRPOConfig(output_dir=output_dir, **{**defaults, **kwargs})

@@ -26,4 +26,5 @@ def test_notebook_runs(notebook, tmp_path):
 
 def test_there_is_a_notebook_per_recipe():
     assert [n.stem for n in NOTEBOOKS] == ["01_discovery_and_steering", "02_or_rule_classifier",
-                                           "03_safety_synthesis", "04_benchmark_redundancy", "05_sasft"]
+                                           "03_safety_synthesis", "04_benchmark_redundancy", "05_sasft",
+                                           "06_repetition"]

@@ -1,0 +1,66 @@
+"""A repetition-steered rollout group vs an unsteered group of the same size on the demo model (target: <= 1.10x).
+
+    python benchmarks/bench_repetition.py        # prints a table, writes docs/benchmarks_repetition.md
+
+A group is what GRPO needs per prompt: G sampled completions and their old log-probs. Unsteered: one sampled
+``generate`` of G rows and one forward for the log-probs, no hook. Steered (``rollout_groups``): the same, with
+the last row steered at every decode step (R33) by a hook on two layers. EOS is switched off so both sides
+generate exactly ``NEW`` tokens per row. Best of several interleaved runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+from pathlib import Path
+
+import torch
+import transformers
+from _timing import best_of_interleaved
+
+from qscope_plugin import load_sae
+from qscope_plugin.backends import as_backend
+from qscope_plugin.models import default_model, default_release, load_model
+from qscope_plugin.recipes.repetition import old_logprobs, repetition_spec, rollout_groups
+
+REPEATS, G, NEW = 5, 8, 32
+
+
+def main() -> None:
+    print(f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
+    base, tok = load_model(default_model())
+    model = copy.deepcopy(base)
+    model.generation_config.eos_token_id = None  # fixed length: both sides generate NEW tokens per row
+    backend = as_backend(model)
+    saes = {n: load_sae(default_release(), n) for n in range(4)}
+    spec = repetition_spec({1: [1022], 2: [95]}, 8.0, direction_norm="unit")
+    prompt = tok("医生建议", add_special_tokens=False)["input_ids"]
+
+    def unsteered() -> None:
+        new = backend.generate(torch.tensor([prompt] * G), max_new_tokens=NEW, do_sample=True, pad_token_id=0)
+        old_logprobs(backend, prompt, new.tolist())
+
+    def steered() -> None:
+        rollout_groups(backend, [prompt], spec, saes, group_size=G, max_new_tokens=NEW, pad_token_id=0)
+
+    timings = best_of_interleaved({"unsteered group": unsteered, "steered group (rollout_groups)": steered},
+                                  repeats=REPEATS)
+    base_t = timings["unsteered group"]
+    rows = ["# Repetition-steered rollout group vs unsteered group", "",
+            f"`python benchmarks/bench_repetition.py` on {platform.machine()}, {os.cpu_count()} CPU cores, torch "
+            f"{torch.__version__}: demo model (Qwen3, 4 layers, hidden 128, vocab 151k), G = {G} rows, prompt of "
+            f"{len(prompt)} tokens, {NEW} sampled tokens per row (EOS off), then one forward for the old log-probs; "
+            f"steering on layers {list(spec.layers)} of the last row; best of {REPEATS}, interleaved.", "",
+            "| group | seconds | vs unsteered |", "|---|---|---|"]
+    rows += [f"| {name} | {t:.4f} | {t / base_t:.3f}x |" for name, t in timings.items()]
+    text = "\n".join(rows) + "\n"
+    print(text)
+    out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks_repetition.md"
+    out.write_text(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
