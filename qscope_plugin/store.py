@@ -339,15 +339,19 @@ def verify(source: str | os.PathLike, layers: Sequence[int] | None = None, *, re
             listed = {int(name[5:-7]) for name in sums if re.fullmatch(r"layer\d+\.sae\.pt", name)}
             layers = sorted(listed | set(local_layers(target)))
         return [_check(n, target / layer_filename(n), sums.get(layer_filename(n)), progress) for n in layers]
-    from huggingface_hub import try_to_load_from_cache
-
     checks = []
     for n in range(target.n_layers) if layers is None else layers:
-        cached = try_to_load_from_cache(target.repo_id, layer_filename(target.check_layer(n)),
-                                        revision=revision or target.revision)
-        path = Path(cached) if isinstance(cached, str) else None
+        path = cached_file(target, target.check_layer(n), revision=revision)
         checks.append(_check(n, path, path and _recorded_sha256(path), progress))
     return checks
+
+
+def cached_file(rel: Release, layer: int, *, revision: str | None = None) -> Path | None:
+    """The cached snapshot path of ``layer`` of ``rel`` (no network), or None when it is not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(rel.repo_id, layer_filename(layer), revision=revision or rel.revision)
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def _verify_local(folder: Path, layer: int) -> None:

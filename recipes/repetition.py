@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from qscope_plugin.backends import Backend, as_backend
 from qscope_plugin.errors import QScopeError
-from qscope_plugin.recipes._harvest import check_texts, harvest
+from qscope_plugin.recipes._harvest import check_texts, harvest, pad
 from qscope_plugin.recipes.steering import SteeringSpec, Term, steering_vectors
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -254,12 +254,8 @@ def old_logprobs(model: object, prompt_ids: Sequence[int], completions: Sequence
     Logits are divided by ``temperature`` first, as TRL's GRPO does for its own log-probs.
     """
     backend = as_backend(model)
-    plen, width = len(prompt_ids), max(len(c) for c in completions)
-    ids = torch.full((len(completions), plen + width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, completion in enumerate(completions):
-        ids[row, : plen + len(completion)] = torch.tensor([*prompt_ids, *completion], dtype=torch.long)
-        mask[row, : plen + len(completion)] = 1
+    plen = len(prompt_ids)
+    ids, mask, _ = pad([[*prompt_ids, *c] for c in completions], pad_token_id)  # right padding: positions agree
     logits = backend.logits(ids, mask)[:, plen - 1 : -1].float() / temperature
     picked = logits.log_softmax(-1).gather(-1, ids[:, plen:, None].to(logits.device))[..., 0].cpu()
     return [picked[row, : len(c)].tolist() for row, c in enumerate(completions)]

@@ -10,10 +10,9 @@ from qscope_plugin.cli._options import parse_layers
 
 
 def _cached_layers(rel: Release) -> list[int]:
-    from huggingface_hub import try_to_load_from_cache
+    from qscope_plugin.store import cached_file
 
-    return [n for n in range(rel.n_layers)
-            if isinstance(try_to_load_from_cache(rel.repo_id, f"layer{n}.sae.pt", revision=rel.revision), str)]
+    return [n for n in range(rel.n_layers) if cached_file(rel, n) is not None]
 
 
 def _ranges(layers: Sequence[int]) -> str:
