@@ -1,0 +1,4 @@
+"""Presentation of features: the local web app (`qscope app`) and the self-contained HTML dashboard.
+
+Nothing here computes; it shows what `qscope_plugin.recipes` returns.
+"""
