@@ -16,6 +16,7 @@ several prompts.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class SteeringSpec:
     """``raw``: the decoder column as the official app uses it; ``unit``: normalised, α in residual-norm units."""
     positions: Positions = "all"
     """``all`` | ``prompt`` | ``generated`` | explicit absolute positions (a list or range)."""
+    prompt_positions: Sequence[int] | None = None
+    """With ``all`` or ``prompt``: steer only these prompt positions (the official app's "0,1,5" / "3-7"); under
+    ``all`` every generated token is still steered. ``None``: every prompt position."""
     layers: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,11 +80,52 @@ class SteeringSpec:
             raise SteeringError(f"direction_norm={self.direction_norm!r}; expected 'raw' or 'unit'")
         if isinstance(self.positions, str) and self.positions not in ("all", "prompt", "generated"):
             raise SteeringError(f"positions={self.positions!r}; expected 'all', 'prompt', 'generated' or indices")
+        if self.prompt_positions is not None:
+            if self.positions not in ("all", "prompt"):
+                raise SteeringError(f"prompt_positions go with positions='all' or 'prompt', not {self.positions!r}; "
+                                    "pass explicit absolute positions as positions=[...] instead")
+            if not self.prompt_positions or min(self.prompt_positions) < 0:
+                raise SteeringError(f"prompt_positions={list(self.prompt_positions)!r}; expected one or more "
+                                    "indices >= 0, or None for the whole prompt")
         object.__setattr__(self, "layers", tuple(sorted({t.layer for t in self.terms})))
 
     @classmethod
     def single(cls, layer: int, feature: int, alpha: float, **kwargs) -> SteeringSpec:
         return cls(terms=(Term(layer, feature, alpha),), **kwargs)
+
+
+def parse_positions(text: str) -> Positions:
+    """``"all"``, ``"prompt"``, ``"generated"`` or indices such as ``"0,1,5"``, ``"3-7"``, ``"0,4-6"``."""
+    text = text.strip()
+    if text in ("all", "prompt", "generated"):
+        return text
+    out: set[int] = set()
+    for part in text.split(","):
+        bounds = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if bounds is None or int(bounds[2] or bounds[1]) < int(bounds[1]):
+            raise SteeringError(f"positions {text!r} cannot be read; expected 'all', 'prompt', 'generated' or "
+                                "indices low-high such as '0,1,5', '3-7' or '0,4-6'")
+        out.update(range(int(bounds[1]), int(bounds[2] or bounds[1]) + 1))
+    return sorted(out)
+
+
+STRENGTH_PRESETS = {"Light": 5.0, "Medium": 20.0, "Strong": 100.0}
+"""The official app's strengths on raw decoder columns (docs/method.md §2.4); its Custom default is 5."""
+CALIBRATED_PRESETS = {"Light": 0.5, "Medium": 2.0, "Strong": 10.0}
+"""Multiples of a Compare difference r that the official app uses instead, when one is known for the feature."""
+
+
+def strength_presets(difference: float | None = None) -> dict[str, float]:
+    """The app's Light / Medium / Strong strengths: fixed, or ``0.5·r, 2·r, 10·r`` for a Compare difference r.
+
+    The official app scales by a firing-rate difference r ∈ [0, 1], which gives tiny strengths (a quirk kept for
+    parity, docs/method.md §2.4); ``|r|`` is used, so a feature that fires more on the second text still amplifies.
+    """
+    if difference is None:
+        return dict(STRENGTH_PRESETS)
+    if not math.isfinite(difference):
+        raise SteeringError(f"difference={difference!r} is not a finite number; pass a Compare score or None")
+    return {name: factor * abs(difference) for name, factor in CALIBRATED_PRESETS.items()}
 
 
 def steering_vectors(spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE]) -> dict[int, torch.Tensor]:
@@ -98,7 +143,7 @@ def steering_vectors(spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE]) -> di
 def _position_mask(kwargs: dict, hidden: torch.Tensor, spec: SteeringSpec,
                    state: dict) -> torch.Tensor | None:
     """``(batch, seq)`` bool mask of positions to steer, or None for every position."""
-    if spec.positions == "all":
+    if spec.positions == "all" and spec.prompt_positions is None:
         return None
     pos = kwargs.get("position_ids")
     if pos is None:
@@ -119,8 +164,13 @@ def _position_mask(kwargs: dict, hidden: torch.Tensor, spec: SteeringSpec,
             plen = torch.where((pos == 0).any(dim=-1, keepdim=True), fresh, plen.to(fresh.device))
         state["prompt_length"] = plen
     plen = torch.as_tensor(plen, device=hidden.device).reshape(-1, 1)
+    prompt = pos < plen
+    if spec.prompt_positions is not None:
+        prompt &= torch.isin(pos, torch.as_tensor(list(spec.prompt_positions), device=hidden.device))
     if spec.positions == "prompt":
-        return pos < plen
+        return prompt
+    if spec.positions == "all":
+        return prompt | (pos >= plen)
     return pos >= plen  # "generated"
 
 
@@ -209,30 +259,67 @@ def _score(backend: Backend, tokenizer, prompt_ids: torch.Tensor, new_ids: list[
     return choices
 
 
-def _greedy(backend: Backend, prompt_ids: torch.Tensor, max_new_tokens: int, eos: int | None) -> list[int]:
-    """Greedy continuation of one prompt through the backend's own generate, cut after the first EOS."""
-    new = backend.generate(prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=eos)[0].tolist()
+@dataclass(frozen=True)
+class Sampling:
+    """Seeded sampling instead of greedy decoding; steered and unsteered runs start from the same seed, so they
+    differ only by the steering (α = 0 gives the unsteered text)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise SteeringError(f"temperature={self.temperature!r}; expected a finite number > 0, e.g. 0.7")
+        if not 0 < self.top_p <= 1:
+            raise SteeringError(f"top_p={self.top_p!r}; expected a number in (0, 1], e.g. 0.95")
+
+
+def _continuation(backend: Backend, prompt_ids: torch.Tensor, max_new_tokens: int, eos: int | None,
+                  sampling: Sampling | None) -> list[int]:
+    """Greedy (or seeded sampled) continuation of one prompt through the backend's own generate, cut after the
+    first EOS; sampling leaves the global torch RNG as it was."""
+    if sampling is None:
+        new = backend.generate(prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=eos)
+    else:
+        with torch.random.fork_rng(devices=[backend.device] if backend.device.type == "cuda" else []):
+            torch.manual_seed(sampling.seed)
+            new = backend.generate(prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, do_sample=True,
+                                   temperature=sampling.temperature, top_p=sampling.top_p)
+    new = new[0].tolist()
     return new[: new.index(eos) + 1] if eos is not None and eos in new else new
 
 
 def _completion(backend: Backend, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int,
-                top_alternatives: int) -> Completion:
-    new = _greedy(backend, prompt_ids, max_new_tokens, tokenizer.eos_token_id)
+                top_alternatives: int, sampling: Sampling | None = None) -> Completion:
+    new = _continuation(backend, prompt_ids, max_new_tokens, tokenizer.eos_token_id, sampling)
     tokens = _score(backend, tokenizer, prompt_ids, new, top_alternatives)
     return Completion(tokenizer.decode(new, skip_special_tokens=True), new, tokens)
 
 
 def generate(model: object, tokenizer, prompt: str, spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE], *,
              max_new_tokens: int = 32, chat: Literal["thinking", "no_thinking"] | None = None,
-             top_alternatives: int = 3) -> SteeringResult:
-    """Greedy steered and unsteered completions side by side, with per-token probabilities."""
+             top_alternatives: int = 3, sampling: Sampling | None = None) -> SteeringResult:
+    """Steered and unsteered completions side by side, with per-token probabilities and top alternatives.
+
+    Greedy by default; ``sampling`` draws both from the same seed. The probabilities are the model's own
+    (temperature 1), whichever way the tokens were chosen.
+
+    Raises:
+        SteeringError: ``spec.prompt_positions`` reach past the prompt.
+    """
     (prompt,) = check_texts([prompt], "prompt")
     text = format_prompt(prompt, chat)
     backend = as_backend(model)
     prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(backend.device)
-    with steer(backend, spec, saes, prompt_length=prompt_ids.shape[1]):
-        steered = _completion(backend, tokenizer, prompt_ids, max_new_tokens, top_alternatives)
-    return SteeringResult(text, steered, _completion(backend, tokenizer, prompt_ids, max_new_tokens, top_alternatives))
+    n_prompt = prompt_ids.shape[1]
+    if spec.prompt_positions is not None and max(spec.prompt_positions) >= n_prompt:
+        raise SteeringError(f"prompt position {max(spec.prompt_positions)} is past the prompt, which has {n_prompt} "
+                            f"tokens (0..{n_prompt - 1}); pass positions inside it or 'all'")
+    with steer(backend, spec, saes, prompt_length=n_prompt):
+        steered = _completion(backend, tokenizer, prompt_ids, max_new_tokens, top_alternatives, sampling)
+    unsteered = _completion(backend, tokenizer, prompt_ids, max_new_tokens, top_alternatives, sampling)
+    return SteeringResult(text, steered, unsteered)
 
 
 @dataclass(frozen=True)

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from qscope_plugin.cli._options import add_model_options, emit, load_backbone, load_saes, parse_layers
-
-
-def _positions(spec: str) -> str | list[int]:
-    if spec in ("all", "prompt", "generated"):
-        return spec
-    return parse_layers(spec, 1 << 30, "--positions")  # same "1,3,5-7" syntax
+from qscope_plugin.cli._options import add_model_options, emit, load_backbone, load_saes
 
 
 def cmd_steer(args: argparse.Namespace) -> None:
-    from qscope_plugin.recipes.steering import sweep
+    from qscope_plugin.recipes.steering import parse_positions, sweep
 
     model, tok = load_backbone(args)
     result = sweep(model, tok, args.prompt, args.layer, args.feature, args.alpha,
                    load_saes(args.release, str(args.layer)), max_new_tokens=args.max_new_tokens, chat=args.chat,
-                   direction_norm=args.direction_norm, positions=_positions(args.positions))
+                   direction_norm=args.direction_norm, positions=parse_positions(args.positions))
 
     def render() -> None:
         print(f"prompt: {result.prompt!r}\nunsteered: {result.unsteered.text!r}")

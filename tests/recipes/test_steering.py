@@ -9,12 +9,15 @@ from qscope_testing import FAMILIES, qwen3_tokenizer, tiny_model, tiny_qwen3, ti
 from qscope_plugin.backends import as_backend
 from qscope_plugin.hooks import _replace_residual, _residual, add_to_residual, capture_residual, resolve_layers
 from qscope_plugin.recipes.steering import (
+    Sampling,
     SteeringError,
     SteeringSpec,
     Term,
     _score,
     generate,
+    parse_positions,
     steer,
+    strength_presets,
     sweep,
 )
 
@@ -66,7 +69,7 @@ def test_explicit_positions_steer_exactly_those(setup, positions, expected):
     assert torch.allclose(diff[expected], 4.0 * saes[1].direction(5).expand(len(expected), -1), atol=1e-5)
 
 
-def manual_greedy(model, ids, n_new, layer, vector, mode):
+def manual_greedy(model, ids, n_new, layer, vector, mode, prompt_positions=None):
     """Reference without KV cache: recompute the whole sequence each step, steering positions by index."""
     n_prompt = ids.shape[1]
     layers = resolve_layers(model)
@@ -74,7 +77,7 @@ def manual_greedy(model, ids, n_new, layer, vector, mode):
     def hook(mod, args, out):
         mask = torch.zeros(out.shape[1], dtype=torch.bool)
         if mode in ("all", "prompt"):
-            mask[:n_prompt] = True
+            mask[list(range(n_prompt)) if prompt_positions is None else prompt_positions] = True
         if mode in ("all", "generated"):
             mask[n_prompt:] = True
         return _replace_residual(out, _residual(out) + mask[None, :, None] * vector)
@@ -100,6 +103,71 @@ def test_cached_generation_steers_the_right_positions(setup, mode):
                              pad_token_id=tok.eos_token_id)
     expected = manual_greedy(model, ids, n_new, 1, alpha * saes[1].direction(11), mode)
     assert out[0, ids.shape[1]:].tolist() == expected
+
+
+@pytest.mark.parametrize("mode", ["all", "prompt"])
+def test_prompt_positions_steer_those_prompt_tokens_and_under_all_every_generated_one(setup, mode):
+    """The official app's "0,2" with and without "steer generated tokens", against the uncached reference."""
+    model, tok, saes = setup
+    ids = ids_of(tok, "Once upon a time there")
+    vector = 3.0 * saes[1].direction(11)
+    spec = SteeringSpec.single(1, 11, 3.0, positions=mode, prompt_positions=[0, 2])
+    with steer(model, spec, saes):
+        out = greedy(model, tok, ids, n_new=10)
+    assert out == manual_greedy(model, ids, 10, 1, vector, mode, prompt_positions=[0, 2])
+    assert out != manual_greedy(model, ids, 10, 1, vector, mode)  # guard: the subset matters here
+
+
+def test_prompt_positions_past_the_prompt_are_refused(setup):
+    model, tok, saes = setup
+    n_prompt = ids_of(tok, "Hello there").shape[1]
+    spec = SteeringSpec.single(1, 1, 1.0, prompt_positions=[0, n_prompt])
+    with pytest.raises(SteeringError, match=f"prompt position {n_prompt} is past the prompt"):
+        generate(model, tok, "Hello there", spec, saes, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("all", "all"), (" generated ", "generated"), ("0,1,5", [0, 1, 5]),
+                                                ("3-7", [3, 4, 5, 6, 7]), ("5, 0-2,1", [0, 1, 2, 5])])
+def test_parse_positions(text, expected):
+    assert parse_positions(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "middle", "1,,2", "7-3", "-1", "1.5"])
+def test_unreadable_positions(text):
+    with pytest.raises(SteeringError, match="cannot be read; expected 'all'"):
+        parse_positions(text)
+
+
+def test_sampled_generation_equals_seeded_transformers_sampling(setup):
+    """Sampling draws both completions from the seed (α = 0: the same text) and leaves the global RNG alone."""
+    model, tok, saes = setup
+    ids = ids_of(tok, "Hello")
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    sampling = Sampling(temperature=1.5, top_p=0.9, seed=7)
+    result = generate(model, tok, "Hello", SteeringSpec.single(1, 11, 0.0), saes, max_new_tokens=8, sampling=sampling)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.manual_seed(7)
+    reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=True,
+                               temperature=1.5, top_p=0.9, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    assert result.steered.token_ids == result.unsteered.token_ids == reference
+    greedy_ids = generate(model, tok, "Hello", SteeringSpec.single(1, 11, 0.0), saes, max_new_tokens=8).unsteered
+    assert greedy_ids.token_ids != reference  # guard: sampling at 1.5 leaves the greedy path
+
+
+@pytest.mark.parametrize(("make", "message"), [(lambda: Sampling(temperature=0.0), "temperature=0.0"),
+                                               (lambda: Sampling(temperature=float("nan")), "temperature=nan"),
+                                               (lambda: Sampling(top_p=1.5), "top_p=1.5")])
+def test_bad_sampling(make, message):
+    with pytest.raises(SteeringError, match=message):
+        make()
+
+
+def test_strength_presets_follow_the_official_app():
+    assert strength_presets() == {"Light": 5.0, "Medium": 20.0, "Strong": 100.0}
+    assert strength_presets(-0.25) == {"Light": 0.125, "Medium": 0.5, "Strong": 2.5}
+    with pytest.raises(SteeringError, match="not a finite number"):
+        strength_presets(float("inf"))
 
 
 def greedy(model, tok, ids, n_new=6):
@@ -225,8 +293,8 @@ def test_sweep_generates_the_unsteered_completion_once(setup, monkeypatch):
     expected = {a: generate(model, tok, "Hello", SteeringSpec.single(2, 4, a, **spec_options), saes,
                             max_new_tokens=5, chat="no_thinking") for a in (0.0, 8.0, -8.0)}
     calls = []
-    real = steering._greedy
-    monkeypatch.setattr(steering, "_greedy", lambda *args: calls.append(1) or real(*args))
+    real = steering._continuation
+    monkeypatch.setattr(steering, "_continuation", lambda *args: calls.append(1) or real(*args))
     result = sweep(model, tok, "Hello", 2, 4, [0.0, 8.0, -8.0], saes, **options)
     assert len(calls) == 4  # 3 steered + 1 unsteered; generate() per alpha would take 6
     assert isinstance(result, steering.Sweep) and [r.alpha for r in result.rows] == [0.0, 8.0, -8.0]
@@ -260,6 +328,8 @@ def test_hooks_are_removed_when_the_body_raises(setup):
         (lambda: SteeringSpec(()), "at least one Term"),
         (lambda: SteeringSpec.single(1, 1, 1.0, positions="middle"), "positions='middle'"),
         (lambda: SteeringSpec.single(1, 1, 1.0, direction_norm="l2"), "direction_norm='l2'"),
+        (lambda: SteeringSpec.single(1, 1, 1.0, positions="generated", prompt_positions=[0]), "prompt_positions go"),
+        (lambda: SteeringSpec.single(1, 1, 1.0, prompt_positions=[]), r"prompt_positions=\[\]; expected"),
         (lambda: SteeringSpec.single(1, 1, float("nan")), "alpha=nan .* not a finite number"),
         (lambda: SteeringSpec.single(1, 1, float("-inf")), "alpha=-inf .* not a finite number"),
         (lambda: SteeringSpec((Term(1, 1, clamp=float("inf")),)), "clamp=inf .* not a finite number"),
