@@ -406,6 +406,12 @@ def _resolve(source: str | os.PathLike) -> Path | Release:
     return release(str(source))
 
 
+def layer_count(source: str | os.PathLike) -> int:
+    """How many layers a release has, or a folder's highest ``layer{n}.sae.pt`` plus one (0 for none)."""
+    target = _resolve(source)
+    return 1 + max(local_layers(target), default=-1) if isinstance(target, Path) else target.n_layers
+
+
 class SAECache:
     """A bounded LRU of loaded SAEs, by count and nominal bytes; concurrent requests share one load."""
 

@@ -379,3 +379,17 @@ def test_checksums_of_a_local_folder(tmp_path):
     sums.write_text("not a checksum line\n")
     with pytest.raises(QScopeError, match=r"line 1 is 'not a checksum line'; expected 'HASH  layerN\.sae\.pt'"):
         verify(tmp_path)
+
+
+def test_layer_count_of_a_folder_a_release_and_the_demo(tmp_path):
+    from qscope_plugin.catalogue import release
+    from qscope_plugin.errors import UnknownReleaseError
+    from qscope_plugin.store import DEMO_RELEASE, DEMO_SAE_DIR, layer_count, local_layers
+
+    for n in (0, 4):  # a gap: the count runs to the highest layer
+        write_sae_file(tmp_path / f"layer{n}.sae.pt", d_model=8, d_sae=16)
+    assert layer_count(tmp_path) == layer_count(str(tmp_path)) == 5
+    assert layer_count(DEMO_RELEASE) == len(local_layers(DEMO_SAE_DIR)) == 4
+    assert layer_count("qwen-scope-3-1.7b-base-w32k-l50") == release("qwen-scope-3-1.7b-base-w32k-l50").n_layers == 28
+    with pytest.raises(UnknownReleaseError):
+        layer_count("no-such-release")

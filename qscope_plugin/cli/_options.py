@@ -9,7 +9,6 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from qscope_plugin.catalogue import release
 from qscope_plugin.errors import QScopeError, feature_out_of_range, layer_out_of_range
 
 
@@ -63,11 +62,9 @@ def add_model_options(p: argparse.ArgumentParser, layers: bool = True) -> None:
 
 def load_saes(source: str, layers: str) -> dict:
     """``{layer: QwenScopeSAE}`` for ``--layers`` of a release name or SAE folder."""
-    from qscope_plugin.store import DEMO_RELEASE, DEMO_SAE_DIR, load_sae, local_layers
+    from qscope_plugin.store import layer_count, load_sae
 
-    folder = DEMO_SAE_DIR if source == DEMO_RELEASE else Path(source)
-    n_layers = 1 + max(local_layers(folder), default=-1) if folder.is_dir() else release(source).n_layers
-    return {n: load_sae(source, n) for n in parse_layers(layers, n_layers, subject=f"{source!r}")}
+    return {n: load_sae(source, n) for n in parse_layers(layers, layer_count(source), subject=f"{source!r}")}
 
 
 def load_backbone(args: argparse.Namespace):
