@@ -21,8 +21,13 @@ from typing import Literal, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from qscope_plugin.errors import QScopeError
 from qscope_plugin.recipes._harvest import TextCodes, check_texts, dense_codes, harvest
 from qscope_plugin.sae import QwenScopeSAE
+
+
+class ContrastError(QScopeError, ValueError):
+    """Contrast options that cannot be used."""
 
 
 class TokenFeatures(NamedTuple):
@@ -71,6 +76,13 @@ class ContrastOptions:
     drop_shared_tokens: bool = False
     """Drop positions whose token id occurs on both sides (the app's option)."""
     top_k: int = 5
+
+    def __post_init__(self) -> None:
+        for name, valid in (("method", ("mean", "rate")), ("pool", ("mean", "max")), ("rank_by", ("signed", "abs"))):
+            if getattr(self, name) not in valid:
+                raise ContrastError(f"{name}={getattr(self, name)!r}; expected one of {', '.join(map(repr, valid))}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ContrastError(f"top_k={self.top_k!r}; expected a whole number >= 1, e.g. 5")
 
 
 def _kept_positions(codes: list[TextCodes], other_side: list[TextCodes], all_codes: list[TextCodes],

@@ -6,7 +6,14 @@ from qscope_testing import qwen3_tokenizer, tiny_qwen3, tiny_saes
 
 from qscope_plugin.hooks import add_to_residual, capture_residual
 from qscope_plugin.recipes._harvest import EmptyInputError, dense_codes, harvest
-from qscope_plugin.recipes.discovery import ContrastOptions, analyze, contrast, contrast_codes, top_contexts
+from qscope_plugin.recipes.discovery import (
+    ContrastError,
+    ContrastOptions,
+    analyze,
+    contrast,
+    contrast_codes,
+    top_contexts,
+)
 
 TEXTS = ["The cat sat on the mat.", "你好，世界", "a", "Interpretability with sparse autoencoders is fun!"]
 
@@ -98,3 +105,12 @@ def test_empty_inputs_are_one_clear_error(setup):
         contrast(model, tok, [], ["x"], saes)
     with pytest.raises(EmptyInputError):
         analyze(model, tok, "   ", saes)
+
+
+@pytest.mark.parametrize(("options", "message"), [({"method": "median"}, "method='median'; expected one of 'mean'"),
+                                                  ({"pool": "sum"}, "pool='sum'"), ({"rank_by": "up"}, "rank_by='up'"),
+                                                  ({"top_k": 0}, "top_k=0; expected a whole number"),
+                                                  ({"top_k": 2.5}, "top_k=2.5")])
+def test_bad_contrast_options_are_refused_before_any_harvest(options, message):
+    with pytest.raises(ContrastError, match=message):
+        contrast(object(), None, ["a"], ["b"], {}, **options)  # never reaches the model
