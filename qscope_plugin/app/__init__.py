@@ -2,3 +2,5 @@
 
 Nothing here computes; it shows what `qscope_plugin.recipes` returns.
 """
+
+GRADIO_MISSING = "the web app needs Gradio; install the extra: pip install 'qscope-plugin[app]'"

@@ -88,6 +88,8 @@ class Explorer:
     tokenizer: object
     source: str
     texts: Sequence[str] = ()
+    model_name: str = "a model"
+    """How the page names the backbone."""
     n_layers: int = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -101,7 +103,8 @@ class Explorer:
         from qscope_plugin.models import default_model, default_release, load_model
 
         backbone, tokenizer = load_model(model or default_model(), device=device)
-        return cls(backbone, tokenizer, release or default_release(), texts)
+        name = "the embedded demo model" if model in (None, default_model()) else model
+        return cls(backbone, tokenizer, release or default_release(), texts, model_name=name)
 
     # -- shared checks ---------------------------------------------------------------------------------------
     def _layer(self, value: object) -> int:

@@ -48,8 +48,8 @@ def names(spec: str) -> list[str]:
     return [name.strip() for name in spec.split(",") if name.strip()]
 
 
-def add_model_options(p: argparse.ArgumentParser, layers: bool = True) -> None:
-    """``--model --release [--layers] --device --json``: every command that runs the backbone."""
+def add_model_options(p: argparse.ArgumentParser, layers: bool = True, json_output: bool = True) -> None:
+    """``--model --release [--layers] --device [--json]``: every command that runs the backbone."""
     from qscope_plugin.models import default_model, default_release
 
     p.add_argument("--model", default=default_model(), help="HF model folder or cached hub id (default: demo model)")
@@ -57,7 +57,8 @@ def add_model_options(p: argparse.ArgumentParser, layers: bool = True) -> None:
     if layers:
         p.add_argument("--layers", default="all", help="e.g. 14, 10-14 or all (default)")
     p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    if json_output:
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def load_saes(source: str, layers: str) -> dict:

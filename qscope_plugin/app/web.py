@@ -1,0 +1,139 @@
+"""``qscope app``: the local Gradio web app over an ``Explorer`` (Analyze, Compare, Steer, Feature).
+
+    >>> from qscope_plugin.app.explorer import Explorer
+    >>> from qscope_plugin.app.web import serve
+    >>> serve(Explorer.load(), port=7860)                 # the embedded demo on http://127.0.0.1:7860
+
+Presentation only: the layout and its wiring; every callback is an ``Explorer`` method. The page works with no
+internet: analytics and Gradio's update check are off, the theme uses system fonts (the default theme's web fonts
+would be fetched), and nothing is shared. Gradio is imported here only, and only ``qscope app`` imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from qscope_plugin.app import GRADIO_MISSING
+from qscope_plugin.app.explorer import MAX_NEW_TOKENS, PRESETS, Explorer
+from qscope_plugin.app.views import APP_CSS
+from qscope_plugin.errors import QScopeError
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio reads it at import
+try:
+    import gradio as gr
+except ImportError:  # pragma: no cover - exercised only without the extra
+    raise ImportError(GRADIO_MISSING) from None
+
+DEMO_TEXT = "今天早上我喝了一杯热茶，then I went to work."
+DEMO_PAIR = ("今天早上我喝了一杯热茶。", "This morning I drank a cup of hot tea.")
+DEMO_PROMPT = "今天早上"
+SYSTEM_FONTS = (["ui-sans-serif", "system-ui", "sans-serif"], ["ui-monospace", "Consolas", "monospace"])
+
+
+def _theme() -> gr.themes.Base:
+    sans, mono = SYSTEM_FONTS
+    return gr.themes.Default(font=sans, font_mono=mono)
+
+
+def _layer_box(explorer: Explorer, label: str, elem_id: str, value: int | None = None) -> gr.Number:
+    last = explorer.n_layers - 1
+    return gr.Number(value=last if value is None else value, label=f"{label} (0..{last})", elem_id=elem_id)
+
+
+def _run(button: gr.Button, fn: Callable, inputs: list, outputs: list, *submits: gr.Textbox) -> None:
+    """One callback on the button and on Enter in the given text boxes."""
+    gr.on([button.click, *(box.submit for box in submits)], fn, inputs, outputs)
+
+
+def _analyze_tab(explorer: Explorer) -> None:
+    text = gr.Textbox(DEMO_TEXT, label="Text", lines=3, elem_id="analyze-text")
+    with gr.Row():
+        layer = _layer_box(explorer, "Layer", "analyze-layer")
+        top = gr.Number(5, label="Top features per token", elem_id="analyze-top")
+    button = gr.Button("Analyze", variant="primary", elem_id="analyze-run")
+    status, table = gr.HTML(elem_id="analyze-status"), gr.HTML(elem_id="analyze-out")
+    _run(button, explorer.analyze, [text, layer, top], [table, status])
+
+
+def _compare_tab(explorer: Explorer, differences: gr.State) -> None:
+    with gr.Row():
+        text_a = gr.Textbox(DEMO_PAIR[0], label="Text A", lines=3, elem_id="compare-a")
+        text_b = gr.Textbox(DEMO_PAIR[1], label="Text B", lines=3, elem_id="compare-b")
+    with gr.Row():
+        first = _layer_box(explorer, "First layer", "compare-first", 0)
+        last = _layer_box(explorer, "Last layer", "compare-last")
+        top_k = gr.Number(5, label="Top-K per layer", elem_id="compare-top")
+        method = gr.Radio([("firing rate (official app)", "rate"), ("mean activation", "mean")], value="rate",
+                          label="Ranking", elem_id="compare-method")
+    with gr.Row():
+        exclude_first = gr.Checkbox(True, label="Exclude the first token", elem_id="compare-first-token")
+        drop_shared = gr.Checkbox(False, label="Drop tokens common to both texts", elem_id="compare-common-tokens")
+        drop_prefix = gr.Checkbox(False, label="Drop the common prefix", elem_id="compare-common-prefix")
+    button = gr.Button("Compare", variant="primary", elem_id="compare-run")
+    status, table = gr.HTML(elem_id="compare-status"), gr.HTML(elem_id="compare-out")
+    inputs = [text_a, text_b, first, last, top_k, method, exclude_first, drop_shared, drop_prefix, differences]
+    _run(button, explorer.compare, inputs, [table, differences, status])
+
+
+def _steer_tab(explorer: Explorer, differences: gr.State) -> None:
+    prompt = gr.Textbox(DEMO_PROMPT, label="Prompt", lines=2, elem_id="steer-prompt")
+    with gr.Row():
+        layer = _layer_box(explorer, "Layer", "steer-layer")
+        feature = gr.Number(0, label="Feature", elem_id="steer-feature")
+        preset = gr.Radio(list(PRESETS), value="Medium", label="Strength", elem_id="steer-preset")
+        custom = gr.Number(5.0, label="Custom strength α", elem_id="steer-alpha")
+    presets = gr.Markdown(explorer.presets_text(explorer.n_layers - 1, 0), elem_id="steer-presets")
+    with gr.Row():
+        norm = gr.Radio(["raw", "unit"], value="raw", label="Direction", elem_id="steer-norm")
+        positions = gr.Textbox("all", label="Prompt positions: all | 0,1,5 | 3-7", elem_id="steer-positions")
+        generated = gr.Checkbox(True, label="Steer generated tokens", elem_id="steer-generated")
+        new_tokens = gr.Number(24, label=f"New tokens (1..{MAX_NEW_TOKENS})", elem_id="steer-new-tokens")
+    with gr.Row():
+        decoding = gr.Radio(["greedy", "sampled"], value="greedy", label="Decoding", elem_id="steer-decoding")
+        temperature = gr.Number(1.0, label="Temperature", elem_id="steer-temperature")
+        top_p = gr.Number(0.95, label="Top-p", elem_id="steer-top-p")
+        seed = gr.Number(0, label="Seed", elem_id="steer-seed")
+    button = gr.Button("Steer", variant="primary", elem_id="steer-run")
+    status = gr.HTML(elem_id="steer-status")
+    with gr.Row():
+        steered, unsteered = gr.HTML(elem_id="steer-steered"), gr.HTML(elem_id="steer-unsteered")
+    gr.on([layer.change, feature.change, differences.change], explorer.presets_text, [layer, feature, differences],
+          presets)
+    inputs = [prompt, layer, feature, preset, custom, norm, positions, generated, decoding, temperature, top_p, seed,
+              new_tokens, differences]
+    _run(button, explorer.steer, inputs, [steered, unsteered, status], prompt)
+
+
+def build_app(explorer: Explorer) -> gr.Blocks:
+    """The four tabs over ``explorer``; launch it with ``serve`` (or ``launch(theme=..., css=APP_CSS)``)."""
+    with gr.Blocks(title="qscope app", analytics_enabled=False) as app:
+        gr.Markdown(f"## Qwen-Scope feature explorer\nSAEs `{explorer.source}` ({explorer.n_layers} layers) on "
+                    f"`{explorer.model_name}`.", elem_id="app-header")
+        differences = gr.State({})
+        with gr.Tabs():
+            with gr.Tab("Analyze", id="analyze"):
+                _analyze_tab(explorer)
+            with gr.Tab("Compare", id="compare"):
+                _compare_tab(explorer, differences)
+            with gr.Tab("Steer", id="steer"):
+                _steer_tab(explorer, differences)
+    return app
+
+
+def serve(explorer: Explorer, *, host: str = "127.0.0.1", port: int = 7860,
+          announce: Callable[[str], None] = print, block: bool = True) -> gr.Blocks:
+    """Serve the app on ``host:port`` (this machine only by default) and ``announce`` its URL once it answers.
+
+    ``block=False`` returns the running app (``app.close()`` stops it), for tests and notebooks.
+    """
+    app = build_app(explorer)
+    try:
+        app.launch(server_name=host, server_port=port, share=False, quiet=True, prevent_thread_lock=True,
+                   theme=_theme(), css=APP_CSS, footer_links=[])
+    except OSError as e:  # the port is taken, or the host is not an address of this machine
+        raise QScopeError(f"cannot serve on {host}:{port} ({e}); pass a free --port, e.g. --port 7861") from None
+    announce(app.local_url)
+    if block:
+        app.block_thread()
+    return app
