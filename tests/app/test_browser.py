@@ -1,0 +1,229 @@
+"""`qscope app` in a real headless Chromium: the command runs in a subprocess on the demo, the browser drives it.
+
+One server and one browser for the module. After every test: no SEVERE entry in the browser console, no request
+leaving 127.0.0.1 (the page must work offline), no traceback or Gradio error toast on the page. Screenshots go to
+the test's temporary folder. Skipped when chromium / chromedriver are absent, unless QSCOPE_REQUIRE_BROWSER=1
+(CI), where their absence fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from qscope_plugin.models import DEMO_MODEL_DIR
+
+REQUIRED = os.environ.get("QSCOPE_REQUIRE_BROWSER") == "1"
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+CHROMEDRIVER = shutil.which("chromedriver")
+CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+                "--window-size=1400,1100")
+START_TIMEOUT, ANSWER_TIMEOUT = 180, 60
+
+
+def _missing() -> str | None:
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        return "chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver)"
+    for module, extra in (("selenium", "dev"), ("gradio", "app")):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} is not installed (pip install 'qscope-plugin[{extra}]')"
+    if not DEMO_MODEL_DIR.is_dir():
+        return "the demo assets are not built"
+    return None
+
+
+if (why := _missing()) is not None:
+    if REQUIRED:
+        raise RuntimeError(f"QSCOPE_REQUIRE_BROWSER=1 but {why}")
+    pytest.skip(why, allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`qscope app` on the demo, as a user runs it; its output lines go to a queue (the URL is one of them)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
+    proc = subprocess.Popen([sys.executable, "-m", "qscope_plugin.cli", "app", "--port", str(_free_port())],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    yield proc, lines
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser(server, tmp_path_factory):
+    """Started while the server loads: the two take turns on the CPUs instead of one after the other."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROME_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def app_url(server) -> str:
+    proc, lines = server
+    seen = []
+    while True:
+        try:
+            line = lines.get(timeout=START_TIMEOUT)
+        except queue.Empty:
+            pytest.fail(f"`qscope app` printed no URL in {START_TIMEOUT} s; it printed: {''.join(seen)}")
+        seen.append(line)
+        if found := re.search(r"serving on (http://127\.0\.0\.1:\d+/?)", line):
+            return found[1]
+        if proc.poll() is not None and lines.empty():
+            pytest.fail(f"`qscope app` exited with status {proc.returncode}: {''.join(seen)}")
+
+
+@pytest.fixture
+def page(browser, app_url, tmp_path):
+    """The app, freshly loaded; afterwards the checks every test shares."""
+    browser.get(app_url)
+    WebDriverWait(browser, ANSWER_TIMEOUT).until(lambda d: d.find_elements(By.ID, "analyze-run"))
+    yield browser
+    browser.save_screenshot(str(tmp_path / "last.png"))
+    _assert_clean(browser)
+
+
+def _assert_clean(driver) -> None:
+    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, f"browser console errors: {severe}"
+    outside = set()
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            url = message["params"]["request"]["url"]
+            if url.startswith(("http:", "https:", "ws:", "wss:")) and not re.match(r"\w+://127\.0\.0\.1[:/]", url):
+                outside.add(url)
+    assert not outside, f"the page fetched from outside this machine: {sorted(outside)}"
+    text = driver.find_element(By.TAG_NAME, "body").text
+    assert "Traceback" not in text and not driver.find_elements(By.CSS_SELECTOR, ".toast-body.error"), text[:2000]
+
+
+def _tab(driver, name: str) -> None:
+    driver.find_element(By.XPATH, f"//button[@role='tab' and normalize-space()='{name}']").click()
+
+
+def _type(driver, css: str, text: str) -> None:
+    """Replace a field's content the way a user does (select all, delete, type), so Gradio sees input events."""
+    field = driver.find_element(By.CSS_SELECTOR, css)
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(Keys.DELETE)
+    if text:
+        field.send_keys(text)
+
+
+def _click_and_wait(driver, button_id: str, done) -> None:
+    driver.find_element(By.ID, button_id).click()
+    WebDriverWait(driver, ANSWER_TIMEOUT).until(done)
+
+
+def _rows(driver, css: str) -> list[list[str]]:
+    return [[cell.get_attribute("textContent") for cell in row.find_elements(By.TAG_NAME, "td")]
+            for row in driver.find_elements(By.CSS_SELECTOR, f"{css} tbody tr")]
+
+
+def _status(driver, prefix: str) -> str:
+    """The message in a tab's status, or "" (Gradio's progress timer also shows there while a request runs)."""
+    return " ".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, f"#{prefix}-status .qs-error"))
+
+
+def test_analyze_a_text(page, tmp_path):
+    text = "This morning I drank a cup of hot tea."
+    _type(page, "#analyze-text textarea", text)
+    _type(page, "#analyze-layer input", "2")
+    _click_and_wait(page, "analyze-run", lambda d: d.find_elements(By.CSS_SELECTOR, "#analyze-out tbody tr"))
+    rows = _rows(page, "#analyze-out")
+    assert [int(r[0]) for r in rows] == list(range(len(rows))) and "".join(r[1] for r in rows) == text
+    chips = page.find_elements(By.CSS_SELECTOR, "#analyze-out tbody tr:first-child [data-feature]")
+    assert 1 <= len(chips) <= 5 and all(re.fullmatch(r"\d+: \d+\.\d\d", c.text) for c in chips)
+    assert _status(page, "analyze") == ""
+    page.save_screenshot(str(tmp_path / "analyze.png"))
+
+
+def test_compare_two_texts(page, tmp_path):
+    _tab(page, "Compare")
+    _type(page, "#compare-a textarea", "我今天早上喝了一杯热茶。")
+    _type(page, "#compare-b textarea", "This morning I drank a cup of hot tea.")
+    _type(page, "#compare-top input", "3")
+    page.find_element(By.CSS_SELECTOR, "#compare-common-tokens input").click()
+    _click_and_wait(page, "compare-run", lambda d: d.find_elements(By.CSS_SELECTOR, "#compare-out tbody tr"))
+    rows = _rows(page, "#compare-out")
+    assert [int(r[0]) for r in rows] == [layer for layer in range(4) for _ in range(3)]  # top 3 of layers 0..3
+    for layer in range(4):
+        scores = [abs(float(r[5])) for r in rows if int(r[0]) == layer]
+        assert scores == sorted(scores, reverse=True)  # ranked by |A − B|
+    assert all(float(r[5]) == pytest.approx(float(r[3]) - float(r[4]), abs=2e-3) for r in rows)
+    page.save_screenshot(str(tmp_path / "compare.png"))
+
+
+def test_steer_changes_the_output_and_shows_probabilities_and_candidates(page, tmp_path):
+    _tab(page, "Steer")
+    _type(page, "#steer-prompt textarea", "The weather today is")
+    _type(page, "#steer-layer input", "3")
+    _type(page, "#steer-feature input", "28")
+    page.find_element(By.CSS_SELECTOR, "[data-testid='Strong-radio-label']").click()
+    _type(page, "#steer-new-tokens input", "12")
+    _click_and_wait(page, "steer-run", lambda d: d.find_elements(By.CSS_SELECTOR, "#steer-unsteered tbody tr"))
+    steered, unsteered = _rows(page, "#steer-steered"), _rows(page, "#steer-unsteered")
+    assert [r[1] for r in steered] != [r[1] for r in unsteered]
+    assert "α = 100" in page.find_element(By.ID, "steer-steered").text
+    for rows in (steered, unsteered):
+        assert 0 < len(rows) <= 12
+        for _step, _token, prob, candidates in rows:
+            assert 0 < float(prob) <= 1
+            assert len(re.findall(r"\d\.\d{3}", candidates)) == 10  # the top-10 candidates, each with its p
+    page.save_screenshot(str(tmp_path / "steer.png"))
+
+
+def test_bad_input_shows_a_message_and_the_app_keeps_answering(page, tmp_path):
+    _type(page, "#analyze-text textarea", "")
+    _click_and_wait(page, "analyze-run", lambda d: _status(d, "analyze"))
+    assert "no texts given" in _status(page, "analyze")
+    assert not page.find_elements(By.CSS_SELECTOR, "#analyze-out tbody tr")
+    page.save_screenshot(str(tmp_path / "empty-text.png"))
+    _type(page, "#analyze-layer input", "9")
+    _type(page, "#analyze-text textarea", "hello")
+    _click_and_wait(page, "analyze-run", lambda d: "layer 9" in _status(d, "analyze"))
+    assert "4 layers: 0..3" in _status(page, "analyze")
+    _type(page, "#analyze-layer input", "1")
+    _click_and_wait(page, "analyze-run", lambda d: d.find_elements(By.CSS_SELECTOR, "#analyze-out tbody tr"))
+    assert _status(page, "analyze") == "" and "".join(r[1] for r in _rows(page, "#analyze-out")) == "hello"
+
+    _tab(page, "Steer")
+    _type(page, "#steer-positions textarea", "7-3")
+    _click_and_wait(page, "steer-run", lambda d: _status(d, "steer"))
+    assert "positions '7-3' cannot be read" in _status(page, "steer")
