@@ -5,5 +5,6 @@ goes through ``qscope_plugin.backends`` and every texts -> SAE codes pass throug
 """
 
 from qscope_plugin.recipes._harvest import LastFeatures, MaxActivations, TextCodes, harvest
+from qscope_plugin.recipes.inspection import FeatureCard, feature_cards
 
-__all__ = ["LastFeatures", "MaxActivations", "TextCodes", "harvest"]
+__all__ = ["FeatureCard", "LastFeatures", "MaxActivations", "TextCodes", "feature_cards", "harvest"]
