@@ -19,9 +19,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from html import escape
 
+from qscope_plugin.app.dashboard import card_html
 from qscope_plugin.app.views import analysis_html, comparison_html, completion_html
 from qscope_plugin.errors import QScopeError, feature_out_of_range, layer_out_of_range
 from qscope_plugin.recipes.discovery import analyze, contrast
+from qscope_plugin.recipes.inspection import feature_cards
 from qscope_plugin.recipes.steering import Sampling, SteeringSpec, generate, parse_positions, strength_presets
 from qscope_plugin.store import layer_count, load_sae
 
@@ -80,9 +82,26 @@ def _real(value: object, what: str) -> float:
     return float(value)
 
 
+def demo_texts() -> list[str]:
+    """The demo's own sentences (Chinese, English and mixed): the Feature tab's texts when no --data is given."""
+    from qscope_plugin.demo.run import PROMPTS, SENTENCES
+
+    return [t for group in (PROMPTS, SENTENCES) for key, lines in group.items() if key != "_about" for t in lines]
+
+
+def load_texts(source: str, *, column: str = "text", limit: int | None = None) -> list[str]:
+    """The ``column`` of a local file or cached hub dataset (``recipes.data.load_table``), as strings."""
+    from qscope_plugin.recipes.data import load_table
+
+    table = load_table(source, limit=limit)
+    if column not in table.column_names:
+        raise AppInputError(f"data {source!r} has no column {column!r}; pass one of {table.column_names}")
+    return [str(t) for t in table[column]]
+
+
 @dataclass
 class Explorer:
-    """A backbone, an SAE source (release name or folder) and the texts the Feature tab reads."""
+    """A backbone, an SAE source (release name or folder) and the texts the Feature tab reads (its cards)."""
 
     model: object
     tokenizer: object
@@ -99,12 +118,13 @@ class Explorer:
     @classmethod
     def load(cls, model: str | None = None, release: str | None = None, *, device: str | None = None,
              texts: Sequence[str] = ()) -> Explorer:
-        """Load a backbone folder or cached hub id on ``device``; defaults: the embedded demo model and SAEs."""
+        """Load a backbone folder or cached hub id on ``device``; defaults: the embedded demo model, its SAEs and
+        its sentences."""
         from qscope_plugin.models import default_model, default_release, load_model
 
         backbone, tokenizer = load_model(model or default_model(), device=device)
         name = "the embedded demo model" if model in (None, default_model()) else model
-        return cls(backbone, tokenizer, release or default_release(), texts, model_name=name)
+        return cls(backbone, tokenizer, release or default_release(), texts or demo_texts(), model_name=name)
 
     # -- shared checks ---------------------------------------------------------------------------------------
     def _layer(self, value: object) -> int:
@@ -194,6 +214,17 @@ class Explorer:
         if preset not in presets:
             raise AppInputError(f"strength preset {preset!r}; expected one of {', '.join(PRESETS)}")
         return presets[preset]
+
+    @shows_errors(blank=1)
+    def feature(self, layer: object, feature: object) -> tuple[str, str]:
+        """Feature: the card of one feature over the app's texts (contexts, histogram, logit effects, co-firing)."""
+        layer = self._layer(layer)
+        feature = self._feature(feature, layer)
+        sae = self._saes([layer])[layer]
+        with self._lock:
+            (card,) = feature_cards(self.model, self.tokenizer, self.texts, sae, [feature], layer=layer,
+                                    progress=False)
+        return card_html(card), ""
 
     @staticmethod
     def _positions(text: str, steer_generated: bool) -> Mapping[str, object]:

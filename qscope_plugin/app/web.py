@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 
 from qscope_plugin.app import GRADIO_MISSING
+from qscope_plugin.app.dashboard import CARD_CSS
 from qscope_plugin.app.explorer import MAX_NEW_TOKENS, PRESETS, Explorer
 from qscope_plugin.app.views import APP_CSS
 from qscope_plugin.errors import QScopeError
@@ -28,6 +29,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 DEMO_TEXT = "今天早上我喝了一杯热茶，then I went to work."
 DEMO_PAIR = ("今天早上我喝了一杯热茶。", "This morning I drank a cup of hot tea.")
 DEMO_PROMPT = "今天早上"
+PAGE_CSS = APP_CSS + CARD_CSS
 SYSTEM_FONTS = (["ui-sans-serif", "system-ui", "sans-serif"], ["ui-monospace", "Consolas", "monospace"])
 
 
@@ -105,8 +107,19 @@ def _steer_tab(explorer: Explorer, differences: gr.State) -> None:
     _run(button, explorer.steer, inputs, [steered, unsteered, status], prompt)
 
 
+def _feature_tab(explorer: Explorer) -> None:
+    gr.Markdown(f"The card of one feature over the app's {len(explorer.texts)} texts: top-activating contexts, "
+                "activation histogram, the tokens its decoder direction promotes and suppresses, co-firing features.")
+    with gr.Row():
+        layer = _layer_box(explorer, "Layer", "feature-layer")
+        feature = gr.Number(0, label="Feature", elem_id="feature-id")
+    button = gr.Button("Show card", variant="primary", elem_id="feature-run")
+    status, card = gr.HTML(elem_id="feature-status"), gr.HTML(elem_id="feature-card")
+    _run(button, explorer.feature, [layer, feature], [card, status])
+
+
 def build_app(explorer: Explorer) -> gr.Blocks:
-    """The four tabs over ``explorer``; launch it with ``serve`` (or ``launch(theme=..., css=APP_CSS)``)."""
+    """The four tabs over ``explorer``; launch it with ``serve`` (or ``launch(theme=..., css=PAGE_CSS)``)."""
     with gr.Blocks(title="qscope app", analytics_enabled=False) as app:
         gr.Markdown(f"## Qwen-Scope feature explorer\nSAEs `{explorer.source}` ({explorer.n_layers} layers) on "
                     f"`{explorer.model_name}`.", elem_id="app-header")
@@ -118,6 +131,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 _compare_tab(explorer, differences)
             with gr.Tab("Steer", id="steer"):
                 _steer_tab(explorer, differences)
+            with gr.Tab("Feature", id="feature"):
+                _feature_tab(explorer)
     return app
 
 
@@ -130,7 +145,7 @@ def serve(explorer: Explorer, *, host: str = "127.0.0.1", port: int = 7860,
     app = build_app(explorer)
     try:
         app.launch(server_name=host, server_port=port, share=False, quiet=True, prevent_thread_lock=True,
-                   theme=_theme(), css=APP_CSS, footer_links=[])
+                   theme=_theme(), css=PAGE_CSS, footer_links=[])
     except OSError as e:  # the port is taken, or the host is not an address of this machine
         raise QScopeError(f"cannot serve on {host}:{port} ({e}); pass a free --port, e.g. --port 7861") from None
     announce(app.local_url)

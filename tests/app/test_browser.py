@@ -227,3 +227,56 @@ def test_bad_input_shows_a_message_and_the_app_keeps_answering(page, tmp_path):
     _type(page, "#steer-positions textarea", "7-3")
     _click_and_wait(page, "steer-run", lambda d: _status(d, "steer"))
     assert "positions '7-3' cannot be read" in _status(page, "steer")
+
+
+def test_open_a_feature_card(page, tmp_path):
+    _tab(page, "Feature")
+    _type(page, "#feature-layer input", "3")
+    _type(page, "#feature-id input", "28")
+    _click_and_wait(page, "feature-run", lambda d: d.find_elements(By.CSS_SELECTOR, "#feature-card [data-card]"))
+    card = page.find_element(By.CSS_SELECTOR, "#feature-card [data-card]")
+    assert card.get_attribute("data-card") == "28" and "Layer 3 · feature 28" in card.text
+    assert re.search(r"density \d+\.\d+% \(\d+ of \d+ tokens\)", card.text)
+    peaks = page.find_elements(By.CSS_SELECTOR, "#feature-card .qs-peak")
+    assert peaks and all(float(p.get_attribute("data-act")) > 0 for p in peaks)
+    assert page.find_elements(By.CSS_SELECTOR, "#feature-card svg.qs-hist rect")
+    page.save_screenshot(str(tmp_path / "feature.png"))
+    _type(page, "#feature-id input", "1536")
+    _click_and_wait(page, "feature-run", lambda d: _status(d, "feature"))
+    assert "1536 features: 0..1535" in _status(page, "feature")
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory) -> tuple[str, list[int]]:
+    """A dashboard of the demo's layer-3 features written by ``write_dashboard``, and its features in order."""
+    from qscope_plugin.app.dashboard import write_dashboard
+    from qscope_plugin.demo.run import SENTENCES
+    from qscope_plugin.models import load_model
+    from qscope_plugin.recipes.inspection import feature_cards
+    from qscope_plugin.store import DEMO_RELEASE, load_sae
+
+    model, tok = load_model(str(DEMO_MODEL_DIR))
+    cards = feature_cards(model, tok, SENTENCES["zh"] + SENTENCES["en"], load_sae(DEMO_RELEASE, 3), top=12, layer=3,
+                          progress=False)
+    path = write_dashboard(tmp_path_factory.mktemp("dashboard") / "dashboard.html", cards, title="demo layer 3")
+    return path.as_uri(), [c.feature for c in cards]
+
+
+def test_static_dashboard_from_disk_finds_a_feature(browser, dashboard, tmp_path):
+    uri, features = dashboard
+    browser.get(uri)
+    WebDriverWait(browser, ANSWER_TIMEOUT).until(lambda d: d.find_elements(By.ID, "feature-search"))
+
+    def shown(css: str) -> list[str]:
+        return [e.get_attribute("data-feature") or e.get_attribute("data-card")
+                for e in browser.find_elements(By.CSS_SELECTOR, css) if e.is_displayed()]
+
+    assert shown("#feature-list [data-feature]") == [str(f) for f in features]
+    wanted = str(features[5])
+    _type(browser, "#feature-search", wanted)
+    WebDriverWait(browser, ANSWER_TIMEOUT).until(lambda d: len(shown("#feature-list [data-feature]")) == 1)
+    assert shown("#feature-list [data-feature]") == [wanted] and shown("[data-card]") == [wanted]
+    browser.save_screenshot(str(tmp_path / "dashboard-search.png"))
+    _type(browser, "#feature-search", "")
+    WebDriverWait(browser, ANSWER_TIMEOUT).until(lambda d: len(shown("#feature-list [data-feature]")) == len(features))
+    _assert_clean(browser)
