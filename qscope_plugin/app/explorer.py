@@ -86,7 +86,8 @@ def demo_texts() -> list[str]:
     """The demo's own sentences (Chinese, English and mixed): the Feature tab's texts when no --data is given."""
     from qscope_plugin.demo.run import PROMPTS, SENTENCES
 
-    return [t for group in (PROMPTS, SENTENCES) for key, lines in group.items() if key != "_about" for t in lines]
+    groups = [lines for group in (PROMPTS, SENTENCES) for key, lines in group.items() if key != "_about"]
+    return [t for lines in groups for t in ([lines] if isinstance(lines, str) else lines)]
 
 
 def load_texts(source: str, *, column: str = "text", limit: int | None = None) -> list[str]:

@@ -1,0 +1,176 @@
+"""The callbacks behind the app's tabs (``Explorer``), without a browser, on the embedded demo.
+
+What a tab shows is checked against a direct computation: hooks and the SAE for Analyze and Compare, the steering
+recipe for Steer, the card recipe for Feature. Bad input must come back as a message, never as an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from qscope_plugin.app.dashboard import card_html
+from qscope_plugin.app.explorer import AppInputError, Explorer, demo_texts, load_texts
+from qscope_plugin.app.views import completion_html
+from qscope_plugin.hooks import capture_residual
+from qscope_plugin.models import DEMO_MODEL_DIR
+from qscope_plugin.recipes.inspection import feature_cards
+from qscope_plugin.recipes.steering import Sampling, SteeringSpec, generate
+from qscope_plugin.store import DEMO_RELEASE, load_sae
+
+pytestmark = pytest.mark.skipif(not DEMO_MODEL_DIR.is_dir(), reason="demo assets not built")
+
+TEXT_A, TEXT_B = "我今天早上喝了一杯热茶。", "This morning I drank a cup of hot tea."
+
+
+@pytest.fixture(scope="module")
+def explorer() -> Explorer:
+    return Explorer.load(texts=demo_texts()[:40])
+
+
+def dense_codes(explorer: Explorer, text: str, layer: int) -> tuple[list[int], torch.Tensor]:
+    """Token ids and ``(T, d_sae)`` codes of ``text`` at ``layer``: one hooked forward and the SAE, by hand."""
+    ids = explorer.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad(), capture_residual(explorer.model, layer) as acts:
+        explorer.model(ids)
+    return ids[0].tolist(), load_sae(DEMO_RELEASE, layer).encode(acts[layer][0]).float()
+
+
+def test_analyze_shows_each_tokens_strongest_features(explorer):
+    text = "This morning I drank a cup of hot tea."
+    table, status = explorer.analyze(text, 2, 4)
+    assert status == ""
+    rows = re.findall(r"<tr><td class=\"num\">(\d+)</td>.*?</tr>", table)
+    _, z = dense_codes(explorer, text, 2)
+    assert [int(r) for r in rows] == list(range(z.shape[0]))
+    for row, codes in zip(re.findall(r"<tr><td class=\"num\">\d+</td>(.*?)</tr>", table), z, strict=True):
+        shown = [(int(f), float(v)) for f, v in re.findall(r'data-feature="(\d+)">\d+: ([\d.]+)<', row)]
+        top = codes.topk(4)
+        assert [f for f, _ in shown] == top.indices.tolist()
+        assert [v for _, v in shown] == pytest.approx(top.values.tolist(), abs=5e-3)
+
+
+def test_compare_ranks_by_the_official_firing_rate_difference(explorer):
+    """(R2) by hand: first token and tokens common to both texts dropped, rates over what is left, |A − B|."""
+    table, found, status = explorer.compare(TEXT_A, TEXT_B, 1, 3, 4, "rate", True, True, False, {})
+    assert status == "" and "firing rate, text A" in table
+    for layer in (1, 2, 3):
+        (ids_a, z_a), (ids_b, z_b) = dense_codes(explorer, TEXT_A, layer), dense_codes(explorer, TEXT_B, layer)
+        shared = set(ids_a) & set(ids_b)
+        rate = [(z[[t for t in range(1, len(ids)) if ids[t] not in shared]] > 0).float().mean(0)
+                for ids, z in ((ids_a, z_a), (ids_b, z_b))]
+        diff = rate[0] - rate[1]
+        mine = {f: d for (n, f), d in found.items() if n == layer}
+        assert len(mine) == 4
+        assert sorted(abs(d) for d in mine.values()) == pytest.approx(sorted(diff.abs().topk(4).values.tolist()))
+        assert all(d == pytest.approx(float(diff[f])) for f, d in mine.items())
+
+
+def test_steer_equals_the_recipe_and_uses_presets_calibrated_by_compare(explorer):
+    _, found, _ = explorer.compare(TEXT_A, TEXT_B, 3, 3, 3, "rate", True, False, False, {})
+    (layer, feature), r = next(iter(found.items()))
+    assert f"r = {r:+.4g}" in explorer.presets_text(layer, feature, found)
+    steered, unsteered, status = explorer.steer("今天早上", layer, feature, "Medium", differences=found,
+                                                max_new_tokens=8)
+    assert status == ""
+    saes = {layer: load_sae(DEMO_RELEASE, layer)}
+    direct = generate(explorer.model, explorer.tokenizer, "今天早上", SteeringSpec.single(layer, feature, 2 * abs(r)),
+                      saes, max_new_tokens=8, top_alternatives=10)
+    assert steered == completion_html(f"Steered (α = {2 * abs(r):.4g}, raw direction)", direct.steered)
+    assert unsteered == completion_html("Unsteered", direct.unsteered)
+    strong, plain, _ = explorer.steer("今天早上", layer, feature, "Strong", max_new_tokens=8)  # no Compare: α = 100
+    assert "α = 100," in strong and strong.split("</h4>")[1] != plain.split("</h4>")[1]
+
+
+def test_positions_and_sampling_reach_the_recipe(explorer):
+    prompt, layer, feature = "今天早上我", 3, 28
+    saes = {layer: load_sae(DEMO_RELEASE, layer)}
+    steered, _, status = explorer.steer(prompt, layer, feature, "Custom", 60.0, "unit", "0-1", False, "sampled",
+                                        0.8, 0.9, 5, 6)
+    assert status == ""
+    spec = SteeringSpec.single(layer, feature, 60.0, direction_norm="unit", positions="prompt", prompt_positions=[0, 1])
+    direct = generate(explorer.model, explorer.tokenizer, prompt, spec, saes, max_new_tokens=6, top_alternatives=10,
+                      sampling=Sampling(0.8, 0.9, 5))
+    assert steered == completion_html("Steered (α = 60, unit direction)", direct.steered)
+
+
+@pytest.mark.parametrize(("text", "generated", "expected"), [
+    ("all", True, {"positions": "all"}),
+    ("all", False, {"positions": "prompt"}),
+    ("0,1,5", True, {"positions": "all", "prompt_positions": [0, 1, 5]}),
+    (" 3-5 ", False, {"positions": "prompt", "prompt_positions": [3, 4, 5]}),
+    ("generated", True, {"positions": "generated"}),
+])
+def test_positions_box(text, generated, expected):
+    assert Explorer._positions(text, generated) == expected
+
+
+def test_feature_card_equals_the_card_recipe(explorer):
+    card, status = explorer.feature(2, 100)
+    assert status == ""
+    (direct,) = feature_cards(explorer.model, explorer.tokenizer, explorer.texts, load_sae(DEMO_RELEASE, 2), [100],
+                              layer=2, progress=False)
+    assert card == card_html(direct) and 'data-card="100"' in card
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda e: e.analyze("", 3), "no texts given"),
+    (lambda e: e.analyze("hi", 4), r"layer 4 is out of range .*\(4 layers: 0..3\)"),
+    (lambda e: e.analyze("hi", -1), "layer -1 is out of range"),
+    (lambda e: e.analyze("hi", 1.5), "layer 1.5 is out of range"),
+    (lambda e: e.analyze("hi", None), "layer None is out of range"),
+    (lambda e: e.analyze("hi", 3, 0), "top features per token 0 cannot be used"),
+    (lambda e: e.steer("hi", 3, 1536), r"feature 1536 is out of range .*\(1536 features: 0..1535\)"),
+    (lambda e: e.steer("hi", 3, 5, "Custom", float("nan")), "alpha=nan .* not a finite number"),
+    (lambda e: e.steer("hi", 3, 5, "Custom", float("inf")), "alpha=inf .* not a finite number"),
+    (lambda e: e.steer("hi", 3, 5, "Custom", None), "custom strength None is not a number"),
+    (lambda e: e.steer("hi", 3, 5, "Huge"), "strength preset 'Huge'; expected one of Light"),
+    (lambda e: e.steer("hi", 3, 5, positions="7-3"), "positions '7-3' cannot be read"),
+    (lambda e: e.steer("hi", 3, 5, positions="0,9"), "prompt position 9 is past the prompt"),
+    (lambda e: e.steer("hi", 3, 5, positions="generated", steer_generated=False), "steers nothing"),
+    (lambda e: e.steer("hi", 3, 5, decoding="beam"), "decoding 'beam'"),
+    (lambda e: e.steer("hi", 3, 5, decoding="sampled", temperature=0.0), "temperature=0.0"),
+    (lambda e: e.steer("hi", 3, 5, max_new_tokens=0), "new tokens 0 cannot be used"),
+    (lambda e: e.steer("", 3, 5), "no prompt given"),
+    (lambda e: e.feature(3, -2), "feature -2 is out of range"),
+])
+def test_bad_input_is_a_message_in_the_page(explorer, call, message):
+    *outputs, status = call(explorer)
+    assert all(out == "" for out in outputs)
+    assert status.startswith('<div class="qs-error" role="alert">⚠ ')
+    assert re.search(message, status.replace("&#x27;", "'")), status
+
+
+def test_a_bad_compare_keeps_the_calibration_it_had(explorer):
+    before = {(3, 28): 0.5}
+    for args in ((TEXT_A, TEXT_B, 3, 1), (TEXT_A, "", 0, 3), (TEXT_A, TEXT_B, 0, 3, 0), (TEXT_A, TEXT_B, 0, 9)):
+        table, kept, status = explorer.compare(*args, differences=before)
+        assert table == "" and kept == before and "qs-error" in status
+    assert "run backwards" in explorer.compare(TEXT_A, TEXT_B, 3, 1)[2]
+
+
+def test_presets_without_compare_are_the_official_apps(explorer):
+    assert explorer.presets_text(3, 28).startswith("Presets: Light 5 · Medium 20 · Strong 100 (the official")
+    assert "Light 0.25 · Medium 1 · Strong 5 " in explorer.presets_text(3.0, 28, {(3, 28): -0.5})
+    assert "Light 5 " in explorer.presets_text(None, "x", {(3, 28): -0.5})  # an unfinished field: the defaults
+
+
+def test_a_bug_is_not_swallowed(explorer, monkeypatch):
+    """Only the plugin's input errors become messages; anything else propagates (Gradio reports it)."""
+    from qscope_plugin.app import explorer as module
+
+    monkeypatch.setattr(module, "analyze", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        explorer.analyze("hi", 3)
+
+
+def test_texts_of_a_file(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"body": t}) + "\n" for t in ("one", "two", "three")), encoding="utf-8")
+    assert load_texts(str(path), column="body", limit=2) == ["one", "two"]
+    with pytest.raises(AppInputError, match=r"has no column 'text'; pass one of \['body'\]"):
+        load_texts(str(path))
+    assert len(demo_texts()) > 100 and all(t.strip() for t in demo_texts())
