@@ -21,7 +21,7 @@ APP_CSS = """
 .qs-chip { display: inline-block; margin: 1px 3px; padding: 0 4px; border-radius: 4px; background: #eef2ff; }
 .qs-token { white-space: pre-wrap; border-radius: 3px; padding: 0 1px; }
 .qs-text { line-height: 1.9; margin: 0.3em 0 0.8em; }
-.qs-alt { color: #555; }
+.qs-alt { color: #444; background: #f3f4f6; white-space: pre; }
 """
 """Styles of the app's tables and token strips (passed to Gradio's ``launch(css=...)``)."""
 
@@ -72,7 +72,7 @@ def completion_html(title: str, completion: Completion) -> str:
         + escape(" | ".join(f"{a!r} {p:.3f}" for a, p in t.alternatives)) + f'">{_token(t.token)}</span>'
         for t in completion.tokens)
     rows = [[str(step), f'<span class="qs-token">{_token(t.token)}</span>', f"{t.prob:.3f}",
-             '<span class="qs-alt">' + " ".join(f"{_token(a)}&nbsp;{p:.3f}" for a, p in t.alternatives) + "</span>"]
+             "".join(f'<span class="qs-chip qs-alt">{_token(a)}&nbsp;{p:.3f}</span>' for a, p in t.alternatives)]
             for step, t in enumerate(completion.tokens)]
     table = _table(["step", "token", "p", "top candidates"], rows, numeric={0, 2})
     return f"<h4>{escape(title)}</h4><div class=\"qs-text\">{strip or '<em>(nothing generated)</em>'}</div>{table}"
