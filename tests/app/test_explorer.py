@@ -174,3 +174,13 @@ def test_texts_of_a_file(tmp_path):
     with pytest.raises(AppInputError, match=r"has no column 'text'; pass one of \['body'\]"):
         load_texts(str(path))
     assert len(demo_texts()) > 100 and all(t.strip() for t in demo_texts())
+
+
+def test_a_layer_not_cached_offline_is_a_message_naming_the_fetch(hub_cache):
+    """A real release, nothing cached, HF_HUB_OFFLINE=1: the page says which `qscope fetch` to run."""
+    from qscope_testing import qwen3_tokenizer, tiny_qwen3
+
+    release = "qwen-scope-3-1.7b-base-w32k-l50"
+    offline = Explorer(tiny_qwen3(n_layers=2), qwen3_tokenizer(), release, ["a text"])
+    table, status = offline.analyze("hello", 1)
+    assert table == "" and f"qscope fetch {release} --layers 1" in status and "not in the local cache" in status
