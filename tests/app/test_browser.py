@@ -189,6 +189,19 @@ def test_compare_two_texts(page, tmp_path):
     assert all(float(r[5]) == pytest.approx(float(r[3]) - float(r[4]), abs=2e-3) for r in rows)
     page.save_screenshot(str(tmp_path / "compare.png"))
 
+    # the Steer presets are now calibrated by this feature's difference r: Medium is 2·|r|
+    layer, feature, r = rows[-1][0], rows[-1][2], abs(float(rows[-1][5]))
+    _tab(page, "Steer")
+    _type(page, "#steer-layer input", layer)
+    _type(page, "#steer-feature input", feature)
+    presets = page.find_element(By.ID, "steer-presets")
+    WebDriverWait(page, ANSWER_TIMEOUT).until(lambda d: "r = " in presets.text)
+    medium = float(re.search(r"Medium ([\d.e-]+)", presets.text)[1])
+    assert medium == pytest.approx(2 * r, abs=2e-3)
+    _type(page, "#steer-new-tokens input", "4")
+    _click_and_wait(page, "steer-run", lambda d: d.find_elements(By.CSS_SELECTOR, "#steer-unsteered tbody tr"))
+    assert f"α = {medium:.4g}," in page.find_element(By.ID, "steer-steered").text
+
 
 def test_steer_changes_the_output_and_shows_probabilities_and_candidates(page, tmp_path):
     _tab(page, "Steer")
