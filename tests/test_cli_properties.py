@@ -21,7 +21,8 @@ from qscope_plugin.cli import build_parser, main
 from qscope_plugin.store import DEMO_RELEASE
 
 HUB_RELEASE = "qwen-scope-3-1.7b-base-w32k-l50"
-SKIPPED = {("demo",): "runs every recipe (minutes) on any valid --out; its only option is an output folder"}
+SKIPPED = {("demo",): "runs every recipe (minutes) on any valid --out; its only option is an output folder",
+           ("app",): "serves until stopped on any valid input; tests/app/test_app_cli.py covers its argument errors"}
 """Commands whose valid input starts a long job, with the reason; everything else is explored."""
 BOUNDED = {"--max-new-tokens", "--budget", "--n-draws", "--n-adversarial", "--limit", "--batch-size", "--chunk-size",
            "--max-length", "--n-discovery", "--n-test", "--top", "--top-k", "--k", "--m-layers", "--weak-support"}
