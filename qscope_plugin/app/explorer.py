@@ -39,7 +39,9 @@ class AppInputError(QScopeError, ValueError):
     """A value from the page that cannot be used (an empty choice, a number outside what the app accepts)."""
 
 
-def status_html(message: str) -> str:
+def status_html(error: Exception) -> str:
+    """The error's message on one line, escaped, as the tab's status shows it."""
+    message = " ".join(str(error).split()) or type(error).__name__
     return f'<div class="qs-error" role="alert">⚠ {escape(message)}</div>'
 
 
@@ -55,7 +57,7 @@ def shows_errors(blank: int) -> Callable:
             try:
                 return fn(*args, **kwargs)
             except (QScopeError, ValueError) as e:
-                return *([""] * blank), status_html(" ".join(str(e).split()) or type(e).__name__)
+                return *([""] * blank), status_html(e)
         return run
     return wrap
 
@@ -162,6 +164,9 @@ class Explorer:
         by |A − B|. The differences go to the page's state, where they calibrate the Steer presets; bad input
         keeps the previous ones."""
         try:
+            for name, text in (("A", text_a), ("B", text_b)):
+                if not text.strip():
+                    raise AppInputError(f"text {name} is empty; type a text on both sides to compare them")
             first, last = self._layer(first_layer), self._layer(last_layer)
             if first > last:
                 raise AppInputError(f"layers {first}..{last} run backwards; put the lower layer first")
@@ -172,7 +177,7 @@ class Explorer:
                                    rank_by="abs", top_k=top_k, exclude_first_token=exclude_first_token,
                                    drop_shared_tokens=drop_shared_tokens, drop_common_prefix=drop_common_prefix)
         except (QScopeError, ValueError) as e:
-            return "", dict(differences or {}), status_html(" ".join(str(e).split()))
+            return "", dict(differences or {}), status_html(e)
         found = {(layer, s.feature): s.score for layer, scores in ranking.items() for s in scores}
         return comparison_html(ranking, method), found, ""
 

@@ -150,6 +150,7 @@ def test_a_bad_compare_keeps_the_calibration_it_had(explorer):
         table, kept, status = explorer.compare(*args, differences=before)
         assert table == "" and kept == before and "qs-error" in status
     assert "run backwards" in explorer.compare(TEXT_A, TEXT_B, 3, 1)[2]
+    assert "text B is empty; type a text on both sides" in explorer.compare(TEXT_A, " ", 0, 3)[2]
 
 
 def test_presets_without_compare_are_the_official_apps(explorer):
