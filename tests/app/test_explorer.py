@@ -185,3 +185,24 @@ def test_a_layer_not_cached_offline_is_a_message_naming_the_fetch(hub_cache):
     offline = Explorer(tiny_qwen3(n_layers=2), qwen3_tokenizer(), release, ["a text"])
     table, status = offline.analyze("hello", 1)
     assert table == "" and f"qscope fetch {release} --layers 1" in status and "not in the local cache" in status
+
+
+def test_requests_in_parallel_never_see_each_others_steering(explorer):
+    """Gradio runs requests in threads: while one steers (hooks on the model), another's forward must be clean."""
+    import threading
+
+    clean = explorer.analyze(TEXT_B, 3, 5)
+    stop, seen = threading.Event(), []
+
+    def steer_repeatedly():
+        while not stop.is_set():
+            explorer.steer(TEXT_B, 0, 7, "Custom", 500.0, max_new_tokens=4)
+
+    worker = threading.Thread(target=steer_repeatedly)
+    worker.start()
+    try:
+        seen = [explorer.analyze(TEXT_B, 3, 5) for _ in range(40)]
+    finally:
+        stop.set()
+        worker.join()
+    assert all(result == clean for result in seen)
