@@ -30,7 +30,7 @@ from qscope_plugin.models import DEMO_MODEL_DIR, load_model
 from qscope_plugin.recipes import feature_cards, harvest
 from qscope_plugin.store import DEMO_SAE_DIR, load_sae
 
-N_TEXTS, N_FEATURES, LAYER, BATCH, MAX_LENGTH, REPEATS = 2000, 200, 3, 16, 512, 3
+N_TEXTS, N_FEATURES, LAYER, BATCH, MAX_LENGTH, REPEATS = 2000, 200, 3, 16, 512, 5
 
 
 def _python_paragraphs() -> list[str]:
@@ -69,19 +69,13 @@ def main() -> None:
     texts, source = demo_texts(N_TEXTS)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     options = dict(batch_size=BATCH, max_length=MAX_LENGTH, progress=False)
-    cards: list = []
-
-    def cards_only() -> None:
-        cards[:] = feature_cards(model, tok, texts, sae, top=N_FEATURES, layer=LAYER, **options)
-
-    def cards_and_page() -> None:
-        render_dashboard(feature_cards(model, tok, texts, sae, top=N_FEATURES, layer=LAYER, **options))
-
+    cards = feature_cards(model, tok, texts, sae, top=N_FEATURES, layer=LAYER, **options)
     timings = best_of_interleaved(repeats=REPEATS, runs={
         "harvest alone": lambda: harvest(model, tok, texts, {LAYER: sae}, pooling="tokens", **options),
-        "feature_cards": cards_only,
-        "feature_cards + render_dashboard": cards_and_page,
+        "feature_cards": lambda: feature_cards(model, tok, texts, sae, top=N_FEATURES, layer=LAYER, **options),
+        "render_dashboard": lambda: render_dashboard(cards),
     })
+    timings["feature_cards + render_dashboard"] = timings["feature_cards"] + timings["render_dashboard"]
     page = render_dashboard(cards)
     base = timings["harvest alone"]
     lines = ["# Feature cards and the dashboard vs the harvest alone", "",
@@ -89,7 +83,8 @@ def main() -> None:
              f"{torch.__version__}, {torch.get_num_threads()} torch threads: the demo model (Qwen3 layout, 4 layers, "
              f"hidden 128) and its layer-{LAYER} SAE ({sae.cfg.d_sae} features, k {sae.cfg.k}); {len(texts)} texts "
              f"({cards[0].n_tokens} tokens; {source}), batch {BATCH}; the {len(cards)} densest features "
-             f"(`top={N_FEATURES}`); best of {REPEATS}, interleaved. Goal: cards <= 1.3x the harvest alone.", "",
+             f"(`top={N_FEATURES}`); best of {REPEATS}, interleaved (the last row is the sum of the two above it). "
+             "Goal: cards and page <= 1.3x the harvest alone.", "",
              "| run | seconds | x harvest |", "|---|---|---|"]
     lines += [f"| {name} | {t:.3f} | {t / base:.2f}x |" for name, t in timings.items()]
     lines += ["", f"The page: {len(page.encode()) / 1e6:.1f} MB of self-contained HTML for {len(cards)} cards."]

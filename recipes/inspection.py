@@ -186,12 +186,16 @@ def feature_cards(model: object, tokenizer, texts: Sequence[str], sae: QwenScope
         explanations: ``{feature: text}`` shown on the cards (e.g. from the safety-synthesis explainer).
 
     Raises:
-        HarvestError: both or neither of ``features`` / ``top``, an empty ``features``, a bad ``top``.
+        HarvestError: both or neither of ``features`` / ``top``, an empty ``features``, a bad ``top`` or size.
         FeatureOutOfRangeError: a feature outside ``0..d_sae-1``.
         LayerOutOfRangeError: ``layer`` outside the model.
         EmptyInputError: no texts, or none with a token.
     """
     texts = check_texts(texts)
+    for name, value, least in (("n_contexts", n_contexts, 0), ("window", window, 0), ("n_bins", n_bins, 1),
+                               ("n_logits", n_logits, 0), ("n_cofiring", n_cofiring, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise HarvestError(f"{name}={value!r}; expected an integer >= {least}")
     backend = as_backend(model)
     backend.check_layers([layer])
     d_sae = sae.cfg.d_sae
@@ -278,21 +282,28 @@ def _effects(values: torch.Tensor, ids: torch.Tensor, names: dict[int, str]) -> 
     return [TokenEffect(names[i], i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
 
 
-def _cofiring(corpus: _Corpus, features: list[int], counts: np.ndarray, n: int) -> list[list[Cofiring]]:
+def _cofiring(corpus: _Corpus, features: list[int], counts: np.ndarray, n: int,
+              chunk: int = 64) -> list[list[Cofiring]]:
     """Per feature, the features active on the same tokens, by Jaccard ``both / either``.
 
-    ``both`` for all chosen features at once is one sparse product of their firing columns with the firing
-    matrix. Its cost is (firing entries of the chosen features) x k; a bincount over the same pairs measured no
-    faster (both are memory-bound).
+    ``both`` of ``chunk`` features at a time is one sparse product of their firing columns with the firing matrix
+    (``chunk x d_sae`` counts in memory, not ``len(features) x d_sae``). The cost is the chosen features' firing
+    entries x k; a bincount over the same pairs measured no faster (both are memory-bound).
     """
-    fires, chosen = corpus.by_feature.tocsr(), corpus.by_feature[:, features]
-    fires.data[:], chosen.data[:] = 1, 1
-    both = np.rint((chosen.T @ fires).toarray()).astype(np.int64)  # (F, d_sae)
-    both[np.arange(len(features)), features] = 0
-    jaccard = both / np.maximum(counts[features][:, None] + counts[None, :] - both, 1)
-    best = np.argsort(-jaccard, axis=1, kind="stable")[:, :n]
-    return [[Cofiring(int(g), int(both[i, g]), float(jaccard[i, g])) for g in row if both[i, g]]
-            for i, row in enumerate(best)]
+    fires = corpus.by_feature.tocsr()
+    fires.data[:] = 1
+    out = []
+    for start in range(0, len(features), chunk):
+        group = features[start:start + chunk]
+        chosen = corpus.by_feature[:, group]
+        chosen.data[:] = 1
+        both = np.rint((chosen.T @ fires).toarray()).astype(np.int64)  # (len(group), d_sae)
+        both[np.arange(len(group)), group] = 0
+        jaccard = both / np.maximum(counts[group][:, None] + counts[None, :] - both, 1)
+        best = np.argsort(-jaccard, axis=1, kind="stable")[:, :n]
+        out += [[Cofiring(int(g), int(both[i, g]), float(jaccard[i, g])) for g in row if both[i, g]]
+                for i, row in enumerate(best)]
+    return out
 
 
 def _token_names(tokenizer, ids: np.ndarray) -> dict[int, str]:
