@@ -282,26 +282,27 @@ def _effects(values: torch.Tensor, ids: torch.Tensor, names: dict[int, str]) -> 
     return [TokenEffect(names[i], i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
 
 
-def _cofiring(corpus: _Corpus, features: list[int], counts: np.ndarray, n: int,
-              chunk: int = 64) -> list[list[Cofiring]]:
+def _cofiring(corpus: _Corpus, features: list[int], counts: np.ndarray, n: int) -> list[list[Cofiring]]:
     """Per feature, the features active on the same tokens, by Jaccard ``both / either``.
 
-    ``both`` of ``chunk`` features at a time is one sparse product of their firing columns with the firing matrix
-    (``chunk x d_sae`` counts in memory, not ``len(features) x d_sae``). The cost is the chosen features' firing
-    entries x k; a bincount over the same pairs measured no faster (both are memory-bound).
+    ``both`` (features x d_sae) is summed over blocks of tokens as ``fires_blockᵀ @ chosen_block``: the block's
+    sparse firing matrix times the dense 0/1 columns of the chosen features, a SIMD-friendly sparse x dense
+    product (measured ~2x faster than a sparse x sparse product or a bincount over the firing pairs).
     """
     fires = corpus.by_feature.tocsr()
     fires.data[:] = 1
+    both = np.zeros((len(features), len(counts)), dtype=np.int64)
+    rows = max(1, (1 << 22) // max(len(features), 1))  # a dense block of at most 4M float32
+    for start in range(0, fires.shape[0], rows):
+        block = fires[start:start + rows]
+        both += np.rint(block.T @ block[:, features].toarray()).astype(np.int64).T
+    both[np.arange(len(features)), features] = 0
     out = []
-    for start in range(0, len(features), chunk):
-        group = features[start:start + chunk]
-        chosen = corpus.by_feature[:, group]
-        chosen.data[:] = 1
-        both = np.rint((chosen.T @ fires).toarray()).astype(np.int64)  # (len(group), d_sae)
-        both[np.arange(len(group)), group] = 0
-        jaccard = both / np.maximum(counts[group][:, None] + counts[None, :] - both, 1)
+    for start in range(0, len(features), 64):  # Jaccard and ranking of 64 features at a time: bounded memory
+        group, counted = features[start:start + 64], both[start:start + 64]
+        jaccard = counted / np.maximum(counts[group][:, None] + counts[None, :] - counted, 1)
         best = np.argsort(-jaccard, axis=1, kind="stable")[:, :n]
-        out += [[Cofiring(int(g), int(both[i, g]), float(jaccard[i, g])) for g in row if both[i, g]]
+        out += [[Cofiring(int(g), int(counted[i, g]), float(jaccard[i, g])) for g in row if counted[i, g]]
                 for i, row in enumerate(best)]
     return out
 
