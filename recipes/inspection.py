@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from qscope_plugin.backends import as_backend
@@ -114,21 +115,35 @@ class FeatureCard:
 
 @dataclass(frozen=True)
 class _Corpus:
-    """All texts' codes at one layer, concatenated: token row r belongs to text ``text[r]``."""
+    """All texts' codes at one layer, concatenated: token row r belongs to text ``text[r]``.
 
-    token_ids: torch.Tensor  # (N,)
-    values: torch.Tensor  # (N, k)
-    indices: torch.Tensor  # (N, k)
-    text: torch.Tensor  # (N,)
-    starts: torch.Tensor  # (n_texts + 1,): text t holds rows starts[t]:starts[t + 1]
+    ``by_feature`` holds the same codes column-major (CSC), so a feature's firing rows and values are one slice,
+    rows ascending: grouping by feature is scipy's counting sort, not a sort of all entries.
+    """
+
+    token_ids: np.ndarray  # (N,)
+    values: np.ndarray  # (N, k)
+    indices: np.ndarray  # (N, k)
+    text: np.ndarray  # (N,)
+    starts: np.ndarray  # (n_texts + 1,): text t holds rows starts[t]:starts[t + 1]
+    by_feature: sp.csc_matrix  # (N, d_sae)
 
     @classmethod
-    def concat(cls, codes: list[TextCodes], layer: int) -> _Corpus:
-        lengths = torch.tensor([len(c.token_ids) for c in codes])
-        return cls(torch.cat([c.token_ids for c in codes]), torch.cat([c.values[layer].float() for c in codes]),
-                   torch.cat([c.indices[layer] for c in codes]),
-                   torch.repeat_interleave(torch.arange(len(codes)), lengths),
-                   torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
+    def concat(cls, codes: list[TextCodes], layer: int, d_sae: int) -> _Corpus:
+        lengths = np.array([len(c.token_ids) for c in codes])
+        values = torch.cat([c.values[layer].float() for c in codes]).numpy()
+        indices = torch.cat([c.indices[layer] for c in codes]).numpy()
+        n, k = values.shape
+        by_token = sp.csr_matrix((values.ravel(), indices.ravel(), np.arange(0, n * k + 1, k)), shape=(n, d_sae))
+        by_token.eliminate_zeros()  # TopK keeps k entries per token; those not positive are not firing
+        return cls(torch.cat([c.token_ids for c in codes]).numpy(), values, indices,
+                   np.repeat(np.arange(len(codes)), lengths), np.concatenate([[0], np.cumsum(lengths)]),
+                   by_token.tocsc())
+
+    def firing(self, feature: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, values)`` of the tokens where ``feature`` fires, rows ascending."""
+        a, b = self.by_feature.indptr[feature], self.by_feature.indptr[feature + 1]
+        return self.by_feature.indices[a:b], self.by_feature.data[a:b]
 
 
 def _chosen(features: Sequence[int] | None, top: int | None, d_sae: int) -> list[int] | None:
@@ -171,93 +186,88 @@ def feature_cards(model: object, tokenizer, texts: Sequence[str], sae: QwenScope
         explanations: ``{feature: text}`` shown on the cards (e.g. from the safety-synthesis explainer).
 
     Raises:
-        HarvestError: both or neither of ``features`` / ``top``, an empty ``features``, a bad ``top``.
+        HarvestError: both or neither of ``features`` / ``top``, an empty ``features``, a bad ``top`` or size.
         FeatureOutOfRangeError: a feature outside ``0..d_sae-1``.
         LayerOutOfRangeError: ``layer`` outside the model.
         EmptyInputError: no texts, or none with a token.
     """
     texts = check_texts(texts)
+    for name, value, least in (("n_contexts", n_contexts, 0), ("window", window, 0), ("n_bins", n_bins, 1),
+                               ("n_logits", n_logits, 0), ("n_cofiring", n_cofiring, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise HarvestError(f"{name}={value!r}; expected an integer >= {least}")
     backend = as_backend(model)
     backend.check_layers([layer])
     d_sae = sae.cfg.d_sae
     chosen = _chosen(features, top, d_sae)
     codes = harvest(backend, tokenizer, texts, {layer: sae}, pooling="tokens", batch_size=batch_size,
                     max_length=max_length, progress=progress, desc="feature cards")
-    corpus = _Corpus.concat(codes, layer)
-    n_tokens = len(corpus.token_ids)
-    if n_tokens == 0:
+    if not sum(len(c.token_ids) for c in codes):
         raise EmptyInputError("no text has a token; pass texts the tokenizer turns into at least one token")
-    active = corpus.values > 0
-    rows, fired, values = active.nonzero()[:, 0], corpus.indices[active], corpus.values[active]
-    counts = torch.bincount(fired, minlength=d_sae)  # tokens where each feature fires
+    corpus = _Corpus.concat(codes, layer, d_sae)
+    n_tokens = len(corpus.token_ids)
+    counts = np.diff(corpus.by_feature.indptr)  # tokens where each feature fires
     if chosen is None:
-        densest = torch.sort(counts, descending=True, stable=True).indices[:top]
+        densest = np.argsort(-counts, kind="stable")[:top]
         chosen = densest[counts[densest] > 0].tolist()
 
-    slot = torch.full((d_sae,), -1, dtype=torch.long)
-    slot[chosen] = torch.arange(len(chosen))
-    mine = slot[fired] >= 0
-    group, order = torch.sort(slot[fired][mine], stable=True)
-    rows, values = rows[mine][order], values[mine][order]
-    bounds = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(group, minlength=len(chosen)).cumsum(0)])
-
-    peaks = [_peaks(corpus, rows[a:b], values[a:b], n_contexts) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    windows = _windows(corpus, chosen, peaks, window)
+    firing = [corpus.firing(f) for f in chosen]
+    windows = [_window(corpus, f, _peaks(corpus.text, rows, values, n_contexts), window)
+               for f, (rows, values) in zip(chosen, firing, strict=True)]
     promoted, suppressed = _logit_effects(backend, sae, chosen, n_logits)
-    names = _token_names(tokenizer, torch.cat([corpus.token_ids[w.clamp(min=0)].flatten() for w, _, _ in windows]
-                                              + [promoted.indices.flatten(), suppressed.indices.flatten()]))
+    names = _token_names(tokenizer, np.concatenate([corpus.token_ids[rows[inside]] for _, rows, inside, _ in windows]
+                                                   + [promoted.indices.flatten(), suppressed.indices.flatten()]))
+    cofiring = _cofiring(corpus, chosen, counts, n_cofiring)
 
     cards = []
-    for i, f in enumerate(chosen):
-        a, b = bounds[i], bounds[i + 1]
-        vals = values[a:b]
-        heights, edges = np.histogram(vals.numpy(), bins=n_bins)
+    for i, (f, (_, values)) in enumerate(zip(chosen, firing, strict=True)):
+        heights, edges = np.histogram(values, bins=n_bins)
         cards.append(FeatureCard(
             layer=layer, feature=f, explanation=(explanations or {}).get(f), n_tokens=n_tokens,
-            n_firing=int(b - a), density=float(b - a) / n_tokens,
-            max_activation=float(vals.max()) if len(vals) else 0.0,
-            mean_activation=float(vals.mean()) if len(vals) else 0.0,
+            n_firing=len(values), density=len(values) / n_tokens,
+            max_activation=float(values.max()) if len(values) else 0.0,
+            mean_activation=float(values.mean()) if len(values) else 0.0,
             contexts=_contexts(corpus, windows[i], names),
             histogram=Histogram(edges=edges.tolist(), counts=heights.tolist()),
             logit_effects=LogitEffects(_effects(promoted.values[i], promoted.indices[i], names),
                                        _effects(-suppressed.values[i], suppressed.indices[i], names)),
-            cofiring=_cofiring(corpus, rows[a:b], f, counts, n_cofiring)))
+            cofiring=cofiring[i]))
     return cards
 
 
-def _peaks(corpus: _Corpus, rows: torch.Tensor, values: torch.Tensor, n_contexts: int) -> torch.Tensor:
-    """Token rows of the feature's peak in each of its ``n_contexts`` strongest texts, strongest first."""
-    order = torch.sort(values, descending=True, stable=True).indices
-    texts = corpus.text[rows[order]].numpy()
-    _, first = np.unique(texts, return_index=True)  # each text's strongest entry
-    return rows[order[torch.from_numpy(np.sort(first)[:n_contexts])]]
+def _peaks(text: np.ndarray, rows: np.ndarray, values: np.ndarray, n_contexts: int) -> np.ndarray:
+    """Token rows of the feature's peak in each of its ``n_contexts`` strongest texts, strongest first (ties: the
+    earlier row). Only the strongest entries are sorted, widened until they span ``n_contexts`` texts."""
+    m = max(8 * n_contexts, 1)
+    while True:
+        m = min(m, len(values))
+        candidates = np.sort(np.argpartition(-values, m - 1)[:m]) if m < len(values) else np.arange(len(values))
+        candidates = candidates[np.argsort(-values[candidates], kind="stable")]
+        _, first = np.unique(text[rows[candidates]], return_index=True)  # each text's strongest entry
+        if len(first) >= n_contexts or m == len(values):
+            return rows[candidates[np.sort(first)[:n_contexts]]]
+        m *= 4
 
 
-def _windows(corpus: _Corpus, features: list[int], peaks: list[torch.Tensor], window: int) -> list[tuple]:
-    """Per feature, ``(rows (n, 2w+1) with -1 outside the peak's text, activations (n, 2w+1), peaks)``."""
-    offsets = torch.arange(-window, window + 1)
-    out = []
-    for f, peak in zip(features, peaks, strict=True):
-        rows = peak.unsqueeze(-1) + offsets
-        text = corpus.text[peak].unsqueeze(-1)
-        inside = (rows >= corpus.starts[text]) & (rows < corpus.starts[text + 1])
-        rows = torch.where(inside, rows, -1)
-        safe = rows.clamp(min=0)
-        acts = (corpus.values[safe] * (corpus.indices[safe] == f)).sum(-1) * inside
-        out.append((rows, acts, peak))
-    return out
+def _window(corpus: _Corpus, feature: int, peaks: np.ndarray, window: int) -> tuple[np.ndarray, ...]:
+    """``(peaks, rows, inside, activations)``, the last three ``(n_peaks, 2 window + 1)``: the rows around each
+    peak, which of them lie in the peak's text, and the feature's activation on them."""
+    rows = peaks[:, None] + np.arange(-window, window + 1)
+    text = corpus.text[peaks][:, None]
+    inside = (rows >= corpus.starts[text]) & (rows < corpus.starts[text + 1])
+    rows = np.where(inside, rows, 0)
+    acts = np.where(corpus.indices[rows] == feature, corpus.values[rows], 0).sum(-1) * inside
+    return peaks, rows, inside, acts
 
 
-def _contexts(corpus: _Corpus, window: tuple, names: dict[int, str]) -> list[Context]:
-    rows, acts, peaks = window
+def _contexts(corpus: _Corpus, window: tuple[np.ndarray, ...], names: dict[int, str]) -> list[Context]:
     contexts = []
-    for row, act, peak in zip(rows, acts, peaks, strict=True):
-        keep = row >= 0
+    for peak, rows, inside, acts in zip(*window, strict=True):
+        rows, acts = rows[inside], acts[inside]
         text = int(corpus.text[peak])
-        first = int(row[keep][0])
-        contexts.append(Context(text=text, start=first - int(corpus.starts[text]), peak=int(peak) - first,
-                                tokens=[names[int(t)] for t in corpus.token_ids[row[keep]]],
-                                activations=act[keep].tolist()))
+        contexts.append(Context(text=text, start=int(rows[0] - corpus.starts[text]), peak=int(peak - rows[0]),
+                                tokens=[names[t] for t in corpus.token_ids[rows].tolist()],
+                                activations=acts.tolist()))
     return contexts
 
 
@@ -272,18 +282,32 @@ def _effects(values: torch.Tensor, ids: torch.Tensor, names: dict[int, str]) -> 
     return [TokenEffect(names[i], i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
 
 
-def _cofiring(corpus: _Corpus, rows: torch.Tensor, feature: int, counts: torch.Tensor, n: int) -> list[Cofiring]:
-    """Features active on the tokens where ``feature`` fires, by Jaccard ``both / either`` (one bincount)."""
-    values, indices = corpus.values[rows], corpus.indices[rows]
-    both = torch.bincount(indices[values > 0], minlength=len(counts))
-    both[feature] = 0
-    jaccard = both / (len(rows) + counts - both).clamp(min=1)
-    best = torch.sort(jaccard, descending=True, stable=True).indices[:n]
-    best = best[both[best] > 0]
-    return [Cofiring(int(g), int(both[g]), float(jaccard[g])) for g in best]
+def _cofiring(corpus: _Corpus, features: list[int], counts: np.ndarray, n: int) -> list[list[Cofiring]]:
+    """Per feature, the features active on the same tokens, by Jaccard ``both / either``.
+
+    ``both`` (features x d_sae) is summed over blocks of tokens as ``fires_blockᵀ @ chosen_block``: the block's
+    sparse firing matrix times the dense 0/1 columns of the chosen features, a SIMD-friendly sparse x dense
+    product (measured ~2x faster than a sparse x sparse product or a bincount over the firing pairs).
+    """
+    fires = corpus.by_feature.tocsr()
+    fires.data[:] = 1
+    both = np.zeros((len(features), len(counts)), dtype=np.int64)
+    rows = max(1, (1 << 22) // max(len(features), 1))  # a dense block of at most 4M float32
+    for start in range(0, fires.shape[0], rows):
+        block = fires[start:start + rows]
+        both += np.rint(block.T @ block[:, features].toarray()).astype(np.int64).T
+    both[np.arange(len(features)), features] = 0
+    out = []
+    for start in range(0, len(features), 64):  # Jaccard and ranking of 64 features at a time: bounded memory
+        group, counted = features[start:start + 64], both[start:start + 64]
+        jaccard = counted / np.maximum(counts[group][:, None] + counts[None, :] - counted, 1)
+        best = np.argsort(-jaccard, axis=1, kind="stable")[:, :n]
+        out += [[Cofiring(int(g), int(counted[i, g]), float(jaccard[i, g])) for g in row if counted[i, g]]
+                for i, row in enumerate(best)]
+    return out
 
 
-def _token_names(tokenizer, ids: torch.Tensor) -> dict[int, str]:
+def _token_names(tokenizer, ids: np.ndarray) -> dict[int, str]:
     """Each distinct token id decoded alone (one batch call)."""
-    unique = ids.unique().tolist()
+    unique = np.unique(ids).tolist()
     return dict(zip(unique, tokenizer.batch_decode([[i] for i in unique]), strict=True))

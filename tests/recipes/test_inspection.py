@@ -46,15 +46,16 @@ def dense(demo):
 
 @pytest.fixture(scope="module")
 def cards(demo):
+    """70 cards: co-firing runs in two chunks of 64."""
     model, tok, sae = demo
-    return feature_cards(model, tok, TEXTS, sae, top=8, layer=LAYER, n_contexts=N_CONTEXTS, window=WINDOW,
+    return feature_cards(model, tok, TEXTS, sae, top=70, layer=LAYER, n_contexts=N_CONTEXTS, window=WINDOW,
                          n_bins=N_BINS, n_cofiring=5, explanations={0: "unused"}, batch_size=7, progress=False)
 
 
 def test_top_picks_the_densest_features(cards, dense):
     z = torch.cat([codes for _, codes in dense])
     density = (z > 0).float().mean(0)
-    assert [c.feature for c in cards] == torch.sort(density, descending=True, stable=True).indices[:8].tolist()
+    assert [c.feature for c in cards] == torch.sort(density, descending=True, stable=True).indices[:70].tolist()
     for card in cards:
         column = z[:, card.feature]
         assert card.n_tokens == len(z) and card.n_firing == int((column > 0).sum())
@@ -113,9 +114,10 @@ def test_logit_effects_are_the_unembedded_normed_decoder_direction(demo):
 def test_asked_features_keep_their_order_and_explanations_and_survive_json(demo):
     model, tok, sae = demo
     cards = feature_cards(model, tok, TEXTS, sae, [900, 3, 900, 1535], layer=LAYER, explanations={3: "three"},
-                          progress=False)
+                          n_contexts=0, progress=False)
     assert [c.feature for c in cards] == [900, 3, 1535]
     assert [c.explanation for c in cards] == [None, "three", None]
+    assert all(c.contexts == [] for c in cards)
     for card in cards:
         assert FeatureCard.from_json(json.loads(json.dumps(card.to_json()))) == card
 
@@ -125,6 +127,8 @@ def test_asked_features_keep_their_order_and_explanations_and_survive_json(demo)
     ({}, HarvestError, "either features"),
     ({"features": []}, HarvestError, "features is empty"),
     ({"top": 0}, HarvestError, "top=0"),
+    ({"top": 3, "window": -1}, HarvestError, "window=-1; expected an integer >= 0"),
+    ({"top": 3, "n_bins": 0}, HarvestError, "n_bins=0; expected an integer >= 1"),
     ({"features": [1536]}, FeatureOutOfRangeError, r"1536 features: 0\.\.1535"),
     ({"features": [1], "layer": 4}, LayerOutOfRangeError, "layer 4 is out of range"),
 ])
