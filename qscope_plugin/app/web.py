@@ -26,9 +26,9 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the extra
     raise ImportError(GRADIO_MISSING) from None
 
-DEMO_TEXT = "今天早上我喝了一杯热茶，then I went to work."
-DEMO_PAIR = ("今天早上我喝了一杯热茶。", "This morning I drank a cup of hot tea.")
-DEMO_PROMPT = "今天早上"
+EXAMPLE_TEXT = "今天早上我喝了一杯热茶，then I went to work."
+EXAMPLE_PAIR = ("今天早上我喝了一杯热茶。", "This morning I drank a cup of hot tea.")
+EXAMPLE_PROMPT = "今天早上"
 PAGE_CSS = APP_CSS + CARD_CSS
 SYSTEM_FONTS = (["ui-sans-serif", "system-ui", "sans-serif"], ["ui-monospace", "Consolas", "monospace"])
 
@@ -49,7 +49,7 @@ def _run(button: gr.Button, fn: Callable, inputs: list, outputs: list, *submits:
 
 
 def _analyze_tab(explorer: Explorer) -> None:
-    text = gr.Textbox(DEMO_TEXT, label="Text", lines=3, elem_id="analyze-text")
+    text = gr.Textbox(EXAMPLE_TEXT, label="Text", lines=3, elem_id="analyze-text")
     with gr.Row():
         layer = _layer_box(explorer, "Layer", "analyze-layer")
         top = gr.Number(5, label="Top features per token", elem_id="analyze-top")
@@ -60,8 +60,8 @@ def _analyze_tab(explorer: Explorer) -> None:
 
 def _compare_tab(explorer: Explorer, differences: gr.State) -> None:
     with gr.Row():
-        text_a = gr.Textbox(DEMO_PAIR[0], label="Text A", lines=3, elem_id="compare-a")
-        text_b = gr.Textbox(DEMO_PAIR[1], label="Text B", lines=3, elem_id="compare-b")
+        text_a = gr.Textbox(EXAMPLE_PAIR[0], label="Text A", lines=3, elem_id="compare-a")
+        text_b = gr.Textbox(EXAMPLE_PAIR[1], label="Text B", lines=3, elem_id="compare-b")
     with gr.Row():
         first = _layer_box(explorer, "First layer", "compare-first", 0)
         last = _layer_box(explorer, "Last layer", "compare-last")
@@ -79,7 +79,7 @@ def _compare_tab(explorer: Explorer, differences: gr.State) -> None:
 
 
 def _steer_tab(explorer: Explorer, differences: gr.State) -> None:
-    prompt = gr.Textbox(DEMO_PROMPT, label="Prompt", lines=2, elem_id="steer-prompt")
+    prompt = gr.Textbox(EXAMPLE_PROMPT, label="Prompt", lines=2, elem_id="steer-prompt")
     with gr.Row():
         layer = _layer_box(explorer, "Layer", "steer-layer")
         feature = gr.Number(0, label="Feature", elem_id="steer-feature")
