@@ -206,3 +206,19 @@ def test_requests_in_parallel_never_see_each_others_steering(explorer):
         stop.set()
         worker.join()
     assert all(result == clean for result in seen)
+
+
+def test_any_sae_folder_and_backbone(tmp_path):
+    """Not only the demo: a folder of layer{n}.sae.pt files beside another model, read the same way."""
+    from qscope_testing import qwen3_tokenizer, tiny_qwen3, write_sae_file
+
+    for layer in (0, 1):
+        write_sae_file(tmp_path / f"layer{layer}.sae.pt", d_model=64, d_sae=96, seed=layer)
+    (tmp_path / "qscope.json").write_text(json.dumps({"k": 8}))
+    mine = Explorer(tiny_qwen3(n_layers=2), qwen3_tokenizer(), str(tmp_path), ["some text", "more text"])
+    table, status = mine.analyze("hello world", 1)
+    assert status == "" and table.count("<tr><td") == 2
+    steered, unsteered, status = mine.steer("hello", 1, 95, "Strong", max_new_tokens=3)
+    assert status == "" and "α = 100," in steered and "Unsteered" in unsteered
+    assert "feature 96 is out of range" in mine.feature(1, 96)[1]
+    assert "(2 layers: 0..1)" in mine.analyze("hello", 2)[1]
