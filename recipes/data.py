@@ -108,6 +108,9 @@ def load_tables(source: Source, *, config: str | None = None,
     try:
         if path.exists():
             kind, files = _local_files(path)
+            empty = [file for file in files.values() if Path(file).stat().st_size == 0]
+            if empty:  # datasets fails on these with a bare StopIteration
+                raise DataError(f"{empty[0]!r} is empty; pass a file with at least one row")
             with _no_progress_bars():  # file by file: a stem need not be a valid split name ("all", "zh-hans")
                 return {name: datasets.load_dataset(kind, data_files=file, split="train")
                         for name, file in files.items()}

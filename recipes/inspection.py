@@ -6,9 +6,10 @@
     >>> FeatureCard.from_json(card.to_json()) == card
 
 Every card of a call comes from ONE harvest pass over the texts (pooling ``tokens``): all texts' sparse ``(T, k)``
-codes are concatenated once, the active entries of the chosen features are grouped with one sort, and each card
-is a handful of tensor operations on its group, so 200 cards cost little more than the harvest itself
-(``benchmarks/bench_dashboard.py``). See ``docs/dashboard.md`` for how each part is computed.
+codes are concatenated once into one tokens x features CSC matrix, so a feature's firing tokens are one slice;
+each card is a few array operations on its slice, and the logit effects and co-firing of all cards are one
+(blocked) product each. 200 cards over 2,000 texts cost ~1.1x the harvest alone (``benchmarks/bench_dashboard.py``).
+See ``docs/dashboard.md`` for how each part is computed.
 """
 
 from __future__ import annotations

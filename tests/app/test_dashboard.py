@@ -156,3 +156,6 @@ def test_cli_empty_data_exits_2(tmp_path, capsys):
     blank.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "  "}) + "\n")
     assert main(["dashboard", "--layer", "3", "--top", "3", "--data", str(blank), "--out", str(tmp_path / "d")]) == 2
     assert "no texts given" in capsys.readouterr().err
+    (tmp_path / "none.jsonl").touch()
+    assert main(["dashboard", "--layer", "3", "--data", str(tmp_path / "none.jsonl"), "--out", "d.html"]) == 2
+    assert "none.jsonl' is empty" in capsys.readouterr().err
