@@ -1,7 +1,8 @@
 """`qscope app` in a real headless Chromium: the command runs in a subprocess on the demo, the browser drives it.
 
-One server and one browser for the module. After every test: no SEVERE entry in the browser console, no request
-leaving 127.0.0.1 (the page must work offline), no traceback or Gradio error toast on the page. Screenshots go to
+One server and one browser for the module. The server's outgoing HTTP goes to a closed port (no internet, as on
+CI). After every test: no SEVERE entry in the browser console, no request leaving 127.0.0.1 (the page must work
+offline), no traceback or Gradio error toast on the page. Screenshots go to
 the test's temporary folder. Skipped when chromium / chromedriver are absent, unless QSCOPE_REQUIRE_BROWSER=1
 (CI), where their absence fails.
 """
@@ -65,7 +66,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`qscope app` on the demo, as a user runs it; its output lines go to a queue (the URL is one of them)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    no_internet = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+                   "NO_PROXY": "127.0.0.1,localhost"}  # the server's own outgoing HTTP goes to a closed port
+    env = {**os.environ, **no_internet, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
     proc = subprocess.Popen([sys.executable, "-m", "qscope_plugin.cli", "app", "--port", str(_free_port())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
