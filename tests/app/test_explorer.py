@@ -53,20 +53,22 @@ def test_analyze_shows_each_tokens_strongest_features(explorer):
         assert [v for _, v in shown] == pytest.approx(top.values.tolist(), abs=5e-3)
 
 
-def test_compare_ranks_by_the_official_firing_rate_difference(explorer):
-    """(R2) by hand: first token and tokens common to both texts dropped, rates over what is left, |A − B|."""
-    table, found, status = explorer.compare(TEXT_A, TEXT_B, 1, 3, 4, "rate", True, True, False, {})
-    assert status == "" and "firing rate, text A" in table
+@pytest.mark.parametrize(("method", "shown"), [("rate", "firing rate, text A"), ("mean", "mean activation, text A")])
+def test_compare_ranks_by_the_difference_of_the_two_texts(explorer, method, shown):
+    """(R2) / (R1) by hand: first token and tokens common to both texts dropped, firing rates (or mean
+    activations) over what is left, ranked by |A − B|."""
+    table, found, status = explorer.compare(TEXT_A, TEXT_B, 1, 3, 4, method, True, True, False, {})
+    assert status == "" and shown in table
     for layer in (1, 2, 3):
         (ids_a, z_a), (ids_b, z_b) = dense_codes(explorer, TEXT_A, layer), dense_codes(explorer, TEXT_B, layer)
         shared = set(ids_a) & set(ids_b)
-        rate = [(z[[t for t in range(1, len(ids)) if ids[t] not in shared]] > 0).float().mean(0)
-                for ids, z in ((ids_a, z_a), (ids_b, z_b))]
-        diff = rate[0] - rate[1]
+        kept = [z[[t for t in range(1, len(ids)) if ids[t] not in shared]] for ids, z in ((ids_a, z_a), (ids_b, z_b))]
+        side = [(z > 0).float().mean(0) if method == "rate" else z.mean(0) for z in kept]
+        diff = side[0] - side[1]
         mine = {f: d for (n, f), d in found.items() if n == layer}
         assert len(mine) == 4
         assert sorted(abs(d) for d in mine.values()) == pytest.approx(sorted(diff.abs().topk(4).values.tolist()))
-        assert all(d == pytest.approx(float(diff[f])) for f, d in mine.items())
+        assert all(d == pytest.approx(float(diff[f]), abs=1e-5) for f, d in mine.items())
 
 
 def test_steer_equals_the_recipe_and_uses_presets_calibrated_by_compare(explorer):
