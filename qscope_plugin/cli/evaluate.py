@@ -23,6 +23,8 @@ def _texts(args: argparse.Namespace) -> list[str]:
     if not all(isinstance(t, str) for t in texts):
         raise UsageError(f"column {args.column!r} of --data {args.data!r} holds non-text values; pass --column "
                          "naming a column of strings")
+    if not any(t.strip() for t in texts):  # before the model loads, which can take minutes
+        raise UsageError(f"column {args.column!r} of --data {args.data!r} holds no text, only blank strings")
     return texts
 
 
