@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qscope_plugin.backends import Backend, as_backend
+from qscope_plugin.backends import Backend, KwargsEdit, as_backend
 from qscope_plugin.errors import QScopeError
-from qscope_plugin.hooks import KwargsEdit
 from qscope_plugin.recipes._harvest import check_texts, pad, tokenize
 from qscope_plugin.sae import QwenScopeSAE
 
