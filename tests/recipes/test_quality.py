@@ -215,3 +215,79 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, layers, content, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err) and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+class _OneTextPerBatch:
+    """The three members of an ``ActivationsStore`` that ``sae_lens.evals.run_evals`` uses: one text per batch,
+    so SAELens sees exactly our tokens (its real store packs a dataset into fixed-length contexts)."""
+
+    def __init__(self, rows: list[list[int]]) -> None:
+        self.rows, self.next = rows, 0
+        self.context_size, self.store_batch_size_prompts = max(map(len, rows)), 1
+
+    def get_batch_tokens(self, n: int) -> torch.Tensor:
+        self.next += 1
+        return torch.tensor([self.rows[self.next - 1]])
+
+    def reset_input_dataset(self) -> None:
+        self.next = 0
+
+
+@demo
+def test_sae_lens_run_evals_gives_the_same_numbers_on_the_same_tokens():
+    """SAELens' own evaluation on a TransformerBridge of the demo: equal FVU, L0, dead, dense and CE numbers.
+    KL differs by design: SAELens also averages it over each text's last position, which has no next token."""
+    pytest.importorskip("transformer_lens")
+    from sae_lens import SAE
+    from sae_lens.evals import EvalConfig, run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+    from sae_lens.util import get_special_token_ids
+
+    from qscope_plugin import load_sae
+    from qscope_plugin.adapters.transformer_lens import boot
+    from qscope_plugin.models import default_model, default_release, load_model
+
+    model, tok = load_model(default_model())
+    texts = _demo_texts()[::3]
+    rows = [ids for ids in tok(texts, add_special_tokens=False)["input_ids"] if ids]
+    bridge = boot(model, tokenizer=tok)
+    # its default exclude_special_tokens=True masks <|endoftext|> (absent here) and so flattens our ragged batches
+    assert not set(get_special_token_ids(bridge.tokenizer)) & {i for row in rows for i in row}
+    ids = [torch.tensor([row]) for row in rows]
+    for n in range(4):
+        ours = evaluate_saes(model, tok, texts, {n: load_sae(default_release(), n)}, progress=False).layers[n]
+        sae = SAE.from_pretrained(default_release(), f"layer{n}")
+        config = EvalConfig(batch_size_prompts=1, n_eval_reconstruction_batches=len(rows),
+                            n_eval_sparsity_variance_batches=len(rows), compute_kl=True, compute_ce_loss=True,
+                            compute_sparsity_metrics=True, compute_variance_metrics=True,
+                            compute_featurewise_density_statistics=True)
+        theirs, features = run_evals(sae, _OneTextPerBatch(rows), bridge, ActivationScaler(), config)
+        density = torch.tensor(features["feature_density"])
+        assert theirs["reconstruction_quality"]["explained_variance"] == pytest.approx(ours.explained_variance,
+                                                                                       rel=1e-6)
+        assert theirs["sparsity"]["l0"] == ours.mean_l0
+        assert (int((density == 0).sum()), int((density > 0.1).sum())) == (ours.dead_features, ours.dense_features)
+        perf = theirs["model_performance_preservation"]
+        for field, key in (("ce_clean", "ce_loss_without_sae"), ("ce_spliced", "ce_loss_with_sae"),
+                           ("ce_zero", "ce_loss_with_ablation"), ("ce_loss_recovered", "ce_loss_score")):
+            assert perf[key] == pytest.approx(getattr(ours, field), rel=1e-5), field
+        # KL over every position = ours over the predicted ones + the last positions, computed by hand
+        behaviour = theirs["model_behavior_preservation"]
+        for fn, field, key in ((lambda h, n=n: load_sae(default_release(), n).reconstruct(h).to(h.dtype), "kl_spliced",
+                                "kl_div_with_sae"), (torch.zeros_like, "kl_zero", "kl_div_with_ablation")):
+            kl_last = _last_position_kl(model, ids, n, fn)
+            every = (getattr(ours, field) * ours.n_predicted + kl_last) / ours.n_tokens
+            assert behaviour[key] == pytest.approx(every, rel=1e-4), field
+            assert behaviour[key] != pytest.approx(getattr(ours, field), rel=1e-3)  # the difference is real
+
+
+@torch.no_grad()
+def _last_position_kl(model, ids: list[torch.Tensor], layer: int, fn) -> float:
+    """Σ over texts of KL(clean ‖ edited) at the last token, block ``layer`` replaced by ``fn``."""
+    total = 0.0
+    for row in ids:
+        clean = model(row).logits[0, -1].float().log_softmax(-1)
+        with _replace_block_output(model, layer, fn):
+            edited = model(row).logits[0, -1].float().log_softmax(-1)
+        total += (clean.exp() * (clean - edited)).sum().item()
+    return total
