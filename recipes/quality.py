@@ -184,7 +184,8 @@ def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[i
     """Quality of each SAE in ``saes`` on the texts ``data`` (definitions in the module docstring).
 
     Per batch: one capture of every layer (reconstruction and firing), one clean forward, and for each layer
-    one spliced and one zero-ablated forward; only sums are kept between batches.
+    one spliced and one zero-ablated forward; only sums are kept between batches. A batch holds its clean
+    log-probabilities, float32 ``(predicted positions, vocab)``: lower ``batch_size`` for a large vocabulary.
 
     Args:
         model: a transformers model, a TransformerLens bridge, an nnsight model or a ``Backend``.

@@ -164,6 +164,31 @@ def test_batch_size_and_padding_do_not_change_the_result(setup, report):
         assert q.ce_loss_recovered == pytest.approx(alone.layers[n].ce_loss_recovered, abs=1e-5 * conditioning)
 
 
+@demo
+@pytest.mark.parametrize("framework", ["bridge", "nnsight"])
+def test_every_backend_gives_the_same_report(framework):
+    """Logits come from the framework's own forward and edits from the blocks underneath: the same numbers."""
+    import copy
+
+    from qscope_plugin import load_sae
+    from qscope_plugin.models import default_model, default_release, load_model
+
+    model, tok = load_model(default_model())
+    if framework == "bridge":
+        pytest.importorskip("transformer_lens")
+        from qscope_plugin.adapters.transformer_lens import boot as wrap
+    else:
+        pytest.importorskip("nnsight")
+        from qscope_plugin.adapters.nnsight import load as wrap
+    saes = {n: load_sae(default_release(), n) for n in (1, 3)}
+    texts = _demo_texts()[::4] + TEXTS
+    plain = evaluate_saes(model, tok, texts, saes, batch_size=4, progress=False)
+    other = evaluate_saes(wrap(copy.deepcopy(model), tokenizer=tok), tok, texts, saes, batch_size=4, progress=False)
+    for n, q in plain.layers.items():
+        for field, value in vars(other.layers[n]).items():
+            assert getattr(q, field) == pytest.approx(value, rel=1e-5, abs=1e-7), (framework, n, field)
+
+
 def test_json_round_trip_and_the_written_report(report, tmp_path):
     again = QualityReport.from_json(json.loads(json.dumps(report.to_json())))
     assert again == report
