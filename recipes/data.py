@@ -53,8 +53,14 @@ def _local_files(path: Path) -> tuple[str, dict[str, str]]:
         if path.suffix not in LOCAL_KINDS:
             raise DataError(f"cannot read {str(path)!r}: its suffix {path.suffix!r} is not one of "
                             f"{sorted(LOCAL_KINDS)}; convert it, or pass a folder of such files or a hub dataset id")
+        files = [path]
+    else:
+        files = sorted(f for f in path.iterdir() if f.suffix in LOCAL_KINDS)  # other files (a README) are not data
+    empty = [str(f) for f in files if f.stat().st_size == 0]
+    if empty:  # datasets' json builder fails on one with a bare StopIteration
+        raise DataError(f"{empty[0]!r} is empty; pass a file with at least one example")
+    if path.is_file():
         return LOCAL_KINDS[path.suffix], {path.stem: str(path)}
-    files = sorted(f for f in path.iterdir() if f.suffix in LOCAL_KINDS)  # other files (a README) are not data
     if not files:
         raise DataError(f"no {'/'.join(sorted(LOCAL_KINDS))} files in {str(path)!r}; expected one file per split "
                         "(e.g. per language: en.jsonl, de.jsonl)")

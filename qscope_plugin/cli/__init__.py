@@ -18,7 +18,19 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from qscope_plugin.cli import benchmarks, classify, demo, discovery, hub, repetition, safety, sasft, steering, verify
+from qscope_plugin.cli import (
+    benchmarks,
+    classify,
+    demo,
+    discovery,
+    evaluate,
+    hub,
+    repetition,
+    safety,
+    sasft,
+    steering,
+    verify,
+)
 from qscope_plugin.cli._options import UsageError, parse_layers
 from qscope_plugin.errors import QScopeError
 
@@ -39,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="qscope", description="Qwen-Scope SAEs: catalogue, download, recipes")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (hub, verify, demo, discovery, steering, classify, benchmarks, safety, sasft, repetition):
+    for group in (hub, verify, demo, discovery, evaluate, steering, classify, benchmarks, safety, sasft, repetition):
         group.add_parser(sub)
     return parser
 

@@ -88,6 +88,15 @@ def test_a_malformed_file_is_one_error(tmp_path):
         load_tables(path)
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_an_empty_file_is_one_error_not_a_stop_iteration(tmp_path, suffix):
+    (tmp_path / f"bench{suffix}").write_bytes(b"")
+    with pytest.raises(DataError, match=r"bench\.\w+' is empty"):
+        load_tables(tmp_path / f"bench{suffix}")
+    with pytest.raises(DataError, match="is empty"):
+        load_tables(tmp_path)
+
+
 def test_an_unreachable_hub_dataset_is_one_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
