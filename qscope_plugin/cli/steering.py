@@ -16,9 +16,10 @@ def _positions(spec: str) -> str | list[int]:
 def cmd_steer(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.steering import sweep
 
+    saes = load_saes(args.release, str(args.layer))  # a bad --layer fails before the model loads
     model, tok = load_backbone(args)
     result = sweep(model, tok, args.prompt, args.layer, args.feature, args.alpha,
-                   load_saes(args.release, str(args.layer)), max_new_tokens=args.max_new_tokens, chat=args.chat,
+                   saes, max_new_tokens=args.max_new_tokens, chat=args.chat,
                    direction_norm=args.direction_norm, positions=_positions(args.positions))
 
     def render() -> None:
