@@ -154,6 +154,25 @@ class Backend:
         return self.module(input_ids=input_ids.to(self.device), attention_mask=mask).logits
 
     @torch.no_grad()
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., vocab)`` logits of residual vectors ``(..., d_model)`` through the final norm and the LM head.
+
+        The same two modules the model's forward ends with (the norm next to the decoder blocks, then
+        ``get_output_embeddings()``), so ``unembed`` of the last block's output equals ``logits``: what a feature's
+        decoder direction promotes and suppresses (its logit effects).
+        """
+        return self.module.get_output_embeddings()(self._final_norm(hidden.to(self.device, self.dtype)))
+
+    @cached_property
+    def _final_norm(self) -> nn.Module:
+        """The norm of the backbone that owns the decoder blocks (``model.norm``, ``model.language_model.norm``)."""
+        for owner in self.module.modules():
+            if getattr(owner, "layers", None) is self.layers and isinstance(getattr(owner, "norm", None), nn.Module):
+                return owner.norm
+        raise BackendError(f"no final norm found next to the decoder blocks of {type(self.module).__name__}; "
+                           "expected a Qwen3 / Qwen3.5 backbone with a `norm` beside its `layers`")
+
+    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:

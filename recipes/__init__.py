@@ -5,6 +5,8 @@ goes through ``qscope_plugin.backends`` and every texts -> SAE codes pass throug
 """
 
 from qscope_plugin.recipes._harvest import LastFeatures, MaxActivations, TextCodes, harvest
+from qscope_plugin.recipes.inspection import FeatureCard, feature_cards
 from qscope_plugin.recipes.quality import LayerQuality, QualityReport, evaluate_saes
 
-__all__ = ["LastFeatures", "LayerQuality", "MaxActivations", "QualityReport", "TextCodes", "evaluate_saes", "harvest"]
+__all__ = ["FeatureCard", "LastFeatures", "LayerQuality", "MaxActivations", "QualityReport", "TextCodes",
+           "evaluate_saes", "feature_cards", "harvest"]

@@ -111,6 +111,32 @@ def test_sampling_is_seeded_and_differs_from_greedy(setup):
     assert draws[0] == draws[1] != backends["hf"].generate(ids, max_new_tokens=8).tolist()
 
 
+def test_unembed_is_the_final_norm_and_lm_head_of_every_backend(setup):
+    """Random residual vectors against RMSNorm and W_U by hand; the last block's output against each framework's
+    own logits (so unembed is exactly how the model's forward ends)."""
+    model, tok, backends = setup
+    hidden = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
+    normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps)
+    by_hand = (normed * model.model.norm.weight) @ model.lm_head.weight.T
+    ids = tok(["one two three", "four five"], return_tensors="pt", padding=True)
+    for name, backend in backends.items():
+        assert torch.allclose(backend.unembed(hidden), by_hand, atol=1e-5), name
+        last = backend.capture(ids["input_ids"], ids["attention_mask"], layers=[3])[3]
+        own = backend.logits(ids["input_ids"], ids["attention_mask"])
+        real = ids["attention_mask"].bool()
+        assert torch.allclose(backend.unembed(last)[real], own[real], atol=1e-5), name
+
+
+@pytest.mark.parametrize(("family", "multimodal"), [("qwen3_moe", False), ("qwen3_5", False), ("qwen3_5", True)])
+def test_unembed_finds_the_final_norm_of_every_layout(family, multimodal):
+    """Qwen3.5's norm scales by (1 + weight) and sits in ``model.language_model`` when multimodal."""
+    model = tiny_model(family, multimodal=multimodal, n_layers=4, vocab_size=512)
+    backend = as_backend(model)
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(0))
+    last = backend.capture(ids, layers=[3])[3]
+    assert torch.allclose(backend.unembed(last), backend.logits(ids), atol=1e-5)
+
+
 def _names(tree: ast.AST) -> set[str]:
     return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | {
         n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}

@@ -44,6 +44,7 @@ def test_wheel_ships_the_demo_assets_and_templates_without_setuptools_warnings(b
                                            "model.safetensors")]
     saes = [f"{demo}/saes/{f}" for f in ("qscope.json", *(f"layer{n}.sae.pt" for n in range(4)))]
     templates = [f"qscope_plugin/recipes/templates/{p.name}" for p in (ROOT / "recipes" / "templates").glob("*.txt")]
+    templates += [f"qscope_plugin/app/templates/{f}" for f in ("dashboard.html", "card.css", "dashboard.js")]
     assert templates and set(model + saes + templates) <= names, sorted(set(model + saes + templates) - names)
 
 

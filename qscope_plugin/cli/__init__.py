@@ -4,6 +4,7 @@
     qscope info qwen-scope-3-1.7b-base-w32k-l50       # dims, bytes per layer, cached layers
     qscope fetch qwen-scope-3-1.7b-base-w32k-l50 --layers 10-14
     qscope verify qwen-scope-3-1.7b-base-w32k-l50     # cached layers against their SHA-256, offline
+    qscope dashboard --layer 3 --top 50 --data texts.jsonl --out dashboard.html   # feature cards, one HTML file
 
 Exit status: 0 success, 1 runtime failure, 2 usage error. A usage error is a bad argument (argparse, ``UsageError``)
 or a plugin error that is a ``ValueError`` (an unknown release, a layer out of range, a bad option value); a
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 from qscope_plugin.cli import (
     benchmarks,
     classify,
+    dashboard,
     demo,
     discovery,
     evaluate,
@@ -51,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="qscope", description="Qwen-Scope SAEs: catalogue, download, recipes")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (hub, verify, demo, discovery, evaluate, steering, classify, benchmarks, safety, sasft, repetition):
+    for group in (hub, verify, demo, discovery, evaluate, steering, classify, benchmarks, safety, sasft, repetition,
+                  dashboard):
         group.add_parser(sub)
     return parser
 
