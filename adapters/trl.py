@@ -56,8 +56,21 @@ class SASFTMixin:
         loss, outputs = result if return_outputs else (result, None)
         value = reduce()
         self._sae_reduce.append(float(value.detach()))
-        loss = loss + self.penalty.lam * value.to(loss.device)
+        loss = loss + self.penalty.lam * value.to(loss.device) / self._micro_batches(model, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _micro_batches(self, model, num_items_in_batch) -> int:
+        """The micro-batches that share one optimizer step, where the loss itself must average over them.
+
+        L_reduce is a per-micro-batch mean. When the cross-entropy is normalised by ``num_items_in_batch`` (the step's
+        token count), ``Trainer`` skips its own division by the accumulation steps, so the penalty is divided here,
+        as TRL does for the MoE aux loss; otherwise gradient accumulation would multiply lambda by the step count.
+        """
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None
+                      ) or self.compute_loss_func is not None
+        return getattr(self, "current_gradient_accumulation_steps", 1) if scaled and model.training else 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._sae_reduce:

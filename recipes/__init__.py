@@ -6,5 +6,7 @@ goes through ``qscope_plugin.backends`` and every texts -> SAE codes pass throug
 
 from qscope_plugin.recipes._harvest import LastFeatures, MaxActivations, TextCodes, harvest
 from qscope_plugin.recipes.inspection import FeatureCard, feature_cards
+from qscope_plugin.recipes.quality import LayerQuality, QualityReport, evaluate_saes
 
-__all__ = ["FeatureCard", "LastFeatures", "MaxActivations", "TextCodes", "feature_cards", "harvest"]
+__all__ = ["FeatureCard", "LastFeatures", "LayerQuality", "MaxActivations", "QualityReport", "TextCodes",
+           "evaluate_saes", "feature_cards", "harvest"]

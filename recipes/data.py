@@ -53,8 +53,14 @@ def _local_files(path: Path) -> tuple[str, dict[str, str]]:
         if path.suffix not in LOCAL_KINDS:
             raise DataError(f"cannot read {str(path)!r}: its suffix {path.suffix!r} is not one of "
                             f"{sorted(LOCAL_KINDS)}; convert it, or pass a folder of such files or a hub dataset id")
+        files = [path]
+    else:
+        files = sorted(f for f in path.iterdir() if f.suffix in LOCAL_KINDS)  # other files (a README) are not data
+    empty = [str(f) for f in files if f.stat().st_size == 0]
+    if empty:  # datasets' json builder fails on one with a bare StopIteration
+        raise DataError(f"{empty[0]!r} is empty; pass a file with at least one example")
+    if path.is_file():
         return LOCAL_KINDS[path.suffix], {path.stem: str(path)}
-    files = sorted(f for f in path.iterdir() if f.suffix in LOCAL_KINDS)  # other files (a README) are not data
     if not files:
         raise DataError(f"no {'/'.join(sorted(LOCAL_KINDS))} files in {str(path)!r}; expected one file per split "
                         "(e.g. per language: en.jsonl, de.jsonl)")
@@ -108,9 +114,6 @@ def load_tables(source: Source, *, config: str | None = None,
     try:
         if path.exists():
             kind, files = _local_files(path)
-            empty = [file for file in files.values() if Path(file).stat().st_size == 0]
-            if empty:  # datasets fails on these with a bare StopIteration
-                raise DataError(f"{empty[0]!r} is empty; pass a file with at least one row")
             with _no_progress_bars():  # file by file: a stem need not be a valid split name ("all", "zh-hans")
                 return {name: datasets.load_dataset(kind, data_files=file, split="train")
                         for name, file in files.items()}

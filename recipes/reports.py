@@ -2,6 +2,7 @@
 
     >>> write_report(evaluate(model, tok, saes, splits), "toxicity-report")      # a ToxicityReport
     >>> write_report(redundancy_report(footprints), "redundancy-report")          # a RedundancyReport
+    >>> write_report(evaluate_saes(model, tok, texts, saes), "quality-report")    # a QualityReport
     >>> again = ToxicityReport.from_json(json.loads(Path("toxicity-report/report.json").read_text()))
 
 Each folder gets ``report.json`` (every number; ``from_json`` reads it back), ``report.md`` and PNGs. The markdown
@@ -17,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from qscope_plugin.recipes.classifiers import Scores
+from qscope_plugin.recipes.quality import QualityReport
 from qscope_plugin.recipes.redundancy import Matrix, RedundancyReport
 from qscope_plugin.recipes.toxicity import Grid, ToxicityReport
 
 
-def write_report(report: ToxicityReport | RedundancyReport, out_dir: str | Path) -> list[Path]:
+def write_report(report: ToxicityReport | RedundancyReport | QualityReport, out_dir: str | Path) -> list[Path]:
     """``report.json``, ``report.md`` and the report's PNGs in ``out_dir``; returns the files written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -29,9 +31,12 @@ def write_report(report: ToxicityReport | RedundancyReport, out_dir: str | Path)
         markdown, images = toxicity_markdown(report), _toxicity_plots(report, out)
     elif isinstance(report, RedundancyReport):
         markdown, images = redundancy_markdown(report), _redundancy_plots(report, out)
+    elif isinstance(report, QualityReport):
+        markdown, images = quality_markdown(report), _quality_plots(report, out)
     else:
-        raise TypeError(f"write_report takes a ToxicityReport or a RedundancyReport, not {type(report).__name__}; "
-                        "build one with toxicity.evaluate or redundancy.redundancy_report")
+        raise TypeError(f"write_report takes a ToxicityReport, a RedundancyReport or a QualityReport, not "
+                        f"{type(report).__name__}; build one with toxicity.evaluate, redundancy.redundancy_report "
+                        "or quality.evaluate_saes")
     (out / "report.json").write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n",
                                      encoding="utf-8")
     (out / "report.md").write_text(markdown, encoding="utf-8")
@@ -198,3 +203,44 @@ def _md_matrix(matrix: Matrix) -> str:
     for name, values in zip(matrix.names, matrix.values, strict=True):
         rows.append(f"| {name} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |")
     return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------------ SAE quality
+
+
+def quality_table(report: QualityReport) -> str:
+    """One markdown row per layer (also the closing table of docs/quality.md)."""
+    lines = ["| layer | tokens | FVU | explained var. | mean L0 | dead | dense | CE clean | CE spliced | CE zero | "
+             "KL spliced | KL zero | CE recovered |", "|---:" * 13 + "|"]
+    for n, q in sorted(report.layers.items()):
+        lines.append(f"| {n} | {q.n_tokens} | {q.fvu:.4f} | {q.explained_variance:.4f} | {q.mean_l0:.1f} | "
+                     f"{q.dead_features} ({q.dead_fraction:.1%}) | {q.dense_features} ({q.dense_fraction:.1%}) | "
+                     f"{q.ce_clean:.4f} | {q.ce_spliced:.4f} | {q.ce_zero:.4f} | {q.kl_spliced:.4f} | "
+                     f"{q.kl_zero:.4f} | {q.ce_loss_recovered:.4f} |")
+    return "\n".join(lines)
+
+
+def quality_markdown(report: QualityReport) -> str:
+    where = ", ".join(f"{what} `{name}`" for what, name in (("SAEs", report.release), ("model", report.model))
+                      if name)
+    return "\n".join([
+        "# SAE quality per layer", "",
+        f"{report.n_texts} texts (first {report.max_length} tokens each){'; ' + where if where else ''}. Dense: "
+        f"fires on more than {report.dense_threshold:.0%} of tokens. CE and KL in nats per predicted token; "
+        "CE recovered = (CE zero − CE spliced) / (CE zero − CE clean).", "",
+        quality_table(report), "", "![quality by layer](quality.png)", ""])
+
+
+def _quality_plots(report: QualityReport, out: Path) -> list[Path]:
+    """FVU, mean L0 and CE loss recovered against the layer, side by side."""
+    plt = _pyplot()
+    layers = sorted(report.layers)
+    panels = (("FVU", "fvu"), ("mean L0", "mean_l0"), ("CE loss recovered", "ce_loss_recovered"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
+    for ax, (title, field) in zip(axes, panels, strict=True):
+        ax.plot(layers, [getattr(report.layers[n], field) for n in layers], marker="o")
+        ax.set(title=title, xlabel="layer", xticks=layers)
+    fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=110)
+    plt.close(fig)
+    return [out / "quality.png"]

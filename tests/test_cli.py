@@ -246,3 +246,28 @@ def test_a_device_torch_cannot_use_is_one_usage_error(capsys):
     assert main(["analyze", "hi", "--device", "nan"]) == 2  # refused before the model loads
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("qscope analyze: error: device 'nan' cannot be used here")
+
+
+@pytest.mark.parametrize("argv", [
+    ["analyze", "hi", "--layers", "9"],
+    ["compare", "--positive", "a", "--negative", "b", "--layers", "2-9"],
+    ["steer", "hi", "--layer", "9", "--feature", "0", "--alpha", "1"],
+    ["repetition", "features", "a a a", "--out", "{tmp}/f.json", "--layers", "9"],
+    ["sasft", "features", "--texts", "{tmp}/texts.json", "--target", "zh", "--out", "{tmp}/f.json", "--layers", "9"],
+    ["footprints", "{tmp}/data.jsonl", "--column", "q", "--layers", "9", "--out", "{tmp}/fp.safetensors"],
+])
+def test_a_bad_layer_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, argv):
+    """The backbone is the slow part (minutes at real size): a typo in --layers must not wait for it."""
+    import json
+
+    import qscope_plugin.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --layers was checked")
+
+    monkeypatch.setattr(qscope_plugin.models, "load_model", no_model)
+    (tmp_path / "texts.json").write_text(json.dumps({"zh": ["你好"], "en": ["hello"]}))
+    (tmp_path / "data.jsonl").write_text('{"q": "hello"}\n')
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "layer 9" in err, err

@@ -102,6 +102,14 @@ def load_texts(source: str, *, column: str = "text", limit: int | None = None) -
     return [str(t) for t in table[column]]
 
 
+def _layers_of(source: str) -> int:
+    n_layers = layer_count(source)
+    if n_layers == 0:
+        raise AppInputError(f"{source!r} holds no layer{{n}}.sae.pt file; pass a release name (`qscope releases`) "
+                            "or a folder of SAE files")
+    return n_layers
+
+
 @dataclass
 class Explorer:
     """A backbone, an SAE source (release name or folder) and the texts the Feature tab reads (its cards)."""
@@ -116,7 +124,7 @@ class Explorer:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.n_layers = layer_count(self.source)
+        self.n_layers = _layers_of(self.source)
 
     @classmethod
     def load(cls, model: str | None = None, release: str | None = None, *, device: str | None = None,
@@ -125,6 +133,7 @@ class Explorer:
         its sentences."""
         from qscope_plugin.models import default_model, default_release, load_model
 
+        _layers_of(release or default_release())  # a bad release fails before the (slow) model load
         backbone, tokenizer = load_model(model or default_model(), device=device)
         name = "the embedded demo model" if model in (None, default_model()) else model
         return cls(backbone, tokenizer, release or default_release(), texts or demo_texts(), model_name=name)

@@ -26,6 +26,7 @@ from qscope_plugin.cli import (
     dashboard,
     demo,
     discovery,
+    evaluate,
     hub,
     repetition,
     safety,
@@ -53,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="qscope", description="Qwen-Scope SAEs: catalogue, download, recipes")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (hub, verify, demo, discovery, steering, classify, benchmarks, safety, sasft, repetition, dashboard,
-                  app):
+    for group in (hub, verify, demo, discovery, evaluate, steering, classify, benchmarks, safety, sasft, repetition,
+                  dashboard, app):
         group.add_parser(sub)
     return parser
 

@@ -21,8 +21,9 @@ def cmd_classify_fit(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.toxicity import fit_classifier
 
     splits = _splits(args)
+    saes = load_saes(args.release, args.layers)  # a bad --layers fails before the model loads
     model, tok = load_backbone(args)
-    clf, scores = fit_classifier(model, tok, load_saes(args.release, args.layers), splits, release=args.release,
+    clf, scores = fit_classifier(model, tok, saes, splits, release=args.release,
                                  k_features=args.k, m_layers=args.m_layers, eps=args.eps)
     clf.save(args.out)
     print(f"features {clf.features}; held-out precision {scores.precision:.3f} recall {scores.recall:.3f} "
@@ -34,8 +35,9 @@ def cmd_classify_eval(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.toxicity import evaluate
 
     splits = _splits(args)
+    saes = load_saes(args.release, args.layers)
     model, tok = load_backbone(args)
-    report = evaluate(model, tok, load_saes(args.release, args.layers), splits, eps=args.eps,
+    report = evaluate(model, tok, saes, splits, eps=args.eps,
                       m_layers=args.m_layers, progress=True)
     write_report(report, args.out)
     print(f"macro best-over-layers F1 {report.macro_best_f1:.3f}; report in {args.out}/report.md")
@@ -58,9 +60,10 @@ def cmd_classify_predict(args: argparse.Namespace) -> None:
     # the saved backbone and SAEs unless overridden: predicting with other SAEs would be silently wrong
     args.release = args.release or saved.get("release") or default_release()
     args.model = args.model or saved.get("model_id") or default_model()
-    model, tok = load_backbone(args)
     layers = ",".join(map(str, saved.get("features", {})))
-    clf = ORRuleClassifier.load(args.classifier, model, tok, load_saes(args.release, layers or "all"))
+    saes = load_saes(args.release, layers or "all")
+    model, tok = load_backbone(args)
+    clf = ORRuleClassifier.load(args.classifier, model, tok, saes)
     for text, label in zip(texts, clf.predict(texts), strict=True):
         print(f"{int(label)}\t{text}")
 

@@ -10,8 +10,9 @@ from qscope_plugin.cli._options import add_model_options, emit, load_backbone, l
 def cmd_analyze(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.discovery import analyze
 
+    saes = load_saes(args.release, args.layers)  # a bad --layers fails before the model loads
     model, tok = load_backbone(args)
-    rows = analyze(model, tok, args.text, load_saes(args.release, args.layers), top_n=args.top)
+    rows = analyze(model, tok, args.text, saes, top_n=args.top)
 
     def render() -> None:
         for r in rows:
@@ -26,8 +27,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     positive = read_texts(args.positive, args.positive_file, "positive")
     negative = read_texts(args.negative, args.negative_file, "negative")
+    saes = load_saes(args.release, args.layers)
     model, tok = load_backbone(args)
-    ranking = contrast(model, tok, positive, negative, load_saes(args.release, args.layers), method=args.method,
+    ranking = contrast(model, tok, positive, negative, saes, method=args.method,
                        pool=args.pool, rank_by=args.rank_by, top_k=args.top_k,
                        exclude_first_token=not args.keep_first_token, progress=True)
 

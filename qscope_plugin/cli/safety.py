@@ -38,8 +38,8 @@ def _target_saes(args: argparse.Namespace, targets) -> dict:
 def cmd_safety_targets(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.safety_synthesis import build_targets, save_targets
 
+    saes = load_saes(args.release, args.layers)  # a bad --layers fails before the model loads
     model, tok = load_backbone(args)
-    saes = load_saes(args.release, args.layers)
     features = {layer: parse_layers(args.features, sae.cfg.d_sae, "--features", f"the layer-{layer} SAE")
                 for layer, sae in saes.items()}
     chat = _chat(args, model, tok)
@@ -57,8 +57,9 @@ def cmd_safety_coverage(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.safety_synthesis import coverage, load_targets
 
     targets = load_targets(args.targets)
+    saes = _target_saes(args, targets)
     model, tok = load_backbone(args)
-    cov = coverage(model, tok, _target_saes(args, targets), targets, read_texts(None, args.prompts, "prompts"),
+    cov = coverage(model, tok, saes, targets, read_texts(None, args.prompts, "prompts"),
                    weak_support=args.weak_support)
     payload = {"cov": cov.cov, "missing": [vars(targets[i]) for i in cov.missing],
                "weak": [vars(targets[i]) for i in cov.weak], "by_category": cov.by_category}
@@ -89,8 +90,8 @@ def cmd_safety_synthesize(args: argparse.Namespace) -> None:
     if not styles:
         raise UsageError("--attack-styles is empty; give comma-separated styles, e.g. 'role-play,hypothetical'")
     targets = load_targets(args.targets)
-    model, tok = load_backbone(args)
     saes = _target_saes(args, targets)
+    model, tok = load_backbone(args)
     chat = _chat(args, model, tok)
     generators = chat.generators(seed=args.seed)
     seed_prompts = read_texts(None, args.seed_prompts, "seed prompts")

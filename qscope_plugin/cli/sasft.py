@@ -41,8 +41,9 @@ def cmd_features(args: argparse.Namespace) -> None:
     texts = _read_json(args.texts, "--texts")
     if not isinstance(texts, dict):
         raise UsageError(f"--texts {args.texts!r} must hold a JSON object {{language: [lines]}}")
+    saes = load_saes(args.release, args.layers)  # a bad --layers fails before the model loads
     model, tok = load_backbone(args)
-    feats = language_features(model, tok, texts, load_saes(args.release, args.layers), target=args.target,
+    feats = language_features(model, tok, texts, saes, target=args.target,
                               top_n=args.top_n)
     feats.save(args.out)
     emit(args, feats.to_json(), lambda: [print(f"layer {n}: S_{feats.target} = {f}  nu = "
@@ -60,9 +61,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not isinstance(rows, list) or not all(isinstance(r, dict) and {"prompt", "response", "language"} <= set(r)
                                              for r in rows):
         raise UsageError(f"--data {args.data!r} must be JSON lines with prompt, response and language")
-    model, tok = load_backbone(args)
     layers = None if args.penalty_layers is None else [int(n) for n in names(args.penalty_layers)]
     saes = load_saes(args.release, "all")
+    model, tok = load_backbone(args)
     feats = LanguageFeatures.load(args.features, saes)
     penalty = SASFTPenalty(model, feats, saes, layers=layers, lam=args.lam, variant=args.variant)
     data = Dataset.from_list(encode_examples(tok, [Example(r["prompt"], r["response"], r["language"])

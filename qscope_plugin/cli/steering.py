@@ -10,10 +10,12 @@ from qscope_plugin.cli._options import add_model_options, emit, load_backbone, l
 def cmd_steer(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.steering import parse_positions, sweep
 
+    saes = load_saes(args.release, str(args.layer))  # a bad --layer or --positions fails before the model loads
+    positions = parse_positions(args.positions)
     model, tok = load_backbone(args)
-    result = sweep(model, tok, args.prompt, args.layer, args.feature, args.alpha,
-                   load_saes(args.release, str(args.layer)), max_new_tokens=args.max_new_tokens, chat=args.chat,
-                   direction_norm=args.direction_norm, positions=parse_positions(args.positions))
+    result = sweep(model, tok, args.prompt, args.layer, args.feature, args.alpha, saes,
+                   max_new_tokens=args.max_new_tokens, chat=args.chat, direction_norm=args.direction_norm,
+                   positions=positions)
 
     def render() -> None:
         print(f"prompt: {result.prompt!r}\nunsteered: {result.unsteered.text!r}")

@@ -14,10 +14,12 @@ from qscope_plugin.cli import main
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail loudly if a command gets as far as loading a model."""
+    import qscope_plugin.models
+
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(explorer_module.Explorer, "load", refuse)
+    monkeypatch.setattr(qscope_plugin.models, "load_model", refuse)
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -40,6 +42,13 @@ def test_missing_gradio_names_the_extra(no_model, monkeypatch, capsys):
     assert main(["app"]) == 2
     assert capsys.readouterr().err.strip() == ("qscope app: error: the web app needs Gradio; install the extra: "
                                                "pip install 'qscope-plugin[app]'")
+
+
+def test_a_bad_release_is_refused_before_the_model_loads(no_model, tmp_path, capsys):
+    assert main(["app", "--release", "no-such-release"]) == 2
+    assert "qscope app: error: " in capsys.readouterr().err
+    assert main(["app", "--release", str(tmp_path)]) == 2
+    assert "holds no layer{n}.sae.pt file" in capsys.readouterr().err
 
 
 def test_unusable_data_exits_2(no_model, tmp_path, capsys):

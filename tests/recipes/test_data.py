@@ -91,7 +91,7 @@ def test_a_malformed_file_is_one_error(tmp_path):
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
 def test_an_empty_file_is_one_error(tmp_path, suffix):
     (tmp_path / f"bench{suffix}").touch()
-    with pytest.raises(DataError, match=r"bench\.\w+' is empty; pass a file with at least one row"):
+    with pytest.raises(DataError, match=r"bench\.\w+' is empty; pass a file with at least one"):
         load_tables(tmp_path / f"bench{suffix}")
     with pytest.raises(DataError, match="is empty"):
         load_tables(tmp_path)

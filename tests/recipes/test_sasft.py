@@ -190,6 +190,40 @@ def test_trainer_compute_loss_equals_the_plain_function(tiny, tmp_path):
     assert trainer._sae_reduce and trainer._sae_reduce[0] == pytest.approx(float(sasft_loss(penalty, batch).reduce))
 
 
+def _one_sgd_step(tiny, tmp_path, batch_size: int, accumulation: int) -> torch.Tensor:
+    """Parameters of the tiny model after one SGD step of SASFTTrainer on the same two examples."""
+    import copy
+
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from qscope_plugin.adapters.trl import SASFTTrainer
+
+    model, saes = tiny
+    model = copy.deepcopy(model)
+    batch = _batch()
+    rows = Dataset.from_list([{k: v[i].tolist() for k, v in batch.items()} for i in (0, 1)])  # same length, no pads
+    args = TrainingArguments(str(tmp_path / f"{batch_size}x{accumulation}"), report_to="none", use_cpu=True,
+                             max_steps=1, per_device_train_batch_size=batch_size, learning_rate=1.0, optim="sgd",
+                             gradient_accumulation_steps=accumulation, lr_scheduler_type="constant",
+                             save_strategy="no", remove_unused_columns=False)
+    penalty = SASFTPenalty(model, _features(saes, alpha=(-1.0, -1.0)), saes, lam=5.0)
+    trainer = SASFTTrainer(model=model, args=args, train_dataset=rows, penalty=penalty,
+                           data_collator=lambda rows: {k: torch.tensor([r[k] for r in rows]) for k in rows[0]})
+    trainer.train()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_gradient_accumulation_does_not_scale_the_penalty(tiny, tmp_path):
+    """Two micro-batches of one example take the same step as one batch of two (the CE alone already did)."""
+    pytest.importorskip("trl")
+    before = torch.cat([p.detach().flatten() for p in tiny[0].parameters()])
+    whole = _one_sgd_step(tiny, tmp_path, batch_size=2, accumulation=1)
+    accumulated = _one_sgd_step(tiny, tmp_path, batch_size=1, accumulation=2)
+    assert not torch.allclose(whole, before)
+    torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def demo_setup():
     from qscope_plugin import load_sae

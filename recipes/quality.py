@@ -1,0 +1,248 @@
+"""How good is each SAE on your data: reconstruction, sparsity, dead / dense features and the downstream cost.
+
+    >>> report = evaluate_saes(model, tok, texts, {n: load_sae(release, n) for n in range(4)})
+    >>> report.layers[3].fvu, report.layers[3].mean_l0, report.layers[3].ce_loss_recovered
+    >>> write_report(report, "quality-report")            # recipes.reports: report.json, report.md, quality.png
+
+Definitions (docs/quality.md has them with the measured demo table), over every real token of the dataset:
+- FVU (E4) pools all tokens: ``Σ_t ||x_t − x̂_t||² / Σ_t ||x_t − x̄||²`` with ``x̄`` the dataset mean, as
+  ``QwenScopeSAE.fvu`` on the concatenated block outputs; explained variance is ``1 − FVU``.
+- mean L0: features with ``z_f > 0`` per token; dead: never fired on any token; dense: fired on more than
+  ``dense_threshold`` of the tokens.
+- downstream: next-token cross-entropy (nats) of the clean model, with block n's output replaced by the SAE
+  reconstruction (spliced), and replaced by zeros (zero-ablated); ``KL(clean ‖ spliced)`` and ``KL(clean ‖ zero)``
+  per token; CE loss recovered ``(CE_zero − CE_spliced) / (CE_zero − CE_clean)``. Only positions whose next token
+  is a real token count.
+
+Batches are right-padded, so every real token keeps its natural position (``Backend.logits`` takes none) and
+padding, coming after the real tokens, cannot reach them through causal attention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qscope_plugin.backends import Backend, KwargsEdit, as_backend
+from qscope_plugin.errors import QScopeError
+from qscope_plugin.recipes._harvest import check_texts, pad, tokenize
+from qscope_plugin.sae import QwenScopeSAE
+
+
+class QualityError(QScopeError, ValueError):
+    """Evaluation options or data that cannot be used."""
+
+
+@dataclass(frozen=True)
+class LayerQuality:
+    """One SAE's quality on a dataset; see the module docstring for each definition."""
+
+    layer: int
+    n_tokens: int
+    """Real tokens: the population of FVU, L0, dead and dense."""
+    n_predicted: int
+    """Positions with a real next token: the population of CE and KL."""
+    fvu: float
+    explained_variance: float
+    mean_l0: float
+    dead_features: int
+    dead_fraction: float
+    dense_features: int
+    dense_fraction: float
+    ce_clean: float
+    ce_spliced: float
+    ce_zero: float
+    kl_spliced: float
+    kl_zero: float
+    ce_loss_recovered: float
+    """``(ce_zero − ce_spliced) / (ce_zero − ce_clean)``; NaN when zero-ablation costs nothing."""
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """Per-layer quality of a set of SAEs on one dataset; ``recipes.reports.write_report`` renders it."""
+
+    layers: dict[int, LayerQuality]
+    n_texts: int
+    dense_threshold: float
+    max_length: int | None
+    model: str | None = None
+    release: str | None = None
+
+    def to_json(self) -> dict:
+        """Plain JSON types; layer keys become strings (as JSON has them)."""
+        return {"n_texts": self.n_texts, "dense_threshold": self.dense_threshold, "max_length": self.max_length,
+                "model": self.model, "release": self.release,
+                "layers": {str(n): asdict(q) for n, q in self.layers.items()}}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> QualityReport:
+        """The report back from ``to_json`` output, read through JSON (layer keys restored to ints)."""
+        return cls({int(n): LayerQuality(**q) for n, q in data["layers"].items()}, data["n_texts"],
+                   data["dense_threshold"], data["max_length"], data.get("model"), data.get("release"))
+
+
+class _Tally:
+    """Running sums of one layer's reconstruction and firing over real tokens (float64: the variance is a
+    difference of two large sums when activations have a large mean)."""
+
+    def __init__(self, sae: QwenScopeSAE) -> None:
+        self.sae = sae
+        self.n = 0
+        self.sum_x = torch.zeros(sae.cfg.d_model, dtype=torch.float64)
+        self.sum_x2 = 0.0
+        self.sum_err = 0.0
+        self.active = 0
+        self.fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+
+    def add(self, x: torch.Tensor) -> None:
+        """``x`` ``(tokens, d_model)``: the block outputs of real tokens."""
+        values, indices = self.sae.encode_sparse(x)
+        x = x.float()
+        err = x - self.sae.decode_sparse(values, indices).float().to(x.device)
+        on = values > 0
+        self.n += x.shape[0]
+        self.sum_x += x.sum(0).double().cpu()
+        self.sum_x2 += x.double().pow(2).sum().item()
+        self.sum_err += err.double().pow(2).sum().item()
+        self.active += int(on.sum())
+        self.fired += torch.bincount(indices[on].flatten().cpu(), minlength=self.sae.cfg.d_sae)
+
+    def fvu(self) -> float:
+        total = self.sum_x2 - (self.sum_x / self.n).pow(2).sum().item() * self.n
+        return self.sum_err / total if total > 0 else math.nan
+
+
+class Clean(NamedTuple):
+    """The clean forward of one batch at the positions with a real next token."""
+
+    where: torch.Tensor
+    """``(batch, seq − 1)`` bool: position t is real and so is t + 1."""
+    targets: torch.Tensor
+    """``(n,)`` the next tokens."""
+    logp: torch.Tensor
+    """``(n, vocab)`` float32 log-probabilities."""
+
+
+def _next_token_logp(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits[:, :-1][where.to(logits.device)].float(), dim=-1)
+
+
+def clean_forward(backend: Backend, ids: torch.Tensor, mask: torch.Tensor) -> Clean:
+    where = mask[:, :-1].bool() & mask[:, 1:].bool()
+    logp = _next_token_logp(backend.logits(ids, mask), where)
+    return Clean(where, ids[:, 1:][where].to(logp.device), logp)
+
+
+def spliced_cost(backend: Backend, ids: torch.Tensor, mask: torch.Tensor, clean: Clean, layer: int,
+                 splice: KwargsEdit) -> tuple[float, float]:
+    """``(Σ CE, Σ KL(clean ‖ edited))`` over the batch's predicted positions with ``splice`` on block ``layer``.
+
+    The sums, not the vocab-sized log-probabilities, leave this function: nothing vocab-sized outlives a batch.
+    """
+    with backend.edit({layer: splice}):
+        logp = _next_token_logp(backend.logits(ids, mask), clean.where)
+    nll = -logp.gather(-1, clean.targets.unsqueeze(-1))
+    kl = F.kl_div(logp, clean.logp, log_target=True, reduction="none").sum(-1)
+    return nll.sum().item(), kl.sum().item()
+
+
+def _reconstruct(sae: QwenScopeSAE) -> KwargsEdit:
+    def splice(hidden: torch.Tensor, layer: int, layer_kwargs: dict) -> torch.Tensor:
+        return sae.reconstruct(hidden).to(device=hidden.device, dtype=hidden.dtype)
+
+    return splice
+
+
+def _zero(hidden: torch.Tensor, layer: int, layer_kwargs: dict) -> torch.Tensor:
+    return torch.zeros_like(hidden)
+
+
+def _check_options(saes: Mapping[int, QwenScopeSAE], batch_size: int, max_length: int | None,
+                   dense_threshold: float) -> None:
+    if not saes:
+        raise QualityError("no SAEs given; pass {layer: QwenScopeSAE} for at least one layer")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise QualityError(f"batch_size={batch_size!r}; expected an integer >= 1")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+        raise QualityError(f"max_length={max_length!r}; expected None or an integer >= 2 (a next-token loss needs "
+                           "two tokens)")
+    if not (isinstance(dense_threshold, int | float) and 0 <= dense_threshold <= 1):
+        raise QualityError(f"dense_threshold={dense_threshold!r}; expected a fraction of tokens in [0, 1], e.g. 0.1")
+
+
+@torch.no_grad()
+def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[int, QwenScopeSAE], *,
+                  batch_size: int = 8, max_length: int | None = 512, dense_threshold: float = 0.1,
+                  progress: bool = True) -> QualityReport:
+    """Quality of each SAE in ``saes`` on the texts ``data`` (definitions in the module docstring).
+
+    Per batch: one capture of every layer (reconstruction and firing), one clean forward, and for each layer
+    one spliced and one zero-ablated forward; only sums are kept between batches. A batch holds its clean
+    log-probabilities, float32 ``(predicted positions, vocab)``: lower ``batch_size`` for a large vocabulary.
+
+    Args:
+        model: a transformers model, a TransformerLens bridge, an nnsight model or a ``Backend``.
+        data: texts, tokenized without special tokens and cut to their first ``max_length`` tokens.
+        dense_threshold: a feature firing on more than this fraction of tokens is dense.
+
+    Raises:
+        QualityError: no SAEs, a bad option, or no text with two tokens (no next-token loss to measure).
+        EmptyInputError: no texts.
+    """
+    _check_options(saes, batch_size, max_length, dense_threshold)
+    texts = check_texts(data)
+    backend = as_backend(model)
+    layers = sorted(backend.check_layers(saes))
+    encoded = sorted((ids for ids in tokenize(tokenizer, texts, max_length=max_length) if ids), key=len)
+    if not any(len(ids) >= 2 for ids in encoded):
+        raise QualityError(f"none of the {len(texts)} texts has two tokens, so there is no next token to predict; "
+                           "pass longer texts")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tallies = {n: _Tally(saes[n]) for n in layers}
+    edits = {n: (_reconstruct(saes[n]), _zero) for n in layers}
+    downstream = {n: torch.zeros(4, dtype=torch.float64) for n in layers}  # Σ CE, Σ KL: spliced, then zeroed
+    ce_clean, n_predicted = 0.0, 0
+    batches = [encoded[start : start + batch_size] for start in range(0, len(encoded), batch_size)]
+    for rows in tqdm(batches, disable=not progress, desc="evaluate", unit="batch"):
+        ids, mask, _ = pad(rows, pad_id, "right")
+        backend.capture(ids, mask, layers=layers, reduce=_tally_real_tokens(tallies, mask.bool()))
+        clean = clean_forward(backend, ids, mask)
+        n_predicted += int(clean.where.sum())
+        ce_clean += -clean.logp.gather(-1, clean.targets.unsqueeze(-1)).sum().item()
+        for n, (splice, ablate) in edits.items():
+            downstream[n] += torch.tensor([*spliced_cost(backend, ids, mask, clean, n, splice),
+                                           *spliced_cost(backend, ids, mask, clean, n, ablate)], dtype=torch.float64)
+    return QualityReport({n: _layer_quality(n, tallies[n], ce_clean / n_predicted, downstream[n] / n_predicted,
+                                            n_predicted, dense_threshold) for n in layers},
+                         n_texts=len(texts), dense_threshold=float(dense_threshold), max_length=max_length,
+                         model=backend.name, release=saes[layers[0]].cfg.release)
+
+
+def _tally_real_tokens(tallies: Mapping[int, _Tally], real: torch.Tensor):
+    """The capture's ``reduce``: add block n's real tokens to its tally, keep nothing."""
+
+    def reduce(hidden: torch.Tensor, n: int) -> None:
+        tallies[n].add(hidden[real.to(hidden.device)])
+
+    return reduce
+
+
+def _layer_quality(n: int, tally: _Tally, ce_clean: float, means: torch.Tensor, n_predicted: int,
+                   dense_threshold: float) -> LayerQuality:
+    ce_spliced, kl_spliced, ce_zero, kl_zero = means.tolist()
+    fvu, d_sae = tally.fvu(), tally.sae.cfg.d_sae
+    dead = int((tally.fired == 0).sum())
+    dense = int((tally.fired > dense_threshold * tally.n).sum())
+    lost = ce_zero - ce_clean
+    return LayerQuality(layer=n, n_tokens=tally.n, n_predicted=n_predicted, fvu=fvu, explained_variance=1 - fvu,
+                        mean_l0=tally.active / tally.n, dead_features=dead, dead_fraction=dead / d_sae,
+                        dense_features=dense, dense_fraction=dense / d_sae, ce_clean=ce_clean,
+                        ce_spliced=ce_spliced, ce_zero=ce_zero, kl_spliced=kl_spliced, kl_zero=kl_zero,
+                        ce_loss_recovered=(ce_zero - ce_spliced) / lost if lost != 0 else math.nan)
