@@ -108,7 +108,10 @@ def _kept_positions(codes: list[TextCodes], other_side: list[TextCodes], all_cod
 
 def _side_statistic(codes: list[TextCodes], kept: list[torch.Tensor], layer: int, d_sae: int,
                     opts: ContrastOptions) -> torch.Tensor:
-    """Per-feature mean over texts of the pooled activation (R1) or of the firing rate (R2); ``(d_sae,)``."""
+    """Per-feature mean over texts of the pooled activation (R1) or of the firing rate (R2); ``(d_sae,)``.
+
+    A text with no kept position is skipped; ``contrast_codes`` has already refused a side where that is every text.
+    """
     total, n_texts = torch.zeros(d_sae), 0
     for c, keep in zip(codes, kept, strict=True):
         if not keep.any():
@@ -119,15 +122,33 @@ def _side_statistic(codes: list[TextCodes], kept: list[torch.Tensor], layer: int
         else:
             total += z.max(0).values if opts.pool == "max" else z.mean(0)
         n_texts += 1
-    return total / max(n_texts, 1)
+    return total / n_texts
+
+
+def _check_side_kept(kept: list[torch.Tensor], side: str, opts: ContrastOptions) -> None:
+    """A side with no kept position has no statistic; reading it as all-zero rates would rank noise."""
+    if not any(keep.any() for keep in kept):
+        dropped = [name for name, on in (("the first token", opts.exclude_first_token),
+                                         ("the common prefix", opts.drop_common_prefix),
+                                         ("tokens shared by both sides", opts.drop_shared_tokens)) if on]
+        raise ContrastError(f"every position of the {side} texts was excluded (dropping {', '.join(dropped)}); "
+                            "give longer or more different texts, or turn one of those options off")
 
 
 def contrast_codes(positive: list[TextCodes], negative: list[TextCodes], d_sae: Mapping[int, int],
                    opts: ContrastOptions = ContrastOptions()) -> dict[int, list[FeatureScore]]:
-    """Rank features per layer by how much more they fire on ``positive`` than ``negative`` (pure statistics)."""
+    """Rank features per layer by how much more they fire on ``positive`` than ``negative`` (pure statistics).
+
+    Features whose score is exactly 0 are left out (a tie says nothing), so a layer may rank fewer than ``top_k``.
+
+    Raises:
+        ContrastError: a side has no kept position (everything dropped by the exclusion options).
+    """
     everything = positive + negative
     kept_pos = _kept_positions(positive, negative, everything, opts)
     kept_neg = _kept_positions(negative, positive, everything, opts)
+    _check_side_kept(kept_pos, "positive (A)", opts)
+    _check_side_kept(kept_neg, "negative (B)", opts)
     ranking = {}
     for layer, width in d_sae.items():
         pos = _side_statistic(positive, kept_pos, layer, width, opts)
@@ -135,7 +156,8 @@ def contrast_codes(positive: list[TextCodes], negative: list[TextCodes], d_sae: 
         diff = pos - neg
         key = diff.abs() if opts.rank_by == "abs" else diff
         top = key.topk(min(opts.top_k, width)).indices
-        ranking[layer] = [FeatureScore(int(f), float(diff[f]), float(pos[f]), float(neg[f])) for f in top]
+        ranking[layer] = [FeatureScore(int(f), float(diff[f]), float(pos[f]), float(neg[f])) for f in top
+                          if diff[f] != 0]
     return ranking
 
 

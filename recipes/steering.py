@@ -120,11 +120,10 @@ def strength_presets(difference: float | None = None) -> dict[str, float]:
 
     The official app scales by a firing-rate difference r ∈ [0, 1], which gives tiny strengths (a quirk kept for
     parity, docs/method.md §2.4); ``|r|`` is used, so a feature that fires more on the second text still amplifies.
+    A difference of 0 or a non-finite one calibrates nothing: the fixed strengths are returned, never α = 0.
     """
-    if difference is None:
+    if difference is None or difference == 0 or not math.isfinite(difference):
         return dict(STRENGTH_PRESETS)
-    if not math.isfinite(difference):
-        raise SteeringError(f"difference={difference!r} is not a finite number; pass a Compare score or None")
     return {name: factor * abs(difference) for name, factor in CALIBRATED_PRESETS.items()}
 
 

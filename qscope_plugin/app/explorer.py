@@ -194,7 +194,7 @@ class Explorer:
         """The Light / Medium / Strong strengths Steer would use for this feature, and where they come from."""
         r = (differences or {}).get((_whole(layer, 0, self.n_layers - 1), _whole(feature, 0, 2**31 - 1)))
         shown = " · ".join(f"{name} {value:.4g}" for name, value in strength_presets(r).items())
-        if r is None:
+        if r is None or r == 0 or not math.isfinite(r):
             return f"Presets: {shown} (the official app's fixed strengths; Compare calibrates them)."
         return f"Presets: {shown} (0.5·r, 2·r, 10·r with r = {r:+.4g}, this feature's Compare difference)."
 

@@ -53,7 +53,7 @@ def comparison_html(ranking: Mapping[int, list[FeatureScore]], method: str) -> s
               f"{s.negative:.3f}", f"{s.score:+.3f}"]
              for layer, scores in sorted(ranking.items()) for rank, s in enumerate(scores, 1)]
     if not cells:
-        return "<p><em>No features: every position was excluded.</em></p>"
+        return "<p><em>No features: every feature has the same statistic on both texts (A − B = 0).</em></p>"
     return _table(["layer", "rank", "feature", f"{what}, text A", f"{what}, text B", "A − B"], cells,
                   numeric={0, 1, 3, 4, 5})
 

@@ -71,9 +71,20 @@ def test_compare_ranks_by_the_difference_of_the_two_texts(explorer, method, show
         assert all(d == pytest.approx(float(diff[f]), abs=1e-5) for f, d in mine.items())
 
 
+def test_identical_texts_compare_to_no_feature_and_steer_keeps_its_fixed_presets(explorer):
+    """The reviewer's repro: equal texts gave three rows of 0, and Steer "Medium" then ran with α = 0."""
+    table, kept, status = explorer.compare("the cat", "the cat", 3, 3, 3, "rate", True, True, False, {(3, 1): 0.5})
+    assert table == "" and kept == {(3, 1): 0.5} and "every position of the positive (A) texts" in status
+    table, found, status = explorer.compare("the cat", "the cat", 3, 3, 3, "rate", True, False, False, {})
+    assert status == "" and found == {} and "No features" in table
+    steered, _, status = explorer.steer("今天早上", 3, 5, "Medium", differences={(3, 5): 0.0}, max_new_tokens=2)
+    assert status == "" and "α = 20," in steered
+
+
 def test_steer_equals_the_recipe_and_uses_presets_calibrated_by_compare(explorer):
     _, found, _ = explorer.compare(TEXT_A, TEXT_B, 3, 3, 3, "rate", True, False, False, {})
     (layer, feature), r = next(iter(found.items()))
+    assert r != 0
     assert f"r = {r:+.4g}" in explorer.presets_text(layer, feature, found)
     steered, unsteered, status = explorer.steer("今天早上", layer, feature, "Medium", differences=found,
                                                 max_new_tokens=8)

@@ -87,6 +87,27 @@ def test_exclusions(setup):
     assert {s.feature: s.score for s in trimmed[0]} == pytest.approx({s.feature: s.score for s in shared[0]})
 
 
+def test_identical_sides_rank_no_feature(setup):
+    """A difference of exactly 0 says nothing: such rows are left out rather than shown as top-K."""
+    model, tok, saes = setup
+    for method in ("rate", "mean"):
+        ranking = contrast(model, tok, ["the cat sat"], ["the cat sat"], saes, method=method, rank_by="abs", top_k=3)
+        assert ranking == {0: [], 1: []}
+
+
+def test_a_side_with_every_position_excluded_is_refused(setup):
+    """One-token texts minus the first token leave nothing: an error naming the side, not all-zero rates."""
+    model, tok, saes = setup
+    one_token = [t for t in ("a", "b", "x") if len(tok(t)["input_ids"]) == 1]
+    assert one_token
+    with pytest.raises(ContrastError, match=r"every position of the negative \(B\) texts was excluded .*first token"):
+        contrast(model, tok, ["the cat sat on the mat"], one_token, saes)
+    with pytest.raises(ContrastError, match=r"positive \(A\) texts .*tokens shared by both sides"):
+        contrast(model, tok, ["the cat"], ["the cat sat"], saes, drop_shared_tokens=True)
+    kept = contrast(model, tok, ["the cat sat on the mat"], one_token, saes, exclude_first_token=False, top_k=3)
+    assert all(len(r) == 3 for r in kept.values())
+
+
 def test_top_contexts_streams_with_bounded_heaps(setup):
     model, tok, saes = setup
     texts = (f"sample number {i} says hello" for i in range(30))  # a generator: streamed, not a list

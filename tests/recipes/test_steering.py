@@ -166,8 +166,12 @@ def test_bad_sampling(make, message):
 def test_strength_presets_follow_the_official_app():
     assert strength_presets() == {"Light": 5.0, "Medium": 20.0, "Strong": 100.0}
     assert strength_presets(-0.25) == {"Light": 0.125, "Medium": 0.5, "Strong": 2.5}
-    with pytest.raises(SteeringError, match="not a finite number"):
-        strength_presets(float("inf"))
+
+
+
+@pytest.mark.parametrize("uncalibrated", [0.0, -0.0, float("inf"), float("nan")])
+def test_strength_presets_fall_back_to_the_fixed_ones_when_the_difference_calibrates_nothing(uncalibrated):
+    assert strength_presets(uncalibrated) == {"Light": 5.0, "Medium": 20.0, "Strong": 100.0}
 
 
 def greedy(model, tok, ids, n_new=6):
