@@ -48,15 +48,15 @@ def status_html(error: Exception) -> str:
 def shows_errors(blank: int) -> Callable:
     """Turn the plugin's input errors into ``blank`` empty outputs and a status message for the page.
 
-    Only ``QScopeError`` and ``ValueError`` are caught: those say what was wrong and what to do. Anything else is a
-    bug and propagates (Gradio logs it and shows its own error toast).
+    Only ``QScopeError`` is caught: the plugin's errors say what was wrong and what to do. Anything else, a
+    ``ValueError`` from inside torch included, is a bug and propagates (Gradio logs it and shows its own toast).
     """
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except (QScopeError, ValueError) as e:
+            except QScopeError as e:
                 return *([""] * blank), status_html(e)
         return run
     return wrap
@@ -185,7 +185,7 @@ class Explorer:
                 ranking = contrast(self.model, self.tokenizer, [text_a], [text_b], saes, method=method,
                                    rank_by="abs", top_k=top_k, exclude_first_token=exclude_first_token,
                                    drop_shared_tokens=drop_shared_tokens, drop_common_prefix=drop_common_prefix)
-        except (QScopeError, ValueError) as e:
+        except QScopeError as e:
             return "", dict(differences or {}), status_html(e)
         found = {(layer, s.feature): s.score for layer, scores in ranking.items() for s in scores}
         return comparison_html(ranking, method), found, ""

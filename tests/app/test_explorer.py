@@ -176,9 +176,15 @@ def test_a_bug_is_not_swallowed(explorer, monkeypatch):
     """Only the plugin's input errors become messages; anything else propagates (Gradio reports it)."""
     from qscope_plugin.app import explorer as module
 
-    monkeypatch.setattr(module, "analyze", lambda *a, **k: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        explorer.analyze("hi", 3)
+    def internal_value_error(*args, **kwargs):
+        raise ValueError("shape mismatch inside torch")  # a ValueError that is not one of the plugin's
+
+    for name, call in (("analyze", lambda: explorer.analyze("hi", 3)),
+                       ("contrast", lambda: explorer.compare(TEXT_A, TEXT_B, 3, 3)),
+                       ("generate", lambda: explorer.steer("hi", 3, 5, max_new_tokens=2))):
+        monkeypatch.setattr(module, name, internal_value_error)
+        with pytest.raises(ValueError, match="shape mismatch inside torch"):
+            call()
 
 
 def test_texts_of_a_file(tmp_path):
