@@ -1,6 +1,8 @@
 """Feature cards: what a feature fires on, how strongly, what it writes to the logits, and whom it fires with.
 
     >>> cards = feature_cards(model, tok, texts, sae, [12, 40], layer=3)     # or features=None, top=50
+    >>> corpus = harvest_corpus(model, tok, texts, sae, layer=3)             # or: one harvest, many calls
+    >>> more = cards_from_corpus(model, tok, corpus, sae, [7])
     >>> card = cards[0]
     >>> card.density, card.max_activation, card.contexts[0].tokens, card.logit_effects.promoted[0]
     >>> FeatureCard.from_json(card.to_json()) == card
@@ -86,7 +88,7 @@ class FeatureCard:
     feature: int
     explanation: str | None
     n_tokens: int
-    """Tokens harvested (all texts)."""
+    """Tokens counted (all texts; less each text's first with ``exclude_first_token``)."""
     n_firing: int
     """Tokens where the feature fires (z > 0)."""
     density: float
@@ -115,31 +117,41 @@ class FeatureCard:
 
 
 @dataclass(frozen=True)
-class _Corpus:
+class Corpus:
     """All texts' codes at one layer, concatenated: token row r belongs to text ``text[r]``.
 
     ``by_feature`` holds the same codes column-major (CSC), so a feature's firing rows and values are one slice,
-    rows ascending: grouping by feature is scipy's counting sort, not a sort of all entries.
+    rows ascending: grouping by feature is scipy's counting sort, not a sort of all entries. With
+    ``exclude_first_token`` each text's position 0 counts as not firing (its codes are zeroed) and is not counted
+    in ``n_tokens``: every statistic of a card then leaves it out.
     """
 
+    layer: int
     token_ids: np.ndarray  # (N,)
     values: np.ndarray  # (N, k)
     indices: np.ndarray  # (N, k)
     text: np.ndarray  # (N,)
     starts: np.ndarray  # (n_texts + 1,): text t holds rows starts[t]:starts[t + 1]
     by_feature: sp.csc_matrix  # (N, d_sae)
+    n_tokens: int
+    """Tokens the statistics count: all rows, less each text's first with ``exclude_first_token``."""
 
     @classmethod
-    def concat(cls, codes: list[TextCodes], layer: int, d_sae: int) -> _Corpus:
+    def concat(cls, codes: list[TextCodes], layer: int, d_sae: int, *, exclude_first_token: bool) -> Corpus:
         lengths = np.array([len(c.token_ids) for c in codes])
+        starts = np.concatenate([[0], np.cumsum(lengths)])
         values = torch.cat([c.values[layer].float() for c in codes]).numpy()
         indices = torch.cat([c.indices[layer] for c in codes]).numpy()
+        firsts = starts[:-1][lengths > 0]
+        if exclude_first_token:
+            values[firsts] = 0
         n, k = values.shape
-        by_token = sp.csr_matrix((values.ravel(), indices.ravel(), np.arange(0, n * k + 1, k)), shape=(n, d_sae))
+        by_token = sp.csr_matrix((values.ravel(), indices.ravel(), np.arange(0, n * k + 1, k)), shape=(n, d_sae),
+                                 copy=True)  # eliminate_zeros compacts the data in place: it must not be `values`
         by_token.eliminate_zeros()  # TopK keeps k entries per token; those not positive are not firing
-        return cls(torch.cat([c.token_ids for c in codes]).numpy(), values, indices,
-                   np.repeat(np.arange(len(codes)), lengths), np.concatenate([[0], np.cumsum(lengths)]),
-                   by_token.tocsc())
+        return cls(layer, torch.cat([c.token_ids for c in codes]).numpy(), values, indices,
+                   np.repeat(np.arange(len(codes)), lengths), starts, by_token.tocsc(),
+                   n - len(firsts) if exclude_first_token else n)
 
     def firing(self, feature: int) -> tuple[np.ndarray, np.ndarray]:
         """``(rows, values)`` of the tokens where ``feature`` fires, rows ascending."""
@@ -164,13 +176,22 @@ def _chosen(features: Sequence[int] | None, top: int | None, d_sae: int) -> list
     return [int(f) for f in features]
 
 
+def _check_sizes(n_contexts: int, window: int, n_bins: int, n_logits: int, n_cofiring: int) -> None:
+    for name, value, least in (("n_contexts", n_contexts, 0), ("window", window, 0), ("n_bins", n_bins, 1),
+                               ("n_logits", n_logits, 0), ("n_cofiring", n_cofiring, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise HarvestError(f"{name}={value!r}; expected an integer >= {least}")
+
+
 @torch.no_grad()
 def feature_cards(model: object, tokenizer, texts: Sequence[str], sae: QwenScopeSAE,
                   features: Sequence[int] | None = None, *, layer: int, top: int | None = None,
-                  n_contexts: int = 10, window: int = 10, n_bins: int = 30, n_logits: int = 10, n_cofiring: int = 10,
-                  explanations: Mapping[int, str] | None = None, batch_size: int = 16, max_length: int | None = 512,
-                  progress: bool = True) -> list[FeatureCard]:
+                  exclude_first_token: bool = True, n_contexts: int = 10, window: int = 10, n_bins: int = 30,
+                  n_logits: int = 10, n_cofiring: int = 10, explanations: Mapping[int, str] | None = None,
+                  batch_size: int = 16, max_length: int | None = 512, progress: bool = True) -> list[FeatureCard]:
     """Cards of ``features`` (or of the ``top`` densest features) of ``sae`` at ``layer``, from one harvest.
+
+    ``harvest_corpus`` then ``cards_from_corpus``; call those two to draw many cards from one harvest.
 
     Args:
         model: a transformers model, a TransformerLens bridge, an nnsight model or a ``Backend``.
@@ -179,6 +200,9 @@ def feature_cards(model: object, tokenizer, texts: Sequence[str], sae: QwenScope
         top: with ``features=None``, the ``top`` features of highest firing density (fraction of tokens where
             z > 0) among those that fire at all, densest first: density is what the data shows most of, and it
             does not single out features with one outlier activation.
+        exclude_first_token: leave each text's position 0 (Qwen's massive-activation outliers, docs/method.md §2.5)
+            out of every statistic: density, ``top``, max / mean, histogram, contexts' peaks and co-firing. True
+            by default, as ``discovery.top_contexts``.
         n_contexts: top-activating contexts per card (at most one per text).
         window: tokens kept on each side of a context's peak token.
         n_bins: bins of the activation histogram.
@@ -193,20 +217,44 @@ def feature_cards(model: object, tokenizer, texts: Sequence[str], sae: QwenScope
         EmptyInputError: no texts, or none with a token.
     """
     texts = check_texts(texts)
-    for name, value, least in (("n_contexts", n_contexts, 0), ("window", window, 0), ("n_bins", n_bins, 1),
-                               ("n_logits", n_logits, 0), ("n_cofiring", n_cofiring, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise HarvestError(f"{name}={value!r}; expected an integer >= {least}")
+    _check_sizes(n_contexts, window, n_bins, n_logits, n_cofiring)
+    _chosen(features, top, sae.cfg.d_sae)  # bad choices fail before the harvest
+    corpus = harvest_corpus(model, tokenizer, texts, sae, layer=layer, exclude_first_token=exclude_first_token,
+                            batch_size=batch_size, max_length=max_length, progress=progress)
+    return cards_from_corpus(model, tokenizer, corpus, sae, features, top=top, n_contexts=n_contexts, window=window,
+                             n_bins=n_bins, n_logits=n_logits, n_cofiring=n_cofiring, explanations=explanations)
+
+
+@torch.no_grad()
+def harvest_corpus(model: object, tokenizer, texts: Sequence[str], sae: QwenScopeSAE, *, layer: int,
+                   exclude_first_token: bool = True, batch_size: int = 16, max_length: int | None = 512,
+                   progress: bool = True) -> Corpus:
+    """The one model pass of ``feature_cards``: every text's codes at ``layer``, concatenated (pooling ``tokens``).
+
+    Raises:
+        LayerOutOfRangeError: ``layer`` outside the model.
+        EmptyInputError: no texts, or none with a token.
+    """
+    texts = check_texts(texts)
     backend = as_backend(model)
     backend.check_layers([layer])
-    d_sae = sae.cfg.d_sae
-    chosen = _chosen(features, top, d_sae)
     codes = harvest(backend, tokenizer, texts, {layer: sae}, pooling="tokens", batch_size=batch_size,
                     max_length=max_length, progress=progress, desc="feature cards")
     if not sum(len(c.token_ids) for c in codes):
         raise EmptyInputError("no text has a token; pass texts the tokenizer turns into at least one token")
-    corpus = _Corpus.concat(codes, layer, d_sae)
-    n_tokens = len(corpus.token_ids)
+    return Corpus.concat(codes, layer, sae.cfg.d_sae, exclude_first_token=exclude_first_token)
+
+
+@torch.no_grad()
+def cards_from_corpus(model: object, tokenizer, corpus: Corpus, sae: QwenScopeSAE,
+                      features: Sequence[int] | None = None, *, top: int | None = None, n_contexts: int = 10,
+                      window: int = 10, n_bins: int = 30, n_logits: int = 10, n_cofiring: int = 10,
+                      explanations: Mapping[int, str] | None = None) -> list[FeatureCard]:
+    """Cards from a ``harvest_corpus``: array work and the logit effects (final norm and LM head only), no
+    forward pass. Arguments as ``feature_cards``; ``sae`` must be the corpus's."""
+    _check_sizes(n_contexts, window, n_bins, n_logits, n_cofiring)
+    chosen = _chosen(features, top, sae.cfg.d_sae)
+    layer, n_tokens = corpus.layer, corpus.n_tokens
     counts = np.diff(corpus.by_feature.indptr)  # tokens where each feature fires
     if chosen is None:
         densest = np.argsort(-counts, kind="stable")[:top]
@@ -215,7 +263,7 @@ def feature_cards(model: object, tokenizer, texts: Sequence[str], sae: QwenScope
     firing = [corpus.firing(f) for f in chosen]
     windows = [_window(corpus, f, _peaks(corpus.text, rows, values, n_contexts), window)
                for f, (rows, values) in zip(chosen, firing, strict=True)]
-    promoted, suppressed = _logit_effects(backend, sae, chosen, n_logits)
+    promoted, suppressed = _logit_effects(as_backend(model), sae, chosen, n_logits)
     names = _token_names(tokenizer, np.concatenate([corpus.token_ids[rows[inside]] for _, rows, inside, _ in windows]
                                                    + [promoted.indices.flatten(), suppressed.indices.flatten()]))
     cofiring = _cofiring(corpus, chosen, counts, n_cofiring)
@@ -225,7 +273,7 @@ def feature_cards(model: object, tokenizer, texts: Sequence[str], sae: QwenScope
         heights, edges = np.histogram(values, bins=n_bins)
         cards.append(FeatureCard(
             layer=layer, feature=f, explanation=(explanations or {}).get(f), n_tokens=n_tokens,
-            n_firing=len(values), density=len(values) / n_tokens,
+            n_firing=len(values), density=len(values) / max(n_tokens, 1),
             max_activation=float(values.max()) if len(values) else 0.0,
             mean_activation=float(values.mean()) if len(values) else 0.0,
             contexts=_contexts(corpus, windows[i], names),
@@ -250,7 +298,7 @@ def _peaks(text: np.ndarray, rows: np.ndarray, values: np.ndarray, n_contexts: i
         m *= 4
 
 
-def _window(corpus: _Corpus, feature: int, peaks: np.ndarray, window: int) -> tuple[np.ndarray, ...]:
+def _window(corpus: Corpus, feature: int, peaks: np.ndarray, window: int) -> tuple[np.ndarray, ...]:
     """``(peaks, rows, inside, activations)``, the last three ``(n_peaks, 2 window + 1)``: the rows around each
     peak, which of them lie in the peak's text, and the feature's activation on them."""
     rows = peaks[:, None] + np.arange(-window, window + 1)
@@ -261,7 +309,7 @@ def _window(corpus: _Corpus, feature: int, peaks: np.ndarray, window: int) -> tu
     return peaks, rows, inside, acts
 
 
-def _contexts(corpus: _Corpus, window: tuple[np.ndarray, ...], names: dict[int, str]) -> list[Context]:
+def _contexts(corpus: Corpus, window: tuple[np.ndarray, ...], names: dict[int, str]) -> list[Context]:
     contexts = []
     for peak, rows, inside, acts in zip(*window, strict=True):
         rows, acts = rows[inside], acts[inside]
@@ -283,7 +331,7 @@ def _effects(values: torch.Tensor, ids: torch.Tensor, names: dict[int, str]) -> 
     return [TokenEffect(names[i], i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
 
 
-def _cofiring(corpus: _Corpus, features: list[int], counts: np.ndarray, n: int) -> list[list[Cofiring]]:
+def _cofiring(corpus: Corpus, features: list[int], counts: np.ndarray, n: int) -> list[list[Cofiring]]:
     """Per feature, the features active on the same tokens, by Jaccard ``both / either``.
 
     ``both`` (features x d_sae) is summed over blocks of tokens as ``fires_blockᵀ @ chosen_block``: the block's

@@ -23,7 +23,7 @@ from qscope_plugin.app.dashboard import card_html
 from qscope_plugin.app.views import analysis_html, comparison_html, completion_html
 from qscope_plugin.errors import QScopeError, feature_out_of_range, layer_out_of_range
 from qscope_plugin.recipes.discovery import analyze, contrast
-from qscope_plugin.recipes.inspection import feature_cards
+from qscope_plugin.recipes.inspection import Corpus, cards_from_corpus, harvest_corpus
 from qscope_plugin.recipes.steering import Sampling, SteeringSpec, generate, parse_positions, strength_presets
 from qscope_plugin.store import layer_count, load_sae
 
@@ -122,6 +122,8 @@ class Explorer:
     """How the page names the backbone."""
     n_layers: int = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _corpora: dict[int, Corpus] = field(default_factory=dict, init=False, repr=False)
+    """The Feature tab's harvest of ``texts`` per layer: the texts are fixed, so each layer is harvested once."""
 
     def __post_init__(self) -> None:
         self.n_layers = _layers_of(self.source)
@@ -237,8 +239,10 @@ class Explorer:
         feature = self._feature(feature, layer)
         sae = self._saes([layer])[layer]
         with self._lock:
-            (card,) = feature_cards(self.model, self.tokenizer, self.texts, sae, [feature], layer=layer,
-                                    progress=False)
+            if layer not in self._corpora:
+                self._corpora[layer] = harvest_corpus(self.model, self.tokenizer, self.texts, sae, layer=layer,
+                                                      progress=False)
+            (card,) = cards_from_corpus(self.model, self.tokenizer, self._corpora[layer], sae, [feature])
         return card_html(card), ""
 
     @staticmethod

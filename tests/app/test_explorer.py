@@ -129,6 +129,21 @@ def test_feature_card_equals_the_card_recipe(explorer):
     assert card == card_html(direct) and 'data-card="100"' in card
 
 
+def test_feature_cards_of_one_layer_share_one_harvest(explorer, monkeypatch):
+    """The texts are fixed per app: the second card of a layer reuses the first's harvest, no forward."""
+    from qscope_plugin.app import explorer as module
+
+    calls = []
+    harvest_once = module.harvest_corpus
+    monkeypatch.setattr(module, "harvest_corpus", lambda *a, **k: calls.append(k["layer"]) or harvest_once(*a, **k))
+    fresh = Explorer(explorer.model, explorer.tokenizer, DEMO_RELEASE, explorer.texts)
+    first, second, other = fresh.feature(1, 100), fresh.feature(1, 7), fresh.feature(0, 7)
+    assert calls == [1, 0] and fresh.feature(1, 100) == first
+    (direct,) = feature_cards(explorer.model, explorer.tokenizer, explorer.texts, load_sae(DEMO_RELEASE, 1), [7],
+                              layer=1, progress=False)
+    assert second == (card_html(direct), "") and other[1] == ""
+
+
 @pytest.mark.parametrize(("call", "message"), [
     (lambda e: e.analyze("", 3), "no texts given"),
     (lambda e: e.analyze("hi", 4), r"layer 4 is out of range .*\(4 layers: 0..3\)"),

@@ -28,9 +28,15 @@ def demo():
     return model, tok, load_sae(DEMO_SAE_DIR, LAYER)
 
 
+@pytest.fixture(scope="module", params=[True, False], ids=["first-token-excluded", "every-token"])
+def exclude(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def dense(demo):
-    """Per text, its token ids and dense codes ``(T, d_sae)``, each text alone through the model."""
+def dense(demo, exclude):
+    """Per text, its token ids and dense codes ``(T, d_sae)``, each text alone through the model; with
+    ``exclude`` its position 0 zeroed (the brute force of leaving it out: it never fires)."""
     model, tok, sae = demo
     out = []
     for text in TEXTS:
@@ -40,25 +46,35 @@ def dense(demo):
             continue
         with torch.no_grad(), capture_residual(model, [LAYER]) as acts:
             model(ids)
-        out.append((ids[0], sae.encode(acts[LAYER][0]).float()))
+        codes = sae.encode(acts[LAYER][0]).float()
+        if exclude:
+            codes[0] = 0
+        out.append((ids[0], codes))
     return out
 
 
+def counted_tokens(dense, exclude):
+    return sum(len(ids) - (exclude and len(ids) > 0) for ids, _ in dense)
+
+
 @pytest.fixture(scope="module")
-def cards(demo):
+def cards(demo, exclude):
     """70 cards: co-firing runs in two chunks of 64."""
     model, tok, sae = demo
-    return feature_cards(model, tok, TEXTS, sae, top=70, layer=LAYER, n_contexts=N_CONTEXTS, window=WINDOW,
+    return feature_cards(model, tok, TEXTS, sae, top=70, layer=LAYER, exclude_first_token=exclude,
+                         n_contexts=N_CONTEXTS, window=WINDOW,
                          n_bins=N_BINS, n_cofiring=5, explanations={0: "unused"}, batch_size=7, progress=False)
 
 
-def test_top_picks_the_densest_features(cards, dense):
+def test_top_picks_the_densest_features(cards, dense, exclude):
     z = torch.cat([codes for _, codes in dense])
-    density = (z > 0).float().mean(0)
+    n_tokens = counted_tokens(dense, exclude)
+    assert n_tokens == len(z) - exclude * sum(1 for ids, _ in dense if len(ids))
+    density = (z > 0).float().sum(0) / n_tokens
     assert [c.feature for c in cards] == torch.sort(density, descending=True, stable=True).indices[:70].tolist()
     for card in cards:
         column = z[:, card.feature]
-        assert card.n_tokens == len(z) and card.n_firing == int((column > 0).sum())
+        assert card.n_tokens == n_tokens and card.n_firing == int((column > 0).sum())
         assert card.density == pytest.approx(float(density[card.feature]))
         assert card.max_activation == pytest.approx(float(column.max()), rel=1e-4)
         assert card.mean_activation == pytest.approx(float(column[column > 0].mean()), rel=1e-4)
