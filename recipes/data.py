@@ -4,6 +4,7 @@
     >>> by_language = load_tables("toxicity/")                           # {"de": Dataset, "en": Dataset} by file stem
     >>> load_table("gsm8k.jsonl")                                        # a file is one table, named by its stem
     >>> load_table(["a prompt", "another"])                              # strings become a ``text`` column
+    >>> texts = load_texts("texts.jsonl", column="body", limit=200)      # one column as checked strings
 
 Local files are .json / .jsonl / .csv / .parquet, read through ``datasets`` without progress bars (they load at
 once). Every failure, from a bad suffix to an unreachable hub, is one ``DataError`` saying what to pass instead.
@@ -147,3 +148,25 @@ def load_table(source: Source, *, config: str | None = None, split: str | None =
         raise DataError(f"dataset {_name(source)} has no split {split!r}; it has {sorted(tables)}")
     table = tables[split]
     return table if limit is None else table.select(range(min(limit, len(table))))
+
+
+def load_texts(source: Source, *, column: str = "text", config: str | None = None, split: str | None = None,
+               revision: str | None = None, limit: int | None = None) -> list[str]:
+    """The strings of ``column`` of one split of ``source`` (``load_table``), checked before any model loads.
+
+    Blank rows are kept (wikitext has many; the recipes skip them), but a column of nothing but blanks is refused.
+
+    Raises:
+        DataError: as ``load_table``; no such column; a value that is not a string; or only blank strings.
+    """
+    table = load_table(source, config=config, split=split, revision=revision, limit=limit)
+    if column not in table.column_names:
+        raise DataError(f"dataset {_name(source)} has no column {column!r}; pass one of {table.column_names}")
+    texts = table[column]
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DataError(f"column {column!r} of {_name(source)} holds {type(text).__name__} {text!r} in row "
+                            f"{row}, not text; name a column of strings, or fill that row")
+    if not any(t.strip() for t in texts):
+        raise DataError(f"column {column!r} of {_name(source)} holds no text, only blank strings; pass texts")
+    return texts

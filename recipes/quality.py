@@ -14,6 +14,10 @@ Definitions (docs/quality.md has them with the measured demo table), over every 
   per token; CE loss recovered ``(CE_zero − CE_spliced) / (CE_zero − CE_clean)``. Only positions whose next token
   is a real token count.
 
+``exclude_first_token`` leaves each text's position 0 (Qwen's massive-activation outliers, docs/method.md §2.5) out
+of FVU, L0 and dead / dense. It is off by default, as SAELens' evaluation counts every token, and it never applies
+to CE and KL: those are next-token losses of the model's whole forward, over every predicted position.
+
 Batches are right-padded, so every real token keeps its natural position (``Backend.logits`` takes none) and
 padding, coming after the real tokens, cannot reach them through causal attention.
 """
@@ -45,7 +49,7 @@ class LayerQuality:
 
     layer: int
     n_tokens: int
-    """Real tokens: the population of FVU, L0, dead and dense."""
+    """Real tokens (less each text's first with ``exclude_first_token``): the population of FVU, L0, dead, dense."""
     n_predicted: int
     """Positions with a real next token: the population of CE and KL."""
     fvu: float
@@ -74,18 +78,21 @@ class QualityReport:
     max_length: int | None
     model: str | None = None
     release: str | None = None
+    exclude_first_token: bool = False
+    """Whether each text's position 0 was left out of FVU, L0 and dead / dense (never of CE and KL)."""
 
     def to_json(self) -> dict:
         """Plain JSON types; layer keys become strings (as JSON has them)."""
         return {"n_texts": self.n_texts, "dense_threshold": self.dense_threshold, "max_length": self.max_length,
-                "model": self.model, "release": self.release,
+                "model": self.model, "release": self.release, "exclude_first_token": self.exclude_first_token,
                 "layers": {str(n): asdict(q) for n, q in self.layers.items()}}
 
     @classmethod
     def from_json(cls, data: Mapping) -> QualityReport:
         """The report back from ``to_json`` output, read through JSON (layer keys restored to ints)."""
         return cls({int(n): LayerQuality(**q) for n, q in data["layers"].items()}, data["n_texts"],
-                   data["dense_threshold"], data["max_length"], data.get("model"), data.get("release"))
+                   data["dense_threshold"], data["max_length"], data.get("model"), data.get("release"),
+                   data.get("exclude_first_token", False))
 
 
 class _Tally:
@@ -164,8 +171,13 @@ def _zero(hidden: torch.Tensor, layer: int, layer_kwargs: dict) -> torch.Tensor:
     return torch.zeros_like(hidden)
 
 
-def _check_options(saes: Mapping[int, QwenScopeSAE], batch_size: int, max_length: int | None,
-                   dense_threshold: float) -> None:
+def check_options(saes: Mapping[int, QwenScopeSAE], batch_size: int, max_length: int | None,
+                  dense_threshold: float) -> None:
+    """``evaluate_saes``' options, checked on their own so a command can refuse them before the model loads.
+
+    Raises:
+        QualityError: no SAEs, or a bad batch size, max length or dense threshold.
+    """
     if not saes:
         raise QualityError("no SAEs given; pass {layer: QwenScopeSAE} for at least one layer")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -180,7 +192,7 @@ def _check_options(saes: Mapping[int, QwenScopeSAE], batch_size: int, max_length
 @torch.no_grad()
 def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[int, QwenScopeSAE], *,
                   batch_size: int = 8, max_length: int | None = 512, dense_threshold: float = 0.1,
-                  progress: bool = True) -> QualityReport:
+                  exclude_first_token: bool = False, progress: bool = True) -> QualityReport:
     """Quality of each SAE in ``saes`` on the texts ``data`` (definitions in the module docstring).
 
     Per batch: one capture of every layer (reconstruction and firing), one clean forward, and for each layer
@@ -191,12 +203,13 @@ def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[i
         model: a transformers model, a TransformerLens bridge, an nnsight model or a ``Backend``.
         data: texts, tokenized without special tokens and cut to their first ``max_length`` tokens.
         dense_threshold: a feature firing on more than this fraction of tokens is dense.
+        exclude_first_token: leave each text's first token out of FVU, L0 and dead / dense (not of CE / KL).
 
     Raises:
         QualityError: no SAEs, a bad option, or no text with two tokens (no next-token loss to measure).
         EmptyInputError: no texts.
     """
-    _check_options(saes, batch_size, max_length, dense_threshold)
+    check_options(saes, batch_size, max_length, dense_threshold)
     texts = check_texts(data)
     backend = as_backend(model)
     layers = sorted(backend.check_layers(saes))
@@ -212,7 +225,9 @@ def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[i
     batches = [encoded[start : start + batch_size] for start in range(0, len(encoded), batch_size)]
     for rows in tqdm(batches, disable=not progress, desc="evaluate", unit="batch"):
         ids, mask, _ = pad(rows, pad_id, "right")
-        backend.capture(ids, mask, layers=layers, reduce=_tally_real_tokens(tallies, mask.bool()))
+        counted = mask.bool()
+        counted[:, 0] &= not exclude_first_token  # right-padded: column 0 is every text's first token
+        backend.capture(ids, mask, layers=layers, reduce=_tally_real_tokens(tallies, counted))
         clean = clean_forward(backend, ids, mask)
         n_predicted += int(clean.where.sum())
         ce_clean += -clean.logp.gather(-1, clean.targets.unsqueeze(-1)).sum().item()
@@ -222,7 +237,8 @@ def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[i
     return QualityReport({n: _layer_quality(n, tallies[n], ce_clean / n_predicted, downstream[n] / n_predicted,
                                             n_predicted, dense_threshold) for n in layers},
                          n_texts=len(texts), dense_threshold=float(dense_threshold), max_length=max_length,
-                         model=backend.name, release=saes[layers[0]].cfg.release)
+                         model=backend.name, release=saes[layers[0]].cfg.release,
+                         exclude_first_token=exclude_first_token)
 
 
 def _tally_real_tokens(tallies: Mapping[int, _Tally], real: torch.Tensor):

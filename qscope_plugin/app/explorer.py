@@ -92,16 +92,6 @@ def demo_texts() -> list[str]:
     return [t for lines in groups for t in ([lines] if isinstance(lines, str) else lines)]
 
 
-def load_texts(source: str, *, column: str = "text", limit: int | None = None) -> list[str]:
-    """The ``column`` of a local file or cached hub dataset (``recipes.data.load_table``), as strings."""
-    from qscope_plugin.recipes.data import load_table
-
-    table = load_table(source, limit=limit)
-    if column not in table.column_names:
-        raise AppInputError(f"data {source!r} has no column {column!r}; pass one of {table.column_names}")
-    return [str(t) for t in table[column]]
-
-
 def _layers_of(source: str) -> int:
     n_layers = layer_count(source)
     if n_layers == 0:

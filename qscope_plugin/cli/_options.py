@@ -61,6 +61,36 @@ def add_model_options(p: argparse.ArgumentParser, layers: bool = True, json_outp
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def add_data_options(p: argparse.ArgumentParser, *, required: bool = True, what: str = "texts") -> None:
+    """``--data --column --config --split --revision --limit``: every command that reads texts from a dataset."""
+    p.add_argument("--data", required=required, default=None, help=f"{what}: a local json/jsonl/csv/parquet file or a "
+                   "cached hub dataset id")
+    p.add_argument("--column", default="text", help="column of --data holding the texts (default: text)")
+    p.add_argument("--config", default=None, help="dataset configuration (hub datasets)")
+    p.add_argument("--split", default=None, help="dataset split, e.g. test (needed if it has several)")
+    p.add_argument("--revision", default=None, help="dataset revision to pin")
+    p.add_argument("--limit", type=int, default=None, help="only the first N texts")
+
+
+def data_texts(args: argparse.Namespace) -> list[str]:
+    """The texts of ``add_data_options``' options (``recipes.data.load_texts``), read before any model loads."""
+    from qscope_plugin.recipes.data import load_texts
+
+    return load_texts(args.data, column=args.column, config=args.config, split=args.split, revision=args.revision,
+                      limit=args.limit)
+
+
+def add_first_token_options(p: argparse.ArgumentParser, *, default: bool) -> None:
+    """``--exclude-first-token`` / ``--keep-first-token``: whether statistics leave out each text's position 0
+    (Qwen's massive-activation outliers)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--exclude-first-token", dest="exclude_first_token", action="store_true", default=default,
+                       help="leave each text's position 0 (outliers) out of the statistics"
+                       + (" (default)" if default else ""))
+    group.add_argument("--keep-first-token", dest="exclude_first_token", action="store_false",
+                       help="count position 0 like any token" + ("" if default else " (default)"))
+
+
 def load_saes(source: str, layers: str) -> dict:
     """``{layer: QwenScopeSAE}`` for ``--layers`` of a release name or SAE folder."""
     from qscope_plugin.store import layer_count, load_sae

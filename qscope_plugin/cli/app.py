@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from importlib.util import find_spec
 
-from qscope_plugin.cli._options import UsageError, add_model_options
+from qscope_plugin.cli._options import UsageError, add_data_options, add_model_options, data_texts
 
 
 def cmd_app(args: argparse.Namespace) -> None:
@@ -13,10 +13,10 @@ def cmd_app(args: argparse.Namespace) -> None:
 
     if find_spec("gradio") is None:  # before the model loads: a missing extra is the user's to fix
         raise UsageError(GRADIO_MISSING)
-    from qscope_plugin.app.explorer import Explorer, load_texts
+    from qscope_plugin.app.explorer import Explorer
     from qscope_plugin.app.web import serve
 
-    texts = load_texts(args.data, column=args.column, limit=args.limit) if args.data else ()
+    texts = data_texts(args) if args.data else ()
     explorer = Explorer.load(args.model, args.release, device=args.device, texts=texts)
     serve(explorer, host=args.host, port=args.port,
           announce=lambda url: print(f"qscope app: serving on {url} (Ctrl+C to stop)", flush=True))
@@ -33,8 +33,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_options(app, layers=False, json_output=False)
     app.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     app.add_argument("--port", type=_port, default=7860, help="port to listen on (default 7860)")
-    app.add_argument("--data", default=None, help="texts of the Feature tab's cards: a local json/jsonl/csv/parquet "
-                     "file or a cached hub dataset (default: the demo's sentences)")
-    app.add_argument("--column", default="text", help="column of --data holding the texts (default text)")
-    app.add_argument("--limit", type=int, default=None, help="only the first N texts of --data")
+    add_data_options(app, required=False, what="texts of the Feature tab's cards (default: the demo's sentences)")
     app.set_defaults(func=cmd_app)

@@ -10,7 +10,20 @@ import argparse
 import json
 from pathlib import Path
 
-from qscope_plugin.cli._options import UsageError, add_model_options, emit, load_backbone, load_saes, parse_layers
+from qscope_plugin.cli._options import (
+    UsageError,
+    add_data_options,
+    add_first_token_options,
+    add_model_options,
+    data_texts,
+    emit,
+    load_backbone,
+    load_saes,
+    parse_layers,
+)
+
+MAX_FEATURES = 1000
+"""Cards per dashboard: co-firing keeps a (cards x d_sae) count matrix, 8 bytes each (0.26 GB at 32K)."""
 
 
 def read_explanations(path: str, layer: int) -> dict[int, str]:
@@ -31,29 +44,34 @@ def read_explanations(path: str, layer: int) -> dict[int, str]:
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
     from qscope_plugin.app.dashboard import write_dashboard
-    from qscope_plugin.recipes.data import load_table
     from qscope_plugin.recipes.inspection import feature_cards
 
-    if args.top is not None and args.top < 1:
-        raise UsageError(f"--top {args.top}: expected a positive number of features")
     (sae,) = load_saes(args.release, str(args.layer)).values()
     features = None if args.features is None else parse_layers(args.features, sae.cfg.d_sae, "--features",
                                                                f"the layer-{args.layer} SAE")
+    if len(features or ()) > MAX_FEATURES:
+        raise UsageError(f"--features {args.features!r} asks for {len(features)} cards; a dashboard holds at most "
+                         f"{MAX_FEATURES} (co-firing counts grow with cards x {sae.cfg.d_sae}); pass fewer ids, or "
+                         "--top N for the densest ones")
     top = args.top if args.top is not None or features is not None else 50
     explanations = read_explanations(args.explanations, args.layer) if args.explanations else None
-    table = load_table(args.data, config=args.config, split=args.split, limit=args.limit)
-    if args.column not in table.column_names:
-        raise UsageError(f"--data {args.data!r} has no column {args.column!r}; pass --column, one of "
-                         f"{table.column_names}")
+    texts = data_texts(args)
     model, tok = load_backbone(args)
-    cards = feature_cards(model, tok, [str(t) for t in table[args.column]], sae, features, layer=args.layer, top=top,
-                          n_contexts=args.n_contexts, window=args.window, explanations=explanations,
-                          batch_size=args.batch_size, max_length=args.max_length)
+    cards = feature_cards(model, tok, texts, sae, features, layer=args.layer, top=top,
+                          exclude_first_token=args.exclude_first_token, n_contexts=args.n_contexts,
+                          window=args.window, explanations=explanations, batch_size=args.batch_size,
+                          max_length=args.max_length)
     meta = {"model": args.model, "release": args.release, "layer": args.layer, "data": args.data,
-            "texts": len(table), "tokens": cards[0].n_tokens if cards else 0}
+            "texts": len(texts), "tokens": cards[0].n_tokens if cards else 0}
     out = write_dashboard(args.out, cards, title=f"{Path(args.release).name} layer {args.layer}", meta=meta)
     emit(args, {"out": str(out), "layer": args.layer, "features": [c.feature for c in cards]},
          lambda: print(f"{len(cards)} feature cards written to {out}"))
+
+
+def _top(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_FEATURES:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of features in 1..{MAX_FEATURES}")
+    return int(text)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,12 +79,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", type=int, required=True, help="the SAE layer")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--features", default=None, help="feature ids, e.g. 12,40-45")
-    which.add_argument("--top", type=int, default=None, help="the N features of highest firing density (default 50)")
-    p.add_argument("--data", required=True, help="texts: a local json/jsonl/csv/parquet file or a cached hub dataset")
-    p.add_argument("--column", default="text", help="column holding the texts (default text)")
-    p.add_argument("--config", default=None, help="dataset configuration (hub datasets)")
-    p.add_argument("--split", default=None, help="dataset split (needed if it has several)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N texts")
+    which.add_argument("--top", type=_top, default=None, help="the N features of highest firing density (default "
+                       f"50, at most {MAX_FEATURES})")
+    add_data_options(p)
+    add_first_token_options(p, default=True)
     p.add_argument("--explanations", default=None, help='JSON {"feature": "explanation"} or `qscope safety '
                    "targets` JSON lines")
     p.add_argument("--n-contexts", type=int, default=10, help="top-activating contexts per card (default 10)")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from qscope_plugin.cli._options import add_model_options, emit, load_backbone, load_saes, read_texts
+from qscope_plugin.cli._options import (
+    add_first_token_options,
+    add_model_options,
+    emit,
+    load_backbone,
+    load_saes,
+    read_texts,
+)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -31,7 +38,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     model, tok = load_backbone(args)
     ranking = contrast(model, tok, positive, negative, saes, method=args.method,
                        pool=args.pool, rank_by=args.rank_by, top_k=args.top_k,
-                       exclude_first_token=not args.keep_first_token, progress=True)
+                       exclude_first_token=args.exclude_first_token, progress=True)
 
     def render() -> None:
         for layer, scores in ranking.items():
@@ -58,6 +65,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("--pool", choices=["mean", "max"], default="mean", help="token pooling for --method mean")
     compare.add_argument("--rank-by", choices=["signed", "abs"], default="signed")
     compare.add_argument("--top-k", type=int, default=5, help="features per layer (default 5)")
-    compare.add_argument("--keep-first-token", action="store_true", help="do not drop position 0 (outliers)")
+    add_first_token_options(compare, default=True)
     add_model_options(compare)
     compare.set_defaults(func=cmd_compare)

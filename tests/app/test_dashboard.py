@@ -131,16 +131,26 @@ def test_cli_writes_the_dashboard_of_the_demo(data, tmp_path, capsys):
 @demo_only
 @pytest.mark.parametrize(("argv", "message"), [
     (["--features", "1536"], r"feature 1536 is out of range .*1536 features: 0\.\.1535"),
-    (["--top", "0"], "--top 0: expected a positive number"),
     (["--layer", "4"], r"layer 4 is out of range"),
-    (["--column", "body"], r"has no column 'body'; pass --column, one of \['text'\]"),
+    (["--column", "body"], r"has no column 'body'; pass one of \['text'\]"),
+    (["--features", "all"], r"--features 'all' asks for 1536 cards; .* at most 1000 .*--top N"),
     (["--explanations", "/nonexistent.json"], "cannot read --explanations"),
 ])
-def test_cli_bad_input_exits_2(data, tmp_path, capsys, argv, message):
+def test_cli_bad_input_exits_2(data, tmp_path, capsys, monkeypatch, argv, message):
+    import qscope_plugin.models
+
+    monkeypatch.setattr(qscope_plugin.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     base = ["dashboard", "--layer", "3", "--data", data, "--out", str(tmp_path / "d.html")]
     assert main(base + argv) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "d.html").exists()
+
+
+@pytest.mark.parametrize("top", ["0", "1001", "x"])
+def test_cli_top_outside_1_to_1000_exits_2(capsys, top):
+    with pytest.raises(SystemExit) as exc:
+        main(["dashboard", "--layer", "3", "--top", top, "--data", "x.jsonl", "--out", "d.html"])
+    assert exc.value.code == 2 and f"{top!r}: expected a number of features in 1..1000" in capsys.readouterr().err
 
 
 def test_cli_features_and_top_together_exit_2(capsys):
@@ -155,7 +165,7 @@ def test_cli_empty_data_exits_2(tmp_path, capsys):
     blank = tmp_path / "blank.jsonl"
     blank.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "  "}) + "\n")
     assert main(["dashboard", "--layer", "3", "--top", "3", "--data", str(blank), "--out", str(tmp_path / "d")]) == 2
-    assert "no texts given" in capsys.readouterr().err
+    assert "holds no text, only blank strings" in capsys.readouterr().err
     (tmp_path / "none.jsonl").touch()
     assert main(["dashboard", "--layer", "3", "--data", str(tmp_path / "none.jsonl"), "--out", "d.html"]) == 2
     assert "none.jsonl' is empty" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qscope_plugin.app.dashboard import card_html
-from qscope_plugin.app.explorer import AppInputError, Explorer, demo_texts, load_texts
+from qscope_plugin.app.explorer import Explorer, demo_texts
 from qscope_plugin.app.views import completion_html
 from qscope_plugin.hooks import capture_residual
 from qscope_plugin.models import DEMO_MODEL_DIR
@@ -202,12 +202,7 @@ def test_a_bug_is_not_swallowed(explorer, monkeypatch):
             call()
 
 
-def test_texts_of_a_file(tmp_path):
-    path = tmp_path / "t.jsonl"
-    path.write_text("".join(json.dumps({"body": t}) + "\n" for t in ("one", "two", "three")), encoding="utf-8")
-    assert load_texts(str(path), column="body", limit=2) == ["one", "two"]
-    with pytest.raises(AppInputError, match=r"has no column 'text'; pass one of \['body'\]"):
-        load_texts(str(path))
+def test_demo_texts_are_non_blank():
     assert len(demo_texts()) > 100 and all(t.strip() for t in demo_texts())
 
 

@@ -8,7 +8,7 @@ import datasets
 import pandas as pd
 import pytest
 
-from qscope_plugin.recipes.data import DataError, load_table, load_tables
+from qscope_plugin.recipes.data import DataError, load_table, load_tables, load_texts
 
 ROWS = [{"question": f"q{i}", "answer": i} for i in range(5)]
 
@@ -128,3 +128,20 @@ def test_limit_keeps_the_first_rows(tmp_path):
     assert len(load_table(str(data_file), limit=50)) == 5
     with pytest.raises(DataError, match="limit=0"):
         load_table(str(data_file), limit=0)
+
+
+def test_texts_of_a_column_are_checked_strings(tmp_path):
+    path = tmp_path / "t.jsonl"
+    rows = [{"body": "one", "n": 1}, {"body": "", "n": 2}, {"body": "three", "n": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert load_texts(str(path), column="body") == ["one", "", "three"]  # a blank row is the recipes' to skip
+    assert load_texts(str(path), column="body", limit=1) == ["one"]
+    assert load_texts(["a", "b"]) == ["a", "b"]
+    with pytest.raises(DataError, match=r"has no column 'text'; pass one of \['body', 'n'\]"):
+        load_texts(str(path))
+    with pytest.raises(DataError, match=r"column 'n' of .* holds int 1 in row 0, not text"):
+        load_texts(str(path), column="n")
+    with pytest.raises(DataError, match=r"holds NoneType None in row 1"):
+        load_texts([{"text": "x"}, {"text": None}])  # not str()-ed to "None"
+    with pytest.raises(DataError, match="holds no text, only blank strings"):
+        load_texts(["", "  "])

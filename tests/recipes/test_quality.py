@@ -122,6 +122,28 @@ def test_fvu_l0_dead_and_dense_equal_a_dense_encode_by_hand(setup, report):
     assert any(q.dense_features for q in report.layers.values())  # the dense count is exercised, not always 0
 
 
+def test_exclude_first_token_drops_position_0_from_fvu_l0_dead_and_dense_only(setup, report):
+    model, tok, saes, texts = setup
+    ids = _ids(tok, texts)
+    excluded = evaluate_saes(model, tok, texts, saes, batch_size=4, exclude_first_token=True, progress=False)
+    assert excluded.exclude_first_token and not report.exclude_first_token
+    for n, sae in saes.items():
+        x = _block_outputs(model, ids, n)
+        firsts = torch.tensor([0, *torch.cumsum(torch.tensor([row.shape[1] for row in ids]), 0)[:-1].tolist()])
+        keep = torch.ones(len(x), dtype=torch.bool)
+        keep[firsts] = False
+        x = x[keep]  # the brute force: every text's block outputs without its first token
+        z = sae.encode(x).float()
+        density = (z > 0).float().mean(0)
+        q, every = excluded.layers[n], report.layers[n]
+        assert q.n_tokens == len(x) == every.n_tokens - len(ids)
+        assert q.fvu == pytest.approx(sae.fvu(x), rel=1e-4) and q.fvu != pytest.approx(every.fvu, rel=1e-6)
+        assert q.mean_l0 == pytest.approx((z > 0).sum(-1).float().mean().item(), rel=1e-6)
+        assert (q.dead_features, q.dense_features) == (int((density == 0).sum()), int((density > 0.1).sum()))
+        for field in ("n_predicted", "ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "kl_zero"):
+            assert getattr(q, field) == pytest.approx(getattr(every, field), rel=1e-6), field
+
+
 def test_ce_and_kl_equal_a_hand_written_splice_hook(setup, report):
     model, tok, saes, texts = setup
     ids = _ids(tok, texts)
@@ -240,6 +262,29 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, layers, content, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err) and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@demo
+@pytest.mark.parametrize(("option", "message"), [(["--batch-size", "0"], "batch_size=0"),
+                                                 (["--max-length", "1"], "max_length=1"),
+                                                 (["--dense-threshold", "2"], "dense_threshold=2.0")])
+def test_cli_bad_options_exit_2_before_the_model_loads(tmp_path, capsys, monkeypatch, option, message):
+    import qscope_plugin.models
+
+    monkeypatch.setattr(qscope_plugin.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    data = tmp_path / "texts.jsonl"
+    data.write_text(json.dumps({"text": "hello there"}) + "\n", encoding="utf-8")
+    assert main(["evaluate", "0", "--data", str(data), "--out", str(tmp_path / "out"), *option]) == 2
+    assert message in capsys.readouterr().err
+
+
+@demo
+def test_cli_first_token_flags(tmp_path, capsys):
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS), encoding="utf-8")
+    for flag, expected in (([], False), (["--exclude-first-token"], True), (["--keep-first-token"], False)):
+        assert main(["evaluate", "2", "--data", str(data), "--out", str(tmp_path / "out"), "--json", *flag]) == 0
+        assert json.loads(capsys.readouterr().out)["exclude_first_token"] is expected
 
 
 class _OneTextPerBatch:
