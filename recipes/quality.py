@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from qscope_plugin.backends import Backend, KwargsEdit, as_backend
 from qscope_plugin.errors import QScopeError
 from qscope_plugin.recipes._harvest import check_texts, pad, tokenize
+from qscope_plugin.recipes._json import finite_json
 from qscope_plugin.sae import QwenScopeSAE
 
 
@@ -82,15 +83,20 @@ class QualityReport:
     """Whether each text's position 0 was left out of FVU, L0 and dead / dense (never of CE and KL)."""
 
     def to_json(self) -> dict:
-        """Plain JSON types; layer keys become strings (as JSON has them)."""
-        return {"n_texts": self.n_texts, "dense_threshold": self.dense_threshold, "max_length": self.max_length,
-                "model": self.model, "release": self.release, "exclude_first_token": self.exclude_first_token,
-                "layers": {str(n): asdict(q) for n, q in self.layers.items()}}
+        """Plain JSON types; layer keys become strings (as JSON has them) and NaN becomes None (``null``, since
+        ``NaN`` is not JSON)."""
+        return finite_json({"n_texts": self.n_texts, "dense_threshold": self.dense_threshold,
+                            "max_length": self.max_length, "model": self.model, "release": self.release,
+                            "exclude_first_token": self.exclude_first_token,
+                            "layers": {str(n): asdict(q) for n, q in self.layers.items()}})
 
     @classmethod
     def from_json(cls, data: Mapping) -> QualityReport:
-        """The report back from ``to_json`` output, read through JSON (layer keys restored to ints)."""
-        return cls({int(n): LayerQuality(**q) for n, q in data["layers"].items()}, data["n_texts"],
+        """The report back from ``to_json`` output, read through JSON (layer keys restored to ints, ``null``
+        numbers to NaN)."""
+        layers = {int(n): LayerQuality(**{k: math.nan if v is None else v for k, v in q.items()})
+                  for n, q in data["layers"].items()}
+        return cls(layers, data["n_texts"],
                    data["dense_threshold"], data["max_length"], data.get("model"), data.get("release"),
                    data.get("exclude_first_token", False))
 

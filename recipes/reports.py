@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qscope_plugin.recipes._json import finite_json
 from qscope_plugin.recipes.classifiers import Scores
 from qscope_plugin.recipes.quality import QualityReport
 from qscope_plugin.recipes.redundancy import Matrix, RedundancyReport
@@ -37,8 +38,8 @@ def write_report(report: ToxicityReport | RedundancyReport | QualityReport, out_
         raise TypeError(f"write_report takes a ToxicityReport, a RedundancyReport or a QualityReport, not "
                         f"{type(report).__name__}; build one with toxicity.evaluate, redundancy.redundancy_report "
                         "or quality.evaluate_saes")
-    (out / "report.json").write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n",
-                                     encoding="utf-8")
+    text = json.dumps(finite_json(report.to_json()), indent=2, ensure_ascii=False, allow_nan=False)
+    (out / "report.json").write_text(text + "\n", encoding="utf-8")
     (out / "report.md").write_text(markdown, encoding="utf-8")
     return [out / "report.json", out / "report.md", *images]
 

@@ -120,8 +120,11 @@ def read_texts(literal: list[str] | None, path: str | None, what: str) -> list[s
 
 
 def emit(args: argparse.Namespace, payload: object, render: Callable[[], None]) -> None:
-    """``--json``: the payload for scripts; otherwise the table ``render`` prints."""
+    """``--json``: the payload for scripts (non-finite numbers as ``null``: strict JSON); otherwise the table
+    ``render`` prints."""
     if args.json:
-        print(json.dumps(payload, ensure_ascii=False, indent=2))
+        from qscope_plugin.recipes._json import finite_json
+
+        print(json.dumps(finite_json(payload), ensure_ascii=False, indent=2, allow_nan=False))
     else:
         render()

@@ -221,6 +221,33 @@ def test_json_round_trip_and_the_written_report(report, tmp_path):
     assert markdown.count("\n| ") == 1 + len(report.layers) and f"{report.layers[0].fvu:.4f}" in markdown
 
 
+def _strict_loads(text: str):
+    """``json.loads`` refusing ``NaN`` / ``Infinity``, as every standard JSON parser does."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_nan_survives_the_round_trip_as_null(report, tmp_path, capsys):
+    import dataclasses
+
+    layer = min(report.layers)
+    broken = dataclasses.replace(report, layers={**report.layers, layer: dataclasses.replace(
+        report.layers[layer], ce_loss_recovered=math.nan, fvu=math.inf)})
+    again = QualityReport.from_json(_strict_loads(json.dumps(broken.to_json())))
+    assert math.isnan(again.layers[layer].ce_loss_recovered) and math.isnan(again.layers[layer].fvu)
+    assert again.layers[layer].mean_l0 == report.layers[layer].mean_l0
+    written = _strict_loads(write_report(broken, tmp_path)[0].read_text(encoding="utf-8"))
+    assert written["layers"][str(layer)]["ce_loss_recovered"] is None
+    from types import SimpleNamespace
+
+    from qscope_plugin.cli._options import emit
+
+    emit(SimpleNamespace(json=True), broken.to_json() | {"raw": math.nan}, print)
+    assert _strict_loads(capsys.readouterr().out)["raw"] is None
+
+
 def test_bad_input_is_one_error(setup):
     model, tok, saes, _ = setup
     with pytest.raises(EmptyInputError):
