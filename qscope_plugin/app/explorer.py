@@ -25,7 +25,7 @@ from qscope_plugin.errors import QScopeError, feature_out_of_range, layer_out_of
 from qscope_plugin.recipes.discovery import analyze, contrast
 from qscope_plugin.recipes.inspection import Corpus, cards_from_corpus, harvest_corpus
 from qscope_plugin.recipes.steering import Sampling, SteeringSpec, generate, parse_positions, strength_presets
-from qscope_plugin.store import layer_count, load_sae
+from qscope_plugin.store import DEFAULT_CACHE, layer_count, load_sae
 
 Differences = dict[tuple[int, int], float]
 """``(layer, feature) -> A − B`` of the last Compare, kept in the page's state to calibrate the Steer presets."""
@@ -171,6 +171,9 @@ class Explorer:
             first, last = self._layer(first_layer), self._layer(last_layer)
             if first > last:
                 raise AppInputError(f"layers {first}..{last} run backwards; put the lower layer first")
+            if last - first + 1 > DEFAULT_CACHE.max_layers:
+                raise AppInputError(f"layers {first}..{last} are {last - first + 1} SAEs; Compare loads at most "
+                                    f"{DEFAULT_CACHE.max_layers} at once (the SAE cache); narrow the range")
             top_k = _integer(top_k, "top-K", 1, 100)
             saes = self._saes(range(first, last + 1))
             with self._lock:

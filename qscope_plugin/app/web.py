@@ -63,8 +63,9 @@ def _compare_tab(explorer: Explorer, differences: gr.State) -> None:
         text_a = gr.Textbox(EXAMPLE_PAIR[0], label="Text A", lines=3, elem_id="compare-a")
         text_b = gr.Textbox(EXAMPLE_PAIR[1], label="Text B", lines=3, elem_id="compare-b")
     with gr.Row():
-        first = _layer_box(explorer, "First layer", "compare-first", 0)
-        last = _layer_box(explorer, "Last layer", "compare-last")
+        middle = explorer.n_layers // 2  # one layer: a range loads one SAE per layer
+        first = _layer_box(explorer, "First layer", "compare-first", middle)
+        last = _layer_box(explorer, "Last layer", "compare-last", middle)
         top_k = gr.Number(5, label="Top-K per layer", elem_id="compare-top")
         method = gr.Radio([("firing rate (official app)", "rate"), ("mean activation", "mean")], value="rate",
                           label="Ranking", elem_id="compare-method")

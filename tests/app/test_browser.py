@@ -182,6 +182,9 @@ def test_compare_two_texts(page, tmp_path):
     _type(page, "#compare-a textarea", "我今天早上喝了一杯热茶。")
     _type(page, "#compare-b textarea", "This morning I drank a cup of hot tea.")
     _type(page, "#compare-top input", "3")
+    assert page.find_element(By.CSS_SELECTOR, "#compare-first input").get_attribute("value") == "2"  # one middle layer
+    _type(page, "#compare-first input", "0")
+    _type(page, "#compare-last input", "3")
     page.find_element(By.CSS_SELECTOR, "#compare-common-tokens input").click()
     _click_and_wait(page, "compare-run", lambda d: d.find_elements(By.CSS_SELECTOR, "#compare-out tbody tr"))
     rows = _rows(page, "#compare-out")

@@ -181,6 +181,16 @@ def test_a_bad_compare_keeps_the_calibration_it_had(explorer):
     assert "text B is empty; type a text on both sides" in explorer.compare(TEXT_A, " ", 0, 3)[2]
 
 
+def test_a_compare_range_wider_than_the_sae_cache_is_refused(explorer, monkeypatch):
+    from qscope_plugin.store import DEFAULT_CACHE
+
+    monkeypatch.setattr(DEFAULT_CACHE, "max_layers", 2)
+    table, kept, status = explorer.compare(TEXT_A, TEXT_B, 1, 3, differences={(3, 28): 0.5})
+    assert table == "" and kept == {(3, 28): 0.5}
+    assert "layers 1..3 are 3 SAEs; Compare loads at most 2 at once" in status
+    assert explorer.compare(TEXT_A, TEXT_B, 2, 3)[2] == ""
+
+
 def test_presets_without_compare_are_the_official_apps(explorer):
     assert explorer.presets_text(3, 28).startswith("Presets: Light 5 · Medium 20 · Strong 100 (the official")
     assert "Light 0.25 · Medium 1 · Strong 5 " in explorer.presets_text(3.0, 28, {(3, 28): -0.5})
