@@ -241,12 +241,11 @@ class Explorer:
     @staticmethod
     def _positions(text: str, steer_generated: bool) -> Mapping[str, object]:
         """The app's positions box (``all`` or prompt indices like ``0,1,5`` / ``3-7``) and its "steer generated
-        tokens" box, as ``SteeringSpec`` arguments."""
+        tokens" box, as ``SteeringSpec`` arguments. The box names prompt positions only: the words ``prompt`` and
+        ``generated`` are refused, as the checkbox alone says whether generated tokens are steered."""
         where = parse_positions(text or "")
-        if where == "generated":
-            if not steer_generated:
-                raise AppInputError("positions 'generated' with 'steer generated tokens' off steers nothing; "
-                                    "tick the box or give prompt positions")
-            return {"positions": "generated"}
+        if where in ("prompt", "generated"):
+            raise AppInputError(f"positions {where!r}: the box takes 'all' or prompt indices such as '0,1,5'; tick or "
+                                "untick 'steer generated tokens' to steer the generated tokens or not")
         mode = "all" if steer_generated else "prompt"
         return {"positions": mode} if isinstance(where, str) else {"positions": mode, "prompt_positions": where}

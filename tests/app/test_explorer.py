@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qscope_plugin.app.dashboard import card_html
-from qscope_plugin.app.explorer import Explorer, demo_texts
+from qscope_plugin.app.explorer import AppInputError, Explorer, demo_texts
 from qscope_plugin.app.views import completion_html
 from qscope_plugin.hooks import capture_residual
 from qscope_plugin.models import DEMO_MODEL_DIR
@@ -115,10 +115,17 @@ def test_positions_and_sampling_reach_the_recipe(explorer):
     ("all", False, {"positions": "prompt"}),
     ("0,1,5", True, {"positions": "all", "prompt_positions": [0, 1, 5]}),
     (" 3-5 ", False, {"positions": "prompt", "prompt_positions": [3, 4, 5]}),
-    ("generated", True, {"positions": "generated"}),
 ])
 def test_positions_box(text, generated, expected):
     assert Explorer._positions(text, generated) == expected
+
+
+@pytest.mark.parametrize("word", ["prompt", "generated", " generated "])
+@pytest.mark.parametrize("generated", [True, False])
+def test_positions_box_refuses_the_words_the_checkbox_decides(word, generated):
+    """'prompt' with the box ticked used to steer everything; the checkbox alone decides generated tokens."""
+    with pytest.raises(AppInputError, match=f"positions '{word.strip()}': the box takes 'all' or prompt indices"):
+        Explorer._positions(word, generated)
 
 
 def test_feature_card_equals_the_card_recipe(explorer):
@@ -158,7 +165,7 @@ def test_feature_cards_of_one_layer_share_one_harvest(explorer, monkeypatch):
     (lambda e: e.steer("hi", 3, 5, "Huge"), "strength preset 'Huge'; expected one of Light"),
     (lambda e: e.steer("hi", 3, 5, positions="7-3"), "positions '7-3' cannot be read"),
     (lambda e: e.steer("hi", 3, 5, positions="0,9"), "prompt position 9 is past the prompt"),
-    (lambda e: e.steer("hi", 3, 5, positions="generated", steer_generated=False), "steers nothing"),
+    (lambda e: e.steer("hi", 3, 5, positions="generated", steer_generated=False), "tick or untick"),
     (lambda e: e.steer("hi", 3, 5, decoding="beam"), "decoding 'beam'"),
     (lambda e: e.steer("hi", 3, 5, decoding="sampled", temperature=0.0), "temperature=0.0"),
     (lambda e: e.steer("hi", 3, 5, max_new_tokens=0), "new tokens 0 cannot be used"),
