@@ -12,10 +12,11 @@ the page holds no data for its script, only HTML attributes (``data-feature``, `
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from string import Template
 
+from qscope_plugin.app.views import shown_token
 from qscope_plugin.recipes.inspection import Context, FeatureCard, Histogram, TokenEffect
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -27,22 +28,18 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _shown(token: str) -> str:
-    """A token as it reads in a line: newlines and tabs made visible, the rest escaped (spaces kept by CSS)."""
-    return _e(token.replace("\n", "↵").replace("\t", "→"))
-
-
 def _context_html(context: Context, peak_value: float) -> str:
     spans = []
     for i, (token, act) in enumerate(zip(context.tokens, context.activations, strict=True)):
         if act <= 0:
-            spans.append(f'<span class="qs-tok">{_shown(token)}</span>')
+            spans.append(f'<span class="qs-token">{shown_token(token)}</span>')
             continue
         alpha = min(act / peak_value, 1.0) if peak_value > 0 else 1.0
         peak = i == context.peak
         value = f"<sub>{act:.3g}</sub>" if peak else ""
-        spans.append(f'<span class="qs-tok{" qs-peak" if peak else ""}" data-act="{act:.4g}" title="{act:.4g}" '
-                     f'style="background: rgba(227, 98, 9, {0.1 + 0.8 * alpha:.2f})">{_shown(token)}{value}</span>')
+        style = f"background: rgba(227, 98, 9, {0.1 + 0.8 * alpha:.2f})"
+        spans.append(f'<span class="qs-token{" qs-peak" if peak else ""}" data-act="{act:.4g}" title="{act:.4g}" '
+                     f'style="{style}">{shown_token(token)}{value}</span>')
     where = f"text {context.text}, token {context.start + context.peak}"
     return f'<div class="qs-context"><span class="qs-where">{_e(where)}</span>{"".join(spans)}</div>'
 
@@ -67,19 +64,26 @@ def _histogram_svg(hist: Histogram, width: int = 320, height: int = 90) -> str:
 
 
 def _effects_table(effects: list[TokenEffect], css: str) -> str:
-    rows = "".join(f'<tr><td><code>{_shown(e.token)}</code></td><td class="qs-num {css}">{e.value:+.3f}</td></tr>'
+    rows = "".join(f'<tr><td><code>{shown_token(e.token)}</code></td><td class="qs-num {css}">{e.value:+.3f}</td></tr>'
                    for e in effects)
     return f"<table>{rows}</table>"
 
 
-def card_html(card: FeatureCard) -> str:
-    """One card as an HTML fragment (``<section class="qscope-card">``); style it with ``CARD_CSS``."""
+def _partner(feature: int, linked: Collection[int]) -> str:
+    return f'<a href="#card-{feature}">#{feature}</a>' if feature in linked else f"#{feature}"
+
+
+def card_html(card: FeatureCard, linked: Collection[int] = ()) -> str:
+    """One card as an HTML fragment (``<section class="qscope-card">``); style it with ``CARD_CSS``.
+
+    Co-firing features in ``linked`` (those whose card is on the same page) link to their card; others are text.
+    """
     explanation = (f'<p class="qs-explanation">{_e(card.explanation)}</p>' if card.explanation else "")
     stats = (f"density {card.density:.3%} ({card.n_firing} of {card.n_tokens} tokens) · "
              f"max {card.max_activation:.4g} · mean when firing {card.mean_activation:.4g}")
     contexts = "".join(_context_html(c, card.max_activation) for c in card.contexts) or \
         '<p class="qs-none">no activating context</p>'
-    cofiring = "".join(f'<tr><td><a href="#card-{c.feature}">#{c.feature}</a></td><td class="qs-num">{c.count}</td>'
+    cofiring = "".join(f'<tr><td>{_partner(c.feature, linked)}</td><td class="qs-num">{c.count}</td>'
                        f'<td class="qs-num">{c.jaccard:.3f}</td></tr>' for c in card.cofiring)
     cofiring = (f"<table><tr><th>feature</th><th>tokens</th><th>Jaccard</th></tr>{cofiring}</table>" if cofiring
                 else '<p class="qs-none">none</p>')
@@ -120,10 +124,12 @@ def render_dashboard(cards: Sequence[FeatureCard], *, title: str = "Qwen-Scope f
         title: the page title and heading.
         meta: shown in the header as ``key: value`` (model, release, layer, data, ...).
     """
+    on_page = {c.feature for c in cards}
     meta_html = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in (meta or {}).items())
     page = Template((TEMPLATES / "dashboard.html").read_text(encoding="utf-8"))
     return page.substitute(title=_e(title), meta=meta_html, card_css=CARD_CSS,
-                           entries="\n".join(map(_entry_html, cards)), cards="\n".join(map(card_html, cards)),
+                           entries="\n".join(map(_entry_html, cards)),
+                           cards="\n".join(card_html(c, on_page) for c in cards),
                            script=(TEMPLATES / "dashboard.js").read_text(encoding="utf-8"))
 
 

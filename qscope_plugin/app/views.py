@@ -26,9 +26,10 @@ APP_CSS = """
 """Styles of the app's tables and token strips (passed to Gradio's ``launch(css=...)``)."""
 
 
-def _token(text: str) -> str:
-    """A token as shown: escaped, with its line breaks and tabs visible."""
-    return escape(text.replace("\n", "↵").replace("\t", "→"))
+def shown_token(text: str) -> str:
+    """A token as shown in the app and on cards: escaped, with its line breaks and tabs visible (spaces are kept
+    by the ``qs-token`` CSS class)."""
+    return escape(text.replace("\n", "↵").replace("\t", "→"), quote=True)
 
 
 def _table(header: Sequence[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
@@ -40,7 +41,7 @@ def _table(header: Sequence[str], rows: list[list[str]], numeric: set[int] = fro
 
 def analysis_html(rows: list[TokenFeatures]) -> str:
     """Per-token top features of one layer: position, token, then ``feature: activation`` chips."""
-    cells = [[str(r.position), f'<span class="qs-token">{_token(r.token)}</span>',
+    cells = [[str(r.position), f'<span class="qs-token">{shown_token(r.token)}</span>',
               "".join(f'<span class="qs-chip" data-feature="{f}">{f}: {v:.2f}</span>' for f, v in r.features)
               or "<em>none fire</em>"] for r in rows]
     return _table(["pos", "token", "top features (id: activation)"], cells, numeric={0})
@@ -69,10 +70,10 @@ def completion_html(title: str, completion: Completion) -> str:
     probability and top candidates."""
     strip = "".join(
         f'<span class="qs-token" style="background:{_shade(t.prob)}" title="'
-        + escape(" | ".join(f"{a!r} {p:.3f}" for a, p in t.alternatives)) + f'">{_token(t.token)}</span>'
+        + escape(" | ".join(f"{a!r} {p:.3f}" for a, p in t.alternatives)) + f'">{shown_token(t.token)}</span>'
         for t in completion.tokens)
-    rows = [[str(step), f'<span class="qs-token">{_token(t.token)}</span>', f"{t.prob:.3f}",
-             "".join(f'<span class="qs-chip qs-alt">{_token(a)}&nbsp;{p:.3f}</span>' for a, p in t.alternatives)]
+    rows = [[str(step), f'<span class="qs-token">{shown_token(t.token)}</span>', f"{t.prob:.3f}",
+             "".join(f'<span class="qs-chip qs-alt">{shown_token(a)}&nbsp;{p:.3f}</span>' for a, p in t.alternatives)]
             for step, t in enumerate(completion.tokens)]
     table = _table(["step", "token", "p", "top candidates"], rows, numeric={0, 2})
     return f"<h4>{escape(title)}</h4><div class=\"qs-text\">{strip or '<em>(nothing generated)</em>'}</div>{table}"
