@@ -12,6 +12,7 @@ Any dataset with a text and a label column works (anything ``recipes.data.load_t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -265,7 +266,8 @@ class ToxicityReport:
                    MacroResult.from_json(data["macro"]), data["transfer_k"],
                    {a: {b: Scores(**s) for b, s in row.items()} for a, row in data["transfer"].items()},
                    data["jaccard_top_k"], {int(n): m for n, m in data["jaccard"].items()},
-                   {float(f): Efficiency(**e) for f, e in data["data_efficiency"].items()})
+                   {float(f): Efficiency(**{k: math.nan if v is None else v for k, v in e.items()})
+                    for f, e in data["data_efficiency"].items()})
 
 
 def evaluate(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], splits: Mapping[str, Split], *,

@@ -123,6 +123,26 @@ def test_report_json_round_trip_restores_numbers():
     assert ToxicityReport.from_json({**data, "ks": [1]}) != report  # equality is not vacuous
 
 
+def test_a_nan_relative_efficiency_survives_strict_json(tmp_path):
+    """relative is NaN when the full split's F1 is 0; report.json writes null (valid JSON) and reads NaN back."""
+    import dataclasses
+    import math
+
+    from qscope_plugin.recipes.toxicity import Efficiency
+
+    rng = np.random.default_rng(2)
+    report = evaluate(None, None, {}, {}, harvests={"a": _synthetic_harvest(rng, 3)}, ks=(1,), fractions=(0.5,),
+                      repeats=1)
+    report = dataclasses.replace(report, data_efficiency={0.5: Efficiency(0.0, math.nan), 1.0: Efficiency(0.0, 1.0)})
+    write_report(report, tmp_path)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    again = ToxicityReport.from_json(json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse))
+    assert math.isnan(again.data_efficiency[0.5].relative) and again.data_efficiency[1.0].relative == 1.0
+
+
 def test_transfer_k_is_a_parameter():
     """With every feature in the transfer set, a's rule fires on c's noise too: recall 1, precision about 1/2."""
     rng = np.random.default_rng(1)
