@@ -69,7 +69,10 @@ def _text_tower(model: nn.Module) -> nn.Module:
     text.model = language_model
     text.lm_head = model.lm_head
     text.generation_config = copy.deepcopy(model.generation_config)
-    leftover = [name for name, t in [*text.named_parameters(), *text.named_buffers()] if t.is_meta]
+    # what the wrapper did not take from the caller's model (compared by identity: a meta-device model, built to
+    # check shapes without memory, is meta throughout)
+    taken = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    leftover = [name for name, t in [*text.named_parameters(), *text.named_buffers()] if id(t) not in taken]
     if leftover:  # a text class with more top-level modules than language_model + lm_head
         raise BootError(f"cannot take the text tower of {type(model).__name__}: {leftover} not found on the model; "
                         "load it with AutoModelForCausalLM.from_pretrained(path) instead")
