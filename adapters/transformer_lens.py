@@ -225,9 +225,11 @@ class BridgeBackend(Backend):
         super().__init__(bridge, bridge.original_model)
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               last: int | None = None) -> torch.Tensor:
         mask = None if attention_mask is None else attention_mask.to(self.device)
-        return self.model(input_ids.to(self.device), return_type="logits", attention_mask=mask)
+        out = self.model(input_ids.to(self.device), return_type="logits", attention_mask=mask)
+        return out[:, -last:] if last else out  # the bridge's forward always unembeds every position
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
