@@ -89,10 +89,18 @@ def _texts(tok, n: int, n_tokens: int) -> list[str]:
     return [tok.decode(tok(t, add_special_tokens=False)["input_ids"][:n_tokens]) for t in texts]
 
 
-def _load_hf(model_dir: str, dtype):
+def _load_hf(model_dir: str, dtype, device: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+
+def _sae(args, layer: int):
+    """A layer's SAE where the model runs: memory-mapped on CPU, one copy in the model's dtype on CUDA."""
+    from qscope_plugin import load_sae
+
+    sae = load_sae(args.release, layer)
+    return sae if args.device == "cpu" else sae.to(args.device, getattr(__import__("torch"), args.dtype))
 
 
 def worker_boot(args) -> dict:
@@ -106,15 +114,16 @@ def worker_boot(args) -> dict:
 
     dtype = getattr(torch, args.dtype)
     tok = _tokenizer()
-    ids = torch.arange(1000, 1008).unsqueeze(0)
+    ids = torch.arange(1000, 1008, device=args.device).unsqueeze(0)
     with PeakMemory() as mem, torch.no_grad():
         t = time.perf_counter()
         if args.what == "boot_hf":
-            model = _load_hf(args.model_dir, dtype)
+            model = _load_hf(args.model_dir, dtype, args.device)
         elif args.what == "boot_bridge":
-            model = tl_adapter.boot(args.model_dir, dtype=dtype, tokenizer=tok)
+            model = tl_adapter.boot(args.model_dir, dtype=dtype, tokenizer=tok, device=args.device)
         else:
-            model = nnsight_adapter.load(args.model_dir, tokenizer=tok, dispatch=True, dtype=dtype)
+            model = nnsight_adapter.load(args.model_dir, tokenizer=tok, dispatch=True, dtype=dtype,
+                                         device_map=args.device)
         seconds = time.perf_counter() - t
         if args.what == "boot_nnsight":
             with model.trace(ids):
@@ -130,15 +139,14 @@ def worker_generate(args) -> dict:
     import torch
     from _timing import best_of_interleaved
 
-    from qscope_plugin import load_sae
     from qscope_plugin.backends import as_backend
     from qscope_plugin.recipes.steering import SteeringSpec, steer
 
-    model = _load_hf(args.model_dir, getattr(torch, args.dtype))
+    model = _load_hf(args.model_dir, getattr(torch, args.dtype), args.device)
     tok = _tokenizer()
     backend = as_backend(model)
     ids = tok(_texts(tok, 1, PROMPT_TOKENS)[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
-    saes = {STEER_LAYER: load_sae(args.release, STEER_LAYER)}
+    saes = {STEER_LAYER: _sae(args, STEER_LAYER)}
     spec = SteeringSpec.single(STEER_LAYER, 123, 8.0)
     eos = model.config.vocab_size + 1  # never produced: every run makes exactly NEW_TOKENS tokens
 
@@ -159,21 +167,24 @@ def worker_footprints(args) -> dict:
     import torch.nn.functional as F
     from _timing import best_of_interleaved
 
-    from qscope_plugin import load_sae
     from qscope_plugin.backends import as_backend
     from qscope_plugin.hooks import resolve_layers
     from qscope_plugin.recipes._harvest import pad, tokenize
     from qscope_plugin.recipes.footprints import harvest_footprints
 
-    model = _load_hf(args.model_dir, getattr(torch, args.dtype))
+    model = _load_hf(args.model_dir, getattr(torch, args.dtype), args.device)
     tok = _tokenizer()
     texts = _texts(tok, N_TEXTS, TEXT_TOKENS)
     backend = as_backend(model)
     n_layers = backend.n_layers
-    batches = [pad(tokenize(tok, texts[s : s + BATCH], max_length=None), 0) for s in range(0, N_TEXTS, BATCH)]
+    batches = [tuple(t.to(args.device) for t in pad(tokenize(tok, texts[s : s + BATCH], max_length=None), 0))
+               for s in range(0, N_TEXTS, BATCH)]
+    cuda = args.device == "cuda"
+    gpu_model_mib = torch.cuda.memory_allocated() / 2**20 if cuda else 0.0
     with PeakMemory() as mem:
-        saes = {n: load_sae(args.release, n) for n in range(n_layers)}
+        saes = {n: _sae(args, n) for n in range(n_layers)}
         harvest_footprints(model, tok, texts, saes, batch_size=BATCH, progress=False)
+    gpu_peak_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
     layers = resolve_layers(model)
 
     def forward_hidden():  # the decoder forward up to the last block: what footprints need at least
@@ -210,7 +221,7 @@ def worker_footprints(args) -> dict:
                                  "logits": forward_logits}, repeats=args.repeats)
     # SAE cost per layer: one layer's encode of a batch vs the forward's share per layer
     sae = saes[n_layers // 2]
-    h_all = torch.randn(BATCH * TEXT_TOKENS, sae.cfg.d_model, dtype=getattr(torch, args.dtype))
+    h_all = torch.randn(BATCH * TEXT_TOKENS, sae.cfg.d_model, dtype=getattr(torch, args.dtype), device=args.device)
     h_last = h_all[:BATCH]
     enc = best_of_interleaved({"last": lambda: sae.encode_sparse(h_last), "all": lambda: sae.encode_sparse(h_all)},
                               repeats=args.repeats)
@@ -218,6 +229,7 @@ def worker_footprints(args) -> dict:
     return {"texts_per_s": {k: N_TEXTS / v for k, v in times.items()},
             "model_rss_mib": mem.base_rss, "model_anon_mib": mem.base_anon,
             "peak_rss_mib": mem.peak_rss, "peak_anon_mib": mem.peak_anon,
+            "gpu_model_mib": gpu_model_mib, "gpu_peak_mib": gpu_peak_mib,
             "encode_share_last": enc["last"] / per_layer, "encode_share_all": enc["all"] / per_layer,
             "forward_per_layer_ms": 1000 * per_layer}
 
@@ -262,7 +274,7 @@ def prepare(root: Path, model_id: str, release_name: str, dtype: str) -> Path:
 
 def run_worker(what: str, model_dir: Path, release_name: str, args, env: dict) -> dict:
     cmd = [sys.executable, __file__, "--worker", what, "--model-dir", str(model_dir), "--release", release_name,
-           "--dtype", args.dtype, "--repeats", str(args.repeats)]
+           "--dtype", args.dtype, "--device", args.device, "--repeats", str(args.repeats)]
     t = time.perf_counter()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
@@ -339,6 +351,11 @@ def report(results: list[dict], header: str) -> str:
         lines.append(f"| {r['model_id']} | {_gib(f['model_anon_mib'])} | {_gib(f['peak_anon_mib'])} "
                      f"| {_gib(f['peak_anon_mib'] - f['model_anon_mib'])} | {_gib(f['peak_rss_mib'])} "
                      f"| {_gib(s['peak_rss_mib'])} | {_gib(n * s['peak_rss_mib'])} |")
+    for r in results:
+        f = r["footprints"]
+        if f.get("gpu_peak_mib"):
+            lines.append(f"\nOn the GPU ({r['model_id']}): model {_gib(f['gpu_model_mib'])} GiB, peak with every "
+                         f"layer's SAE copied in {_gib(f['gpu_peak_mib'])} GiB.")
     lines += ["", "## SAE cost per layer", "",
               "| backbone | forward per layer (ms) | encode last tokens / forward per layer "
               "| encode all tokens / forward per layer |", "|---|---|---|---|"]
@@ -353,6 +370,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", choices=sorted(BACKBONES), default=["1.7b"])
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--root", default="/tmp/qscope-real-size", help="where checkpoints and SAE files go")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep --root for the next run")
