@@ -285,8 +285,12 @@ def run_worker(what: str, model_dir: Path, release_name: str, args, env: dict) -
 
 
 def measure(key: str, args) -> dict:
+    """The measurements of one backbone, saved under ``--root``; with ``--reuse`` a saved run is read back."""
     model_id, release_name = BACKBONES[key]
     root = Path(args.root)
+    saved = root / f"results-{key}-{args.dtype}-{args.device}.json"
+    if args.reuse and saved.exists():
+        return json.loads(saved.read_text())
     print(f"{model_id} ({release_name})", flush=True)
     model_dir = prepare(root, model_id, release_name, args.dtype)
     env = {**os.environ, "HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1"}
@@ -299,6 +303,7 @@ def measure(key: str, args) -> dict:
         out[what] = {"seconds": min(r["seconds"] for r in runs),  # best of the repeats for time, worst for memory
                      "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
                      "peak_anon_mib": max(r["peak_anon_mib"] for r in runs)}
+    saved.write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -363,7 +368,51 @@ def report(results: list[dict], header: str) -> str:
         f = r["footprints"]
         lines.append(f"| {r['model_id']} | {f['forward_per_layer_ms']:.1f} | {f['encode_share_last']:.2f} "
                      f"| {f['encode_share_all']:.2f} |")
+    lines += ["", "## Goals (issue 18)", "", "| backbone | goal | measured | met |", "|---|---|---|---|"]
+    for r in results:
+        f, g = r["footprints"], r["generate"]
+        over = (f["peak_anon_mib"] - f["model_anon_mib"]) / 1024
+        checks = [
+            ("all-layer footprints >= 0.8x the hand forward + encode loop",
+             f["texts_per_s"]["footprints"] / f["texts_per_s"]["hand"], 0.8, ">="),
+            ("private memory over the model <= 2 GiB with every SAE layer (memory-mapped)", over, 2.0, "<="),
+            ("steered generation time <= 1.05x unsteered", g["unsteered"] / g["steered"], 1.05, "<="),
+            *[(f"{name} boot time <= 1.3x from_pretrained", r[key]["seconds"] / r["boot_hf"]["seconds"], 1.3, "<=")
+              for key, name in (("boot_bridge", "bridge"), ("boot_nnsight", "nnsight"))],
+            *[(f"{name} peak resident <= 1.1x from_pretrained",
+               r[key]["peak_rss_mib"] / r["boot_hf"]["peak_rss_mib"], 1.1, "<=")
+              for key, name in (("boot_bridge", "bridge"), ("boot_nnsight", "nnsight"))],
+        ]
+        for goal, value, bound, op in checks:
+            met = value >= bound if op == ">=" else value <= bound
+            lines.append(f"| {r['model_id']} | {goal} | {value:.2f} | {'yes' if met else '**no**'} |")
+    lines += ["", FINDINGS]
     return "\n".join(lines) + "\n"
+
+
+FINDINGS = """## What the real size surfaced, and the fixes
+
+- **Vocabulary-sized logits.** At 151,936 (Qwen3) or 248,320 (Qwen3.5) entries per position, the logits are the
+  largest tensor of a forward. Footprints and every harvest already stop after the deepest block asked for (the
+  LM head never runs: compare "forward to last block" with "forward with logits" above). The steering scores and
+  GRPO's old log-probs computed logits for every position of prompt + completion: `Backend.logits(..., last=n)`
+  now runs the LM head on the n positions they read (`logits_to_keep`; the bridge slices after its own forward).
+- **The LRU against all-layer harvests.** The store keeps 8 layers (as the official app does); an all-layer
+  harvest holds 28. Asking again for an evicted layer re-read the file and returned a new object (losing its
+  cached decoder norms). The cache now finds SAEs still in use through weak references: no re-read, no thrash,
+  and nothing held that the caller dropped.
+- **TopK at real width.** Pre-activations are `(tokens, d_sae)` floats: 4 GiB for 8,192 tokens at W128K.
+  `encode_sparse` now encodes in chunks of tokens under `ENCODE_BUDGET_BYTES` (256 MiB).
+- **bf16 models with float32 SAEs.** The SAE casts the activations (tokens x d_model) to its dtype inside each
+  encode; its weights are never copied per call (memory-mapped once). On CUDA, move the SAEs once with
+  `sae.to("cuda", torch.bfloat16)` (what `benchmarks/gpu_check.sh` does).
+- **bf16 CPU layout.** `.to()` copies in bf16/fp16 on CPU choose their layout by
+  `torch.backends.cpu.get_cpu_capability()` (see [benchmarks.md](benchmarks.md)).
+- **Meta-device boot.** The TransformerLens boot of a published (multimodal) Qwen3.5 model built on the meta
+  device failed: its text-tower check took "still on meta" for "not taken from the model". It now compares by
+  identity; `tests/test_real_size.py` boots every backbone of the 14 groups on meta in transformers, the bridge
+  and nnsight (nnsight's own lazy load from the config).
+"""
 
 
 def main() -> None:
@@ -374,6 +423,7 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/qscope-real-size", help="where checkpoints and SAE files go")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep --root for the next run")
+    parser.add_argument("--reuse", action="store_true", help="report a backbone's saved results instead of measuring")
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks_real_size.md"))
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--what", help=argparse.SUPPRESS)
