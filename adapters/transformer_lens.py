@@ -106,9 +106,24 @@ def _text_model(model: str | nn.Module, device: str | torch.device | None, dtype
     return hf
 
 
+def _settings_copy(tokenizer) -> Any:
+    """A copy of ``tokenizer`` whose settings (special tokens, padding side) change without touching the original.
+
+    The bridge sets ``bos_token`` / ``pad_token`` / ``padding_side`` on the object it is given. A deepcopy of a
+    Qwen tokenizer takes ~7 s (its 151,643-entry vocabulary and merges, object by object): most of the bridge's
+    boot overhead at real size (docs/benchmarks_real_size.md). Those tables and the Rust tokenizer are only
+    read, so they are shared; every other container attribute is copied.
+    """
+    clone = copy.copy(tokenizer)
+    for name, value in vars(tokenizer).items():
+        if isinstance(value, (dict, list, set)) and len(value) <= 4096:
+            setattr(clone, name, copy.deepcopy(value))
+    return clone
+
+
 def _tokenizer(model: str | nn.Module, tokenizer) -> Any:
     if tokenizer is not None:
-        return copy.deepcopy(tokenizer)  # the bridge sets bos_token on the object it is given
+        return _settings_copy(tokenizer)  # the bridge sets bos_token on the object it is given
     name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
     if not name:
         raise BootError("pass tokenizer=... for a model object without a name_or_path")

@@ -108,9 +108,16 @@ def test_run_with_saes_equals_the_spliced_reconstruction(family, tok):
 
 
 def test_tokenizer_is_not_mutated(tok):
-    before = (tok.bos_token, tok.padding_side)
-    boot(tiny_model("qwen3"), tokenizer=tok)
-    assert (tok.bos_token, tok.padding_side) == before
+    """The bridge changes special tokens and padding on its copy; the copy shares only the read-only tables
+    (a deepcopy took ~7 s at Qwen's vocabulary size)."""
+    def state():
+        return (tok.bos_token, tok.pad_token, tok.eos_token, tok.padding_side, dict(tok.special_tokens_map),
+                tok._tokenizer.to_str(), tok(["one two", "three"], padding=True)["input_ids"])
+
+    before = state()
+    bridge = boot(tiny_model("qwen3"), tokenizer=tok)
+    bridge.tokenizer.padding_side, bridge.tokenizer.bos_token = "left", "<|im_start|>"
+    assert bridge.tokenizer is not tok and state() == before
 
 
 def test_non_qwen_model_is_refused():
