@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qscope_plugin.adapters._fixes import apply_all
+from qscope_plugin.adapters._fixes import apply_all, fix_tl_bridge_kv_cache_kwarg, fix_tl_gated_delta_net_functions
 from qscope_plugin.backends import Backend, register_backend
 from qscope_plugin.errors import QScopeError
 from qscope_plugin.sae import QwenScopeSAE
@@ -37,9 +37,15 @@ class BootError(QScopeError, ValueError):
     """A model that cannot be booted in TransformerLens."""
 
 
-def register() -> dict[str, bool]:
-    """Apply the upstream fixes this installation needs (idempotent)."""
-    return apply_all()
+def register(*, saes: bool = True) -> dict[str, bool]:
+    """Apply the upstream fixes this installation needs (idempotent).
+
+    ``saes=False`` applies the TransformerLens fixes only, leaving SAELens unimported: a plain bridge does not
+    need it, and its import (seconds, ~1 GiB) was most of the bridge's boot overhead over ``from_pretrained``.
+    """
+    if saes:
+        return apply_all()
+    return {fix.__name__: fix() for fix in (fix_tl_bridge_kv_cache_kwarg, fix_tl_gated_delta_net_functions)}
 
 
 def hook_name(layer: int) -> str:
@@ -149,7 +155,7 @@ def boot(model: str | nn.Module, *, saes: bool = False, device: str | torch.devi
 
     ``bridge.cfg.device`` is always the device of the model's input embedding (where its parameters are).
     """
-    register()
+    register(saes=saes)
     if device is not None and hf_kwargs.get("device_map") is not None:
         raise BootError("pass either device= or device_map=, not both")
     hf = _text_model(model, device, dtype, **hf_kwargs)
@@ -192,6 +198,7 @@ def attach_sae(bridge, sae: QwenScopeSAE, *, use_error_term: bool = False):
     if sae.cfg.layer is None:
         raise BootError("this SAE has no layer; load it with load_sae(release, layer) or QwenScopeSAE.from_file(..., "
                         "layer=n)")
+    register()  # SAELens' fixes, for an SAE bridge built without boot(saes=True)
     view = sae.to_sae_lens()
     view.use_error_term = use_error_term
     view.cfg.metadata.hook_name = hook_name(sae.cfg.layer)

@@ -248,6 +248,7 @@ def worker_saelens(args) -> dict:
     return {"peak_rss_mib": mem.peak_rss - mem.base_rss, "peak_anon_mib": mem.peak_anon - mem.base_anon}
 
 
+MEASUREMENTS = ("boot_hf", "boot_bridge", "boot_nnsight", "generate", "footprints", "saelens")
 WORKERS = {"boot_hf": worker_boot, "boot_bridge": worker_boot, "boot_nnsight": worker_boot,
            "generate": worker_generate, "footprints": worker_footprints, "saelens": worker_saelens}
 
@@ -291,13 +292,15 @@ def measure(key: str, args) -> dict:
     model_id, release_name = BACKBONES[key]
     root = Path(args.root)
     saved = root / f"results-{key}-{args.dtype}-{args.device}.json"
-    if args.reuse and saved.exists():
-        return json.loads(saved.read_text())
+    out = json.loads(saved.read_text()) if args.reuse and saved.exists() else {}
+    todo = [w for w in MEASUREMENTS if w not in out or w in (args.only or ())]
+    if not todo:
+        return out
     print(f"{model_id} ({release_name})", flush=True)
     model_dir = prepare(root, model_id, release_name, args.dtype)
     env = {**os.environ, "HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1"}
-    out = {"model_id": model_id, "release": release_name}
-    for what in ("boot_hf", "boot_bridge", "boot_nnsight", "generate", "footprints", "saelens"):
+    out.update(model_id=model_id, release=release_name)
+    for what in todo:
         if not what.startswith("boot"):
             out[what] = run_worker(what, model_dir, release_name, args, env)
             continue
@@ -422,6 +425,18 @@ FINDINGS = """## What the real size surfaced, and the fixes
   device failed: its text-tower check took "still on meta" for "not taken from the model". It now compares by
   identity; `tests/test_real_size.py` boots every backbone of the 14 groups on meta in transformers, the bridge
   and nnsight (nnsight's own lazy load from the config).
+- **Bridge boot time.** Two costs unrelated to the weights made most of the bridge's overhead over
+  `from_pretrained`: `boot` imported SAELens (seconds, ~1 GiB) to apply its fixes even for a plain bridge, and
+  deep-copied the caller's tokenizer so the bridge could set its special tokens (~7 s in a fresh process for
+  Qwen's 151,643-entry vocabulary and merges). A plain bridge now applies the TransformerLens fixes only, and the
+  tokenizer's settings are copied while its read-only tables are shared. What remains is TransformerLens'
+  own bridge construction (per-block component setup and a hook scan of every module: seconds at 28 layers,
+  the same on the meta device).
+
+Not measured here: Qwen3-8B-Base (`--backbones 8b`; bf16 needs ~20 GiB free, more than this shared machine
+had) and CUDA (`bash benchmarks/gpu_check.sh`, which also compares SAE encode throughput with the bandwidth
+limit of reading W_enc once per batch; `DRY=1` checks the script on CPU). The CPU here is shared with other
+jobs, so absolute times are slow and noisy; the ratios compare runs interleaved in the same process.
 """
 
 
@@ -434,6 +449,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep --root for the next run")
     parser.add_argument("--reuse", action="store_true", help="report a backbone's saved results instead of measuring")
+    parser.add_argument("--only", nargs="+", choices=MEASUREMENTS, help="with --reuse: measure these again")
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks_real_size.md"))
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--what", help=argparse.SUPPRESS)
