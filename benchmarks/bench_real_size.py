@@ -437,6 +437,12 @@ Not measured here: Qwen3-8B-Base (`--backbones 8b`; bf16 needs ~20 GiB free, mor
 had) and CUDA (`bash benchmarks/gpu_check.sh`, which also compares SAE encode throughput with the bandwidth
 limit of reading W_enc once per batch; `DRY=1` checks the script on CPU). The CPU here is shared with other
 jobs, so absolute times are slow and noisy; the ratios compare runs interleaved in the same process.
+
+The steered/unsteered generation ratio is not conclusive on this machine: across four runs it ranged from 0.40x
+to 1.4x, moving with the values the random weights produce (subnormal floats slowed whichever run met them until
+the workers flushed them) and with the other jobs on the CPU. The edit itself is one (batch, d_model) addition
+at one block per decode step, next to a forward of every block; the CUDA run of `gpu_check.sh` is the place to
+settle the 1.05x goal.
 """
 
 
