@@ -175,9 +175,10 @@ class NNsightBackend(Backend):
         super().__init__(lm, lm._module)
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        mask = {} if attention_mask is None else {"attention_mask": attention_mask.to(self.device)}
-        with self.model.trace(input_ids.to(self.device), **mask):
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               last: int | None = None) -> torch.Tensor:
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(self.device)}
+        with self.model.trace(input_ids.to(self.device), logits_to_keep=last or 0, **kwargs):
             out = self.model.output.save()
         return out.logits
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qscope_plugin.adapters._fixes import apply_all
+from qscope_plugin.adapters._fixes import apply_all, fix_tl_bridge_kv_cache_kwarg, fix_tl_gated_delta_net_functions
 from qscope_plugin.backends import Backend, register_backend
 from qscope_plugin.errors import QScopeError
 from qscope_plugin.sae import QwenScopeSAE
@@ -37,9 +37,15 @@ class BootError(QScopeError, ValueError):
     """A model that cannot be booted in TransformerLens."""
 
 
-def register() -> dict[str, bool]:
-    """Apply the upstream fixes this installation needs (idempotent)."""
-    return apply_all()
+def register(*, saes: bool = True) -> dict[str, bool]:
+    """Apply the upstream fixes this installation needs (idempotent).
+
+    ``saes=False`` applies the TransformerLens fixes only, leaving SAELens unimported: a plain bridge does not
+    need it, and its import (seconds, ~1 GiB) was most of the bridge's boot overhead over ``from_pretrained``.
+    """
+    if saes:
+        return apply_all()
+    return {fix.__name__: fix() for fix in (fix_tl_bridge_kv_cache_kwarg, fix_tl_gated_delta_net_functions)}
 
 
 def hook_name(layer: int) -> str:
@@ -69,7 +75,10 @@ def _text_tower(model: nn.Module) -> nn.Module:
     text.model = language_model
     text.lm_head = model.lm_head
     text.generation_config = copy.deepcopy(model.generation_config)
-    leftover = [name for name, t in [*text.named_parameters(), *text.named_buffers()] if t.is_meta]
+    # what the wrapper did not take from the caller's model (compared by identity: a meta-device model, built to
+    # check shapes without memory, is meta throughout)
+    taken = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    leftover = [name for name, t in [*text.named_parameters(), *text.named_buffers()] if id(t) not in taken]
     if leftover:  # a text class with more top-level modules than language_model + lm_head
         raise BootError(f"cannot take the text tower of {type(model).__name__}: {leftover} not found on the model; "
                         "load it with AutoModelForCausalLM.from_pretrained(path) instead")
@@ -103,9 +112,24 @@ def _text_model(model: str | nn.Module, device: str | torch.device | None, dtype
     return hf
 
 
+def _settings_copy(tokenizer) -> Any:
+    """A copy of ``tokenizer`` whose settings (special tokens, padding side) change without touching the original.
+
+    The bridge sets ``bos_token`` / ``pad_token`` / ``padding_side`` on the object it is given. A deepcopy of a
+    Qwen tokenizer takes ~7 s (its 151,643-entry vocabulary and merges, object by object): most of the bridge's
+    boot overhead at real size (docs/benchmarks_real_size.md). Those tables and the Rust tokenizer are only
+    read, so they are shared; every other container attribute is copied.
+    """
+    clone = copy.copy(tokenizer)
+    for name, value in vars(tokenizer).items():
+        if isinstance(value, (dict, list, set)) and len(value) <= 4096:
+            setattr(clone, name, copy.deepcopy(value))
+    return clone
+
+
 def _tokenizer(model: str | nn.Module, tokenizer) -> Any:
     if tokenizer is not None:
-        return copy.deepcopy(tokenizer)  # the bridge sets bos_token on the object it is given
+        return _settings_copy(tokenizer)  # the bridge sets bos_token on the object it is given
     name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
     if not name:
         raise BootError("pass tokenizer=... for a model object without a name_or_path")
@@ -131,7 +155,7 @@ def boot(model: str | nn.Module, *, saes: bool = False, device: str | torch.devi
 
     ``bridge.cfg.device`` is always the device of the model's input embedding (where its parameters are).
     """
-    register()
+    register(saes=saes)
     if device is not None and hf_kwargs.get("device_map") is not None:
         raise BootError("pass either device= or device_map=, not both")
     hf = _text_model(model, device, dtype, **hf_kwargs)
@@ -174,6 +198,7 @@ def attach_sae(bridge, sae: QwenScopeSAE, *, use_error_term: bool = False):
     if sae.cfg.layer is None:
         raise BootError("this SAE has no layer; load it with load_sae(release, layer) or QwenScopeSAE.from_file(..., "
                         "layer=n)")
+    register()  # SAELens' fixes, for an SAE bridge built without boot(saes=True)
     view = sae.to_sae_lens()
     view.use_error_term = use_error_term
     view.cfg.metadata.hook_name = hook_name(sae.cfg.layer)
@@ -222,9 +247,11 @@ class BridgeBackend(Backend):
         super().__init__(bridge, bridge.original_model)
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               last: int | None = None) -> torch.Tensor:
         mask = None if attention_mask is None else attention_mask.to(self.device)
-        return self.model(input_ids.to(self.device), return_type="logits", attention_mask=mask)
+        out = self.model(input_ids.to(self.device), return_type="logits", attention_mask=mask)
+        return out[:, -last:] if last else out  # the bridge's forward always unembeds every position
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,

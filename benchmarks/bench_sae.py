@@ -195,7 +195,12 @@ def main() -> None:
               "bf16 on CPU depends on the ISA (the CPU capability is in the first line): on AVX2-only CPUs "
               "SAELens' contiguous (d_in, d_sae) bf16 matrix is ~80x slower than the file's (d_sae, d_in) "
               "layout, which the plugin keeps ([upstream.md](upstream.md) §1.4); with AVX512-BF16 both layouts "
-              "are fast. Calls over 2 s are timed once.", "",
+              "are fast and SAELens' is the faster (plugin encode+decode of 64 tokens measured at 0.80x SAELens "
+              "there while the file layout was kept). So a bf16/fp16 `.to()` copy on CPU takes its layout from "
+              "`torch.backends.cpu.get_cpu_capability()`: the file layout on AVX2, SAELens' (encoder in "
+              "(d_in, d_sae) memory, decoder feature-major) on AVX512. The bf16 rows below are for the layout this "
+              "machine gets; rerun this script on the other kind of CPU for the other. Calls over 2 s are timed "
+              "once.", "",
               "## Compute (CPU)", "", "| operation | plugin (ms) | baseline (ms) | baseline | speed-up |",
               "|---|---|---|---|---|"]
     for what, ours, theirs, name in rows:

@@ -148,10 +148,13 @@ class Backend:
         return self.module(**inputs)
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``(batch, seq, vocab)`` logits of the framework's own forward."""
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               last: int | None = None) -> torch.Tensor:
+        """``(batch, seq, vocab)`` logits of the framework's own forward; with ``last``, only the last ``last``
+        positions ``(batch, last, vocab)``: the LM head then runs on those alone (at a real vocabulary, 151,936
+        or 248,320 floats per position, the full tensor is the largest one of the forward)."""
         mask = None if attention_mask is None else attention_mask.to(self.device)
-        return self.module(input_ids=input_ids.to(self.device), attention_mask=mask).logits
+        return self.module(input_ids=input_ids.to(self.device), attention_mask=mask, logits_to_keep=last or 0).logits
 
     @torch.no_grad()
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,9 @@ SAE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STAGING_ELEMENTS = 1 << 24
 """Most elements ``.to()`` transposes in one step (64 MiB in float32)."""
+ENCODE_BUDGET_BYTES = 256 << 20
+"""Most bytes of pre-activations ``(tokens, d_sae)`` one encode step holds: a larger batch is encoded in chunks of
+tokens (at W128K one token's pre-activations take 512 KiB, so 8,192 tokens would otherwise take 4 GiB at once)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,27 @@ def read_state_dict(path: str | Path, *, mmap: bool = True) -> dict[str, torch.T
     return {key: sd[key] for key in SAE_KEYS}
 
 
+def half_gemm_prefers_transposed() -> bool:
+    """Whether this CPU runs bf16/fp16 products fast from transposed (SAELens') memory.
+
+    AVX2 CPUs have no bf16 GEMM kernel for it: x @ W with W in (d_model, d_sae) memory is ~80x slower than on the
+    file's (d_sae, d_model) memory (docs/upstream.md §1.4), so ``.to()`` keeps the file layout there. AVX-512 CPUs
+    (oneDNN's bf16 kernels) are fast on both, and faster on SAELens' layout (encode+decode 0.80x SAELens when the
+    file layout was kept). Decided by the capability torch reports for its own kernels.
+    """
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _transposed_copy(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of 2-D ``t`` (same shape and values) whose memory is transposed, written block by block so that
+    no second full copy is ever made (a single transposing copy to CUDA would stage one in host RAM)."""
+    rows = torch.empty(t.shape[1], t.shape[0], device=device, dtype=dtype)
+    block = max(1, STAGING_ELEMENTS // t.shape[0])
+    for start in range(0, t.shape[1], block):
+        rows[start : start + block].copy_(t[:, start : start + block].T)
+    return rows.T
+
+
 class QwenScopeSAE:
     """One Qwen-Scope TopK SAE. Immutable: ``.to()`` returns a new SAE.
 
@@ -158,27 +182,24 @@ class QwenScopeSAE:
         The copy is the moment to choose a layout for free. In float32, and on CUDA, the decoder is stored
         feature-major: the same ``(d_model, d_sae)`` tensor as a view of ``(d_sae, d_model)`` memory, so each
         feature direction is one contiguous row and ``decode_sparse`` reads exactly the k rows a token uses.
-        bf16/fp16 copies on CPU keep the file layout: there a feature-major matrix makes the dense GEMM ~80x
-        slower on AVX2 CPUs (docs/upstream.md §1.4). ``sae.to()`` with no arguments copies on the current device
-        and dtype.
+        bf16/fp16 copies on CPU follow ``half_gemm_prefers_transposed()``: AVX2 CPUs keep the file layout (a
+        transposed bf16 GEMM is ~80x slower there, docs/upstream.md §1.4); AVX-512 CPUs get SAELens' layout
+        (encoder in ``(d_model, d_sae)`` memory, decoder feature-major). ``sae.to()`` with no arguments copies on
+        the current device and dtype.
         """
         device = self.device if device is None else torch.device(device)
         dtype = dtype or self.dtype
-        sd = {key: getattr(self, key).to(device=device, dtype=dtype, copy=True) for key in ("W_enc", "b_enc", "b_dec")}
-        if dtype == torch.float32 or device.type == "cuda":
-            sd["W_dec"] = self._feature_major_decoder(device, dtype)
-        else:
+        sd = {key: getattr(self, key).to(device=device, dtype=dtype, copy=True) for key in ("b_enc", "b_dec")}
+        half_on_cpu = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+        if half_on_cpu and not half_gemm_prefers_transposed():
             sd["W_dec"] = self.W_dec.to(device=device, dtype=dtype, copy=True)
+        else:
+            sd["W_dec"] = _transposed_copy(self.W_dec, device, dtype)
+        if half_on_cpu and half_gemm_prefers_transposed():  # SAELens' (d_model, d_sae) encoder memory
+            sd["W_enc"] = _transposed_copy(self.W_enc, device, dtype)
+        else:
+            sd["W_enc"] = self.W_enc.to(device=device, dtype=dtype, copy=True)
         return QwenScopeSAE(sd, self.cfg)
-
-    def _feature_major_decoder(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """``W_dec`` transposed into ``(d_sae, d_model)`` memory block by block, so that no second full copy is
-        ever made (a single transposing copy to CUDA would stage one in host RAM); returned as its ``.T`` view."""
-        rows = torch.empty(self.cfg.d_sae, self.cfg.d_model, device=device, dtype=dtype)
-        block = max(1, STAGING_ELEMENTS // self.cfg.d_model)
-        for start in range(0, self.cfg.d_sae, block):
-            rows[start : start + block].copy_(self.W_dec[:, start : start + block].T)
-        return rows.T
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[-1] != self.cfg.d_model:
@@ -196,6 +217,9 @@ class QwenScopeSAE:
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(E2) as ``(values, indices)``, each ``(..., k)``; values are >= 0 (zeros where < k are positive).
 
+        Pre-activations of at most ``ENCODE_BUDGET_BYTES`` exist at a time: a long batch is encoded in chunks
+        of tokens, each written into the result (same values as one product; peak memory bounded at any width).
+
         Non-finite activations (a NaN from an upstream bf16 overflow) warn once per SAE instead of silently
         becoming features; the check is one reduction, skipped once it has warned.
         """
@@ -207,8 +231,19 @@ class QwenScopeSAE:
             warnings.warn(f"{where}: {bad} of {x.numel()} input activations are NaN/inf, so its features for those "
                           "tokens are meaningless; check the model's dtype (bf16 overflow) and the hooked layer "
                           "(warned once per SAE)", QScopeWarning, stacklevel=2)
-        values, indices = F.linear(x, self.W_enc, self.b_enc).topk(self.cfg.k, dim=-1, sorted=False)
-        return values.relu_(), indices
+        rows = x.reshape(-1, self.cfg.d_model)
+        step = max(1, ENCODE_BUDGET_BYTES // (self.cfg.d_sae * x.element_size()))
+        if rows.shape[0] <= step:
+            values, indices = F.linear(x, self.W_enc, self.b_enc).topk(self.cfg.k, dim=-1, sorted=False)
+            return values.relu_(), indices
+        values = torch.empty(rows.shape[0], self.cfg.k, dtype=x.dtype, device=x.device)
+        indices = torch.empty(rows.shape[0], self.cfg.k, dtype=torch.long, device=x.device)
+        for start in range(0, rows.shape[0], step):
+            chunk = F.linear(rows[start : start + step], self.W_enc, self.b_enc)
+            torch.topk(chunk, self.cfg.k, dim=-1, sorted=False,
+                       out=(values[start : start + step], indices[start : start + step]))
+        lead = x.shape[:-1]
+        return values.relu_().reshape(*lead, self.cfg.k), indices.reshape(*lead, self.cfg.k)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(E2) Dense feature activations ``(..., d_sae)`` with at most k nonzeros per token."""

@@ -23,6 +23,7 @@ import re
 import sys
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -413,12 +414,19 @@ def layer_count(source: str | os.PathLike) -> int:
 
 
 class SAECache:
-    """A bounded LRU of loaded SAEs, by count and nominal bytes; concurrent requests share one load."""
+    """A bounded LRU of loaded SAEs, by count and nominal bytes; concurrent requests share one load.
+
+    Eviction only drops the cache's own reference. An evicted SAE that the caller still holds (an all-layer
+    harvest keeps every layer in a dict, more than ``max_layers``) is found again by a weak reference and returned
+    as the same object: asking for it again never re-reads the file nor loses what that object computed once
+    (decoder norms), however many layers are in use.
+    """
 
     def __init__(self, max_layers: int = 8, max_bytes: int | None = None) -> None:
         self.max_layers, self.max_bytes = max_layers, max_bytes
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple, Future[QwenScopeSAE]] = OrderedDict()
+        self._alive: weakref.WeakValueDictionary[tuple, QwenScopeSAE] = weakref.WeakValueDictionary()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -426,10 +434,15 @@ class SAECache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._alive.clear()
 
     def get(self, key: tuple, load) -> QwenScopeSAE:
         with self._lock:
             future = self._entries.get(key)
+            revived = future is None and (alive := self._alive.get(key)) is not None  # evicted, still in use
+            if revived:
+                future = self._entries[key] = Future()
+                future.set_result(alive)
             owner = future is None
             if owner:
                 future = self._entries[key] = Future()
@@ -444,8 +457,12 @@ class SAECache:
                 future.set_exception(e)
                 raise
             if isinstance(result, QwenScopeSAE):  # a later failed validate() evicts it too
-                result._on_invalid.append(lambda: self._discard(key, future))
+                held = weakref.ref(result)  # no cycle: the SAE is freed when its last user drops it
+                result._on_invalid.append(lambda: self._discard(key, held()))
+                with self._lock:
+                    self._alive[key] = result
             future.set_result(result)
+        if owner or revived:
             self._evict()
         return future.result()
 
@@ -453,12 +470,16 @@ class SAECache:
         """Drop ``key`` whatever it holds (its file turned out corrupted)."""
         with self._lock:
             self._entries.pop(key, None)
+            self._alive.pop(key, None)
 
-    def _discard(self, key: tuple, future: Future) -> None:
-        """Drop ``key`` if it still maps to ``future`` (a newer load of the same key is kept)."""
+    def _discard(self, key: tuple, sae: QwenScopeSAE | None) -> None:
+        """Drop ``key`` if it still maps to ``sae`` (a newer load of the same key is kept)."""
         with self._lock:
-            if self._entries.get(key) is future:
+            future = self._entries.get(key)
+            if future is not None and future.done() and not future.exception() and future.result() is sae:
                 del self._entries[key]
+            if self._alive.get(key) is sae:
+                del self._alive[key]
 
     def _evict(self) -> None:
         with self._lock:

@@ -256,7 +256,7 @@ def old_logprobs(model: object, prompt_ids: Sequence[int], completions: Sequence
     backend = as_backend(model)
     plen = len(prompt_ids)
     ids, mask, _ = pad([[*prompt_ids, *c] for c in completions], pad_token_id)  # right padding: positions agree
-    logits = backend.logits(ids, mask)[:, plen - 1 : -1].float() / temperature
+    logits = backend.logits(ids, mask, last=ids.shape[1] - plen + 1)[:, :-1].float() / temperature
     picked = logits.log_softmax(-1).gather(-1, ids[:, plen:, None].to(logits.device))[..., 0].cpu()
     return [picked[row, : len(c)].tolist() for row, c in enumerate(completions)]
 

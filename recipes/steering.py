@@ -247,7 +247,7 @@ def _score(backend: Backend, tokenizer, prompt_ids: torch.Tensor, new_ids: list[
     if not new_ids:
         return []
     ids = torch.cat([prompt_ids, torch.tensor([new_ids], device=prompt_ids.device)], dim=1)
-    logits = backend.logits(ids)[0, prompt_ids.shape[1] - 1 : -1].float()
+    logits = backend.logits(ids, last=len(new_ids) + 1)[0, :-1].float()  # the positions that predict new_ids
     probs = logits.softmax(-1)
     choices = []
     for step, tok in enumerate(new_ids):

@@ -82,6 +82,25 @@ def test_edit_sees_layer_kwargs_and_applies_to_every_backend(setup):
         backends["hf"].edit({4: shift_position_2}).__enter__()
 
 
+def test_logits_of_the_last_positions_only(setup):
+    """``last=n`` equals the full logits' last n positions; on transformers the LM head sees only those n."""
+    model, tok, backends = setup
+    ids = tok(["one two three four five", "six"], return_tensors="pt", padding=True)
+    full = model(**ids).logits
+    real = ids["attention_mask"][:, -2:].bool()  # what padding positions hold is the framework's business
+    for name, backend in backends.items():
+        got = backend.logits(ids["input_ids"], ids["attention_mask"], last=2)
+        assert got.shape == (2, 2, full.shape[-1]) and torch.allclose(got[real], full[:, -2:][real], atol=1e-5), name
+    rows = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[1]))
+    try:
+        backends["hf"].logits(ids["input_ids"], last=2)
+        backends["hf"].logits(ids["input_ids"])
+    finally:
+        handle.remove()
+    assert rows == [2, ids["input_ids"].shape[1]]
+
+
 def test_generate_is_identical_on_every_backend_and_a_left_padded_batch(setup):
     model, tok, backends = setup
     prompts = ["Once upon a time", "The weather"]

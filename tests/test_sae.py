@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from qscope_testing import make_sae_tensors, write_sae_file
@@ -131,6 +132,43 @@ def test_to_copies_once_into_a_feature_major_decoder(sae_and_tensors, monkeypatc
     half = sae.to(dtype=torch.bfloat16)
     assert half.W_dec.stride() == (64, 1)
     assert torch.allclose(half.decode_sparse(values, idx).float(), expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+def test_bf16_cpu_layout_follows_the_cpu_capability(sae_and_tensors, monkeypatch, capability):
+    """AVX2 keeps the file layout for bf16 copies; AVX-512 gets SAELens' (encoder transposed, decoder
+    feature-major); both compute the same codes."""
+    sae, t = sae_and_tensors
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    half = sae.to(dtype=torch.bfloat16)
+    file_layout = capability == "AVX2"
+    assert half.W_enc.shape == (64, 16) and half.W_enc.stride() == ((16, 1) if file_layout else (1, 64))
+    assert half.W_dec.shape == (16, 64) and half.W_dec.stride() == ((64, 1) if file_layout else (1, 16))
+    assert torch.equal(half.W_enc.float(), t["W_enc"].bfloat16().float())
+    assert torch.equal(half.W_dec.float(), t["W_dec"].bfloat16().float())
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
+    values, idx = half.encode_sparse(x)
+    expected = torch.relu(F.linear(x.float(), half.W_enc.float(), half.b_enc.float()))
+    assert torch.allclose(values.float().sort(-1).values, expected.topk(8, dim=-1).values.sort(-1).values,
+                          atol=0.05, rtol=0.02)
+
+
+def test_long_batches_encode_in_chunks_under_the_memory_budget(sae_and_tensors, monkeypatch):
+    """Pre-activations ``(tokens, d_sae)`` never exceed ENCODE_BUDGET_BYTES at once; the codes are unchanged."""
+    import qscope_plugin.sae as sae_module
+
+    sae, _ = sae_and_tensors
+    x = torch.randn(3, 11, 16, generator=torch.Generator().manual_seed(1))  # 33 tokens
+    whole_values, whole_idx = sae.encode_sparse(x)
+    monkeypatch.setattr(sae_module, "ENCODE_BUDGET_BYTES", 5 * 64 * 4)  # 5 tokens of d_sae=64 floats
+    widest, linear = [], F.linear
+    monkeypatch.setattr(sae_module.F, "linear", lambda a, *rest: widest.append(a.reshape(-1, 16).shape[0])
+                        or linear(a, *rest))
+    values, idx = sae.encode_sparse(x)
+    assert values.shape == idx.shape == (3, 11, 8) and max(widest) == 5 and len(widest) == 7
+    assert torch.allclose(values.sort(-1).values, whole_values.sort(-1).values, atol=1e-5)  # GEMM blocking differs
+    assert torch.allclose(torch.gather(torch.relu(x @ sae.W_enc.T + sae.b_enc), -1, idx), values, atol=1e-6)
+    assert torch.equal(idx.sort(-1).values, whole_idx.sort(-1).values)
 
 
 def test_bf16_runs_and_tracks_fp32(sae_and_tensors):

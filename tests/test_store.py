@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -113,16 +114,39 @@ def test_lru_never_drops_a_load_in_flight():
     assert loads == ["A", "B"] and waiter == ["a"]
 
 
-def test_lru_is_bounded_and_reuses(tmp_path):
+def test_lru_is_bounded_and_reuses(tmp_path, monkeypatch):
+    from qscope_plugin.sae import QwenScopeSAE
+
     for n in range(4):
         write_sae_file(tmp_path / f"layer{n}.sae.pt", d_model=8, d_sae=32)
+    reads, from_file = [], QwenScopeSAE.from_file
+    monkeypatch.setattr(QwenScopeSAE, "from_file", lambda *a, **kw: reads.append(kw["layer"]) or from_file(*a, **kw))
     cache = SAECache(max_layers=2)
     first = load_sae(tmp_path, 0, k=4, cache=cache)
     assert load_sae(tmp_path, 0, k=4, cache=cache) is first
     for n in range(1, 4):
         load_sae(tmp_path, n, k=4, cache=cache)
-    assert len(cache) == 2
-    assert load_sae(tmp_path, 0, k=4, cache=cache) is not first  # evicted, loaded again
+    assert len(cache) == 2 and reads == [0, 1, 2, 3]
+    del first
+    gc.collect()
+    load_sae(tmp_path, 0, k=4, cache=cache)  # evicted and no longer used anywhere: read again
+    assert reads == [0, 1, 2, 3, 0] and len(cache) == 2
+
+
+def test_all_layer_harvest_does_not_thrash_the_lru(tmp_path, monkeypatch):
+    """More layers in use than the LRU holds: asking again returns the SAEs in use, without re-reading a file."""
+    from qscope_plugin.sae import QwenScopeSAE
+
+    for n in range(6):
+        write_sae_file(tmp_path / f"layer{n}.sae.pt", d_model=8, d_sae=32)
+    cache = SAECache(max_layers=2)
+    saes = {n: load_sae(tmp_path, n, k=4, cache=cache) for n in range(6)}
+    norms = saes[0].decoder_norms()
+    reads = []
+    monkeypatch.setattr(QwenScopeSAE, "from_file", lambda *a, **kw: reads.append(a) or pytest.fail("re-read"))
+    for _ in range(2):  # e.g. a second pass of a harvest over every layer
+        assert all(load_sae(tmp_path, n, k=4, cache=cache) is saes[n] for n in range(6))
+    assert reads == [] and len(cache) == 2 and saes[0].decoder_norms() is norms
 
 
 def test_lru_bounded_by_bytes(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,10 +108,32 @@ def test_run_with_saes_equals_the_spliced_reconstruction(family, tok):
     assert calls  # the alias reaches its hook on the SAE bridge (upstream drops it silently)
 
 
+def test_a_plain_bridge_boots_without_importing_sae_lens():
+    """SAELens' import (seconds, ~1 GiB) was most of the bridge's boot overhead at real size; only an SAE bridge
+    needs it. A fresh process, since other tests import SAELens."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from qscope_testing import qwen3_tokenizer, tiny_model; "
+            "from qscope_plugin.adapters.transformer_lens import boot; "
+            "bridge = boot(tiny_model('qwen3'), tokenizer=qwen3_tokenizer()); "
+            "print('sae_lens' in sys.modules, type(bridge).__name__)")
+    tests = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tests, check=True)
+    assert out.stdout.split()[-2:] == ["False", "TransformerBridge"]
+
+
 def test_tokenizer_is_not_mutated(tok):
-    before = (tok.bos_token, tok.padding_side)
-    boot(tiny_model("qwen3"), tokenizer=tok)
-    assert (tok.bos_token, tok.padding_side) == before
+    """The bridge changes special tokens and padding on its copy; the copy shares only the read-only tables
+    (a deepcopy took ~7 s at Qwen's vocabulary size)."""
+    def state():
+        return (tok.bos_token, tok.pad_token, tok.eos_token, tok.padding_side, dict(tok.special_tokens_map),
+                tok._tokenizer.to_str(), tok(["one two", "three"], padding=True)["input_ids"])
+
+    before = state()
+    bridge = boot(tiny_model("qwen3"), tokenizer=tok)
+    bridge.tokenizer.padding_side, bridge.tokenizer.bos_token = "left", "<|im_start|>"
+    assert bridge.tokenizer is not tok and state() == before
 
 
 def test_non_qwen_model_is_refused():
