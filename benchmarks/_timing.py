@@ -5,6 +5,9 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def best_of_interleaved(runs: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, float]:
@@ -20,3 +23,12 @@ def best_of_interleaved(runs: dict[str, Callable[[], object]], repeats: int = 5)
             fn()
             times[name].append(time.perf_counter() - t)
     return {name: min(ts) for name, ts in times.items()}
+
+
+def publish(text: str, doc: str) -> Path:
+    """Print a benchmark's markdown and write it to ``docs/<doc>`` (the file the README links)."""
+    print(text)
+    out = DOCS / doc
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out}")
+    return out

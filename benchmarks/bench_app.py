@@ -16,11 +16,10 @@ from __future__ import annotations
 import os
 import platform
 import socket
-from pathlib import Path
 
 import gradio
 import torch
-from _timing import best_of_interleaved
+from _timing import best_of_interleaved, publish
 from gradio_client import Client
 
 from qscope_plugin.app.explorer import Explorer
@@ -85,10 +84,7 @@ def main() -> None:
     lines += [f"| {name} | {timings[f'{name}|server']:.3f} | {timings[f'{name}|callback']:.3f} |"
               for name in requests]
     text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks_app.md"
-    out.write_text(text, encoding="utf-8")
-    print(f"wrote {out}")
+    publish(text, "benchmarks_app.md")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 import numpy as np
 import torch
-from _timing import best_of_interleaved
+from _timing import best_of_interleaved, publish
 
 from qscope_plugin.demo.run import PROMPTS
 from qscope_plugin.hooks import capture_residual
@@ -76,10 +75,7 @@ def main() -> None:
     lines += [f"| {name} | {t:.3f} | {N_TEXTS / t:.0f} | {n_tokens / t:.0f} | {t / ref:.2f}x |"
               for name, t in timings.items()]
     text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks_classifier.md"
-    out.write_text(text)
-    print(f"wrote {out}")
+    publish(text, "benchmarks_classifier.md")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import torch
-from _timing import best_of_interleaved
+from _timing import best_of_interleaved, publish
 
 from qscope_plugin.app.dashboard import render_dashboard
 from qscope_plugin.demo.run import PROMPTS, SENTENCES
@@ -89,10 +89,7 @@ def main() -> None:
     lines += [f"| {name} | {t:.3f} | {t / base:.2f}x |" for name, t in timings.items()]
     lines += ["", f"The page: {len(page.encode()) / 1e6:.1f} MB of self-contained HTML for {len(cards)} cards."]
     text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks_dashboard.md"
-    out.write_text(text)
-    print(f"wrote {out}")
+    publish(text, "benchmarks_dashboard.md")
 
 
 if __name__ == "__main__":

@@ -19,11 +19,10 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-from pathlib import Path
 
 import numpy as np
 import torch
-from _timing import best_of_interleaved
+from _timing import best_of_interleaved, publish
 
 from qscope_plugin.demo.run import PROMPTS, SENTENCES
 from qscope_plugin.hooks import capture_residual, edit_residual
@@ -131,10 +130,7 @@ def main() -> None:
         lines.append(f"| {pooling} | {t:.3f} | {n_tokens / t:.0f} | {old_name} | {timings[old_name]:.3f} | "
                      f"{timings[old_name] / t:.2f}x |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks_harvest.md"
-    out.write_text(text)
-    print(f"wrote {out}")
+    publish(text, "benchmarks_harvest.md")
 
 
 if __name__ == "__main__":

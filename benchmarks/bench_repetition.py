@@ -13,11 +13,10 @@ from __future__ import annotations
 import copy
 import os
 import platform
-from pathlib import Path
 
 import torch
 import transformers
-from _timing import best_of_interleaved
+from _timing import best_of_interleaved, publish
 
 from qscope_plugin import load_sae
 from qscope_plugin.backends import as_backend
@@ -56,10 +55,7 @@ def main() -> None:
             "| group | seconds | vs unsteered |", "|---|---|---|"]
     rows += [f"| {name} | {t:.4f} | {t / base_t:.3f}x |" for name, t in timings.items()]
     text = "\n".join(rows) + "\n"
-    print(text)
-    out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks_repetition.md"
-    out.write_text(text)
-    print(f"wrote {out}")
+    publish(text, "benchmarks_repetition.md")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from _timing import best_of_interleaved
+from _timing import best_of_interleaved, publish
 
 import qscope_plugin.demo
 from qscope_plugin import load_sae
@@ -64,10 +64,7 @@ def main() -> None:
             "| step | seconds | vs plain SFT |", "|---|---|---|"]
     rows += [f"| {name} | {t:.4f} | {t / base_t:.3f}x |" for name, t in timings.items()]
     text = "\n".join(rows) + "\n"
-    print(text)
-    out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks_sasft.md"
-    out.write_text(text)
-    print(f"wrote {out}")
+    publish(text, "benchmarks_sasft.md")
 
 
 if __name__ == "__main__":

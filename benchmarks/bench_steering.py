@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 import torch
-from _timing import best_of_interleaved
+from _timing import best_of_interleaved, publish
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from qscope_plugin.hooks import add_to_residual
@@ -64,10 +63,7 @@ def main() -> None:
              "| run | seconds | tokens/s | vs unsteered |", "|---|---|---|---|"]
     lines += [f"| {name} | {t:.3f} | {N_NEW / t:.1f} | {t / base:.3f}x |" for name, t in rows]
     text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks_steering.md"
-    out.write_text(text)
-    print(f"wrote {out}")
+    publish(text, "benchmarks_steering.md")
 
 
 if __name__ == "__main__":
