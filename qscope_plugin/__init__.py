@@ -32,8 +32,22 @@ from qscope_plugin.errors import (
     SAEFileError,
     UnknownReleaseError,
 )
-from qscope_plugin.sae import QScopeSAEConfig, QwenScopeSAE, SAEInputError
-from qscope_plugin.store import load_sae
+
+# The SAE and the store import torch (seconds); they load on first use so that `qscope --help`, `qscope releases`
+# and the catalogue stay instant.
+_LAZY = {"QScopeSAEConfig": "qscope_plugin.sae", "QwenScopeSAE": "qscope_plugin.sae",
+         "SAEInputError": "qscope_plugin.sae", "load_sae": "qscope_plugin.store"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qscope_plugin' has no attribute {name!r}")
+
 
 try:
     __version__ = version("qscope-plugin")

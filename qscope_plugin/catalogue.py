@@ -20,6 +20,9 @@ from qscope_plugin.errors import QScopeWarning, UnknownReleaseError, layer_out_o
 
 Family = Literal["qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe"]
 
+DEMO_RELEASE = "qscope-demo-qwen3-4l"
+"""The SAEs of the demo model shipped inside the package (not on the hub; see ``store.DEMO_SAE_DIR``)."""
+
 LICENSE_NOTICE = (
     "Qwen-Scope SAEs are released under the Qwen license (license: other, license_name: qwen). "
     "Caution: do not use interpretability methods to interfere with model capabilities for non-scientific "

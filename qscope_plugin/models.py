@@ -7,11 +7,13 @@ text-only ``*ForCausalLM``, which is what the SAEs read (docs/method.md §2.2).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from qscope_plugin.catalogue import DEMO_RELEASE
 from qscope_plugin.errors import QScopeError
-from qscope_plugin.store import DEMO_RELEASE
+
+if TYPE_CHECKING:  # torch loads with the model, not with the CLI's parser (which asks for the defaults below)
+    import torch
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "assets" / "model"
 
@@ -28,6 +30,8 @@ def check_device(device: str | None) -> torch.device | None:
     """``device`` as a ``torch.device``, refused before any loading when torch cannot use it here."""
     if not device:
         return None
+    import torch
+
     try:
         dev = torch.device(device)
         torch.empty(0, device=dev)

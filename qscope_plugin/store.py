@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from qscope_plugin.catalogue import LICENSE_NOTICE, Release, release
+from qscope_plugin.catalogue import DEMO_RELEASE, LICENSE_NOTICE, Release, release
 from qscope_plugin.errors import (
     ChecksumMismatchError,
     HubError,
@@ -48,7 +48,6 @@ from qscope_plugin.errors import (
 from qscope_plugin.sae import QwenScopeSAE
 
 logger = logging.getLogger("qscope_plugin")
-DEMO_RELEASE = "qscope-demo-qwen3-4l"
 DEMO_SAE_DIR = Path(__file__).parent / "demo" / "assets" / "saes"
 """SAEs of the small demo model shipped inside the package, in the Qwen-Scope file format."""
 LOCAL_CONFIG = "qscope.json"

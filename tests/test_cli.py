@@ -271,3 +271,16 @@ def test_a_bad_layer_is_refused_before_the_model_loads(tmp_path, monkeypatch, ca
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "layer 9" in err, err
+
+
+def test_the_parser_and_the_catalogue_do_not_import_torch():
+    """`qscope --help` and `qscope releases` answer at once: torch (seconds) loads only with a model or an SAE."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from qscope_plugin.cli import main; main(['releases']); "
+            "import qscope_plugin as qs; qs.release('qwen-scope-3-1.7b-base-w32k-l50'); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; "
+            "assert qs.load_sae.__module__ == 'qscope_plugin.store' and 'torch' in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
