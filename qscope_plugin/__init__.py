@@ -30,13 +30,13 @@ from qscope_plugin.errors import (
     QScopeError,
     QScopeWarning,
     SAEFileError,
+    SAEInputError,
     UnknownReleaseError,
 )
 
 # The SAE and the store import torch (seconds); they load on first use so that `qscope --help`, `qscope releases`
 # and the catalogue stay instant.
-_LAZY = {"QScopeSAEConfig": "qscope_plugin.sae", "QwenScopeSAE": "qscope_plugin.sae",
-         "SAEInputError": "qscope_plugin.sae", "load_sae": "qscope_plugin.store"}
+_LAZY = {"QScopeSAEConfig": "qscope_plugin.sae", "QwenScopeSAE": "qscope_plugin.sae", "load_sae": "qscope_plugin.store"}
 
 
 def __getattr__(name: str):
