@@ -80,6 +80,17 @@ def tokenize(tokenizer, texts: Sequence[str], *, max_length: int | None,
     return encoded
 
 
+def pad_id(tokenizer) -> int:
+    """The id padded positions hold: the tokenizer's pad token, else 0 (the attention mask hides them anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def length_batches(encoded: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices of the non-empty sequences, shortest first, in batches of ``batch_size``: little padding per batch."""
+    order = sorted((i for i, ids in enumerate(encoded) if ids), key=lambda i: len(encoded[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def pad(sequences: Sequence[Sequence[int]], pad_id: int, side: Side = "right") -> tuple[torch.Tensor, ...]:
     """``(input_ids, attention_mask, position_ids)`` of a batch; positions count each row's real tokens only."""
     if side not in ("left", "right"):
@@ -167,13 +178,10 @@ def harvest(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, Q
     if pooling == "last" and empty:
         raise EmptyInputError(f"{len(empty)} text(s) tokenize to nothing (first: {texts[empty[0]]!r}); every text "
                               "needs at least one token for its last-token features")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted((i for i, ids in enumerate(encoded) if ids), key=lambda i: len(encoded[i]))
     pooled: dict[int, list] = {n: [None] * len(texts) for n in layers}
     pool, finish = POOLERS[pooling]
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    for rows in tqdm(batches, disable=not progress, desc=desc, unit="batch"):
-        ids, mask, positions = pad([encoded[i] for i in rows], pad_id, padding_side)
+    for rows in tqdm(length_batches(encoded, batch_size), disable=not progress, desc=desc, unit="batch"):
+        ids, mask, positions = pad([encoded[i] for i in rows], pad_id(tokenizer), padding_side)
         found = backend.capture(ids, mask, layers=layers, position_ids=positions,
                                 reduce=_pooling(pool, saes, mask.bool(), exclude_first_token))
         if finish is not None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from qscope_plugin.backends import Backend, as_backend
 from qscope_plugin.errors import QScopeError
-from qscope_plugin.recipes._harvest import check_texts, pad, tokenize
+from qscope_plugin.recipes._harvest import check_texts, pad, pad_id, tokenize
 from qscope_plugin.sae import QwenScopeSAE
 
 Detector = Callable[[str, str], bool]
@@ -91,14 +91,14 @@ def _generate(backend: Backend, tokenizer, prompts: list[str], max_new_tokens: i
     """Greedy continuations of each prompt (left-padded batches, cut after the first EOS); ``batch_start["start"]``
     tells an active edit which prompt its batch's first row is."""
     encoded = tokenize(tokenizer, prompts, max_length=None)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    padding = pad_id(tokenizer)
     eos = tokenizer.eos_token_id
     out = []
     for start in tqdm(range(0, len(encoded), batch_size), disable=not progress, desc="generate"):
         if batch_start is not None:
             batch_start["start"] = start
-        ids, mask, _ = pad(encoded[start : start + batch_size], pad_id, "left")
-        new = backend.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_id)
+        ids, mask, _ = pad(encoded[start : start + batch_size], padding, "left")
+        new = backend.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=padding)
         for row in new.tolist():
             out.append(row[: row.index(eos)] if eos is not None and eos in row else row)
     return out

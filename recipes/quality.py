@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from qscope_plugin.backends import Backend, KwargsEdit, as_backend
 from qscope_plugin.errors import QScopeError
-from qscope_plugin.recipes._harvest import check_texts, pad, tokenize
+from qscope_plugin.recipes._harvest import check_texts, length_batches, pad, pad_id, tokenize
 from qscope_plugin.recipes._json import finite_json
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -219,18 +219,16 @@ def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[i
     texts = check_texts(data)
     backend = as_backend(model)
     layers = sorted(backend.check_layers(saes))
-    encoded = sorted((ids for ids in tokenize(tokenizer, texts, max_length=max_length) if ids), key=len)
+    encoded = tokenize(tokenizer, texts, max_length=max_length)
     if not any(len(ids) >= 2 for ids in encoded):
         raise QualityError(f"none of the {len(texts)} texts has two tokens, so there is no next token to predict; "
                            "pass longer texts")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tallies = {n: _Tally(saes[n]) for n in layers}
     edits = {n: (_reconstruct(saes[n]), _zero) for n in layers}
     downstream = {n: torch.zeros(4, dtype=torch.float64) for n in layers}  # Σ CE, Σ KL: spliced, then zeroed
     ce_clean, n_predicted = 0.0, 0
-    batches = [encoded[start : start + batch_size] for start in range(0, len(encoded), batch_size)]
-    for rows in tqdm(batches, disable=not progress, desc="evaluate", unit="batch"):
-        ids, mask, _ = pad(rows, pad_id, "right")
+    for rows in tqdm(length_batches(encoded, batch_size), disable=not progress, desc="evaluate", unit="batch"):
+        ids, mask, _ = pad([encoded[i] for i in rows], pad_id(tokenizer), "right")
         counted = mask.bool()
         counted[:, 0] &= not exclude_first_token  # right-padded: column 0 is every text's first token
         backend.capture(ids, mask, layers=layers, reduce=_tally_real_tokens(tallies, counted))

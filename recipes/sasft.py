@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from qscope_plugin.backends import Backend, as_backend
 from qscope_plugin.errors import QScopeError
-from qscope_plugin.recipes._harvest import check_texts, harvest, pad, tokenize
+from qscope_plugin.recipes._harvest import check_texts, harvest, pad, pad_id, tokenize
 from qscope_plugin.recipes.classifiers import sae_signature
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -149,9 +149,9 @@ def mean_pre_activations(model: object, tokenizer, texts: Sequence[str], saes: M
         raise SASFTError("every text is a single token; thresholds need tokens past position 0")
     sums = {n: torch.zeros(len(features[n]), dtype=torch.float64) for n in layers}
     count = 0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    padding = pad_id(tokenizer)
     for start in range(0, len(encoded), batch_size):
-        ids, mask, positions = pad(encoded[start : start + batch_size], pad_id)
+        ids, mask, positions = pad(encoded[start : start + batch_size], padding)
         keep = mask.bool() & (positions > 0)
 
         def reduce(hidden: torch.Tensor, n: int, keep: torch.Tensor = keep) -> torch.Tensor:
