@@ -21,7 +21,6 @@ SAE catalogue.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from pathlib import Path
 
@@ -159,14 +158,6 @@ def write_sae_blob(path: Path, d_model: int, d_sae: int, *, seed: int = 0) -> Pa
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_release_saes(hub_root: Path, release_name: str, *, layers: list[int] | None = None,
                        distinct: bool = False) -> list[Path]:
     """Every layer of a release in a Hugging Face hub cache under ``hub_root``, exactly as ``hf_hub_download``
@@ -177,6 +168,7 @@ def write_release_saes(hub_root: Path, release_name: str, *, layers: list[int] |
     SHA-256) still holds. ``distinct`` writes one blob per layer (different seeds) for page-cache-realistic runs.
     """
     from qscope_plugin.catalogue import release
+    from qscope_plugin.store import sha256_file
 
     rel = release(release_name)
     repo = hub_root / f"models--{rel.repo_id.replace('/', '--')}"
@@ -192,7 +184,7 @@ def write_release_saes(hub_root: Path, release_name: str, *, layers: list[int] |
             if shared is None or distinct:
                 staging = blobs / f"staging-{n}.pt"
                 write_sae_blob(staging, rel.d_model, rel.d_sae, seed=n if distinct else 0)
-                shared = blobs / _sha256(staging)
+                shared = blobs / sha256_file(staging)
                 staging.replace(shared)
             link.symlink_to(os.path.relpath(shared, snapshot))
         links.append(link)
