@@ -54,7 +54,7 @@ def worker(result_file: str, work: str) -> None:
         texts = [(zh + en)[i % (len(zh) + len(en))] + f" ({i})" for i in range(N_TEXTS)]
         labels = [int(i % (len(zh) + len(en)) < len(zh)) for i in range(N_TEXTS)]
         half = N_TEXTS // 2
-        loops = [f"{t} {t} {t}" for t in texts]
+        loops = [f"{t} the end the end the end the end" for t in texts]
         recipes = {
             "footprints": lambda: (lambda fp: [(fp[n].indptr.tolist(), fp[n].indices.tolist()) for n in fp.layers])(
                 harvest_footprints(model, tok, texts, saes, batch_size=BATCH, chunk_size=CHUNK, progress=False,

@@ -138,7 +138,7 @@ def write_inputs(root: Path) -> dict[str, Path]:
     files["texts"].write_text("".join(json.dumps({"text": t}) + "\n" for t in zh + en))
     files["lines"].write_text("\n".join(zh + en) + "\n")
     files["langs"].write_text(json.dumps({"zh": zh, "en": en}, ensure_ascii=False))
-    files["loops"].write_text("\n".join(t + " " + t + " " + t for t in en[:3] + zh[:2]) + "\n")
+    files["loops"].write_text("\n".join(t + " the end the end the end the end" for t in en[:3] + zh[:2]) + "\n")
     files["toxic"].mkdir()
     rows = [{"text": t, "toxic": 1} for t in zh] + [{"text": t, "toxic": 0} for t in en]
     (files["toxic"] / "en.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
