@@ -93,7 +93,12 @@ def torchrun_group(device: str | None = None) -> Iterator[tuple[int, str | None]
         yield rank_and_world()[0], device
         return
     if torch.cuda.is_available() and device in (None, "cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedError(f"local rank {local_rank} has no GPU of its own: this node has "
+                                   f"{torch.cuda.device_count()}; launch at most that many with torchrun "
+                                   "--nproc-per-node, or pass --device cpu")
+        device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=torch.device(device))
     else:

@@ -212,6 +212,9 @@ def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[i
     Per batch: one capture of every layer (reconstruction and firing), one clean forward, and for each layer
     one spliced and one zero-ablated forward; only sums are kept between batches. A batch holds its clean
     log-probabilities, float32 ``(predicted positions, vocab)``: lower ``batch_size`` for a large vocabulary.
+    Texts go in chunks through ``qscope_plugin.distributed.run_chunks``: under ``torchrun`` each rank evaluates its
+    share, inside ``checkpoints`` a killed run resumes, and the chunks' sums are added in chunk order (the same
+    floats for any number of ranks).
 
     Args:
         model: a transformers model, a TransformerLens bridge, an nnsight model or a ``Backend``.
