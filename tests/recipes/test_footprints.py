@@ -12,6 +12,7 @@ import pytest
 import torch
 from qscope_testing import qwen3_tokenizer, tiny_model, tiny_saes
 
+from qscope_plugin.distributed import DistributedError
 from qscope_plugin.hooks import capture_residual
 from qscope_plugin.recipes.data import load_table
 from qscope_plugin.recipes.footprints import (
@@ -137,7 +138,7 @@ def test_interrupted_harvest_resumes_to_the_same_result(tmp_path, tok):
         harvest_footprints(model, tok, data, saes, formatter=flaky_format, chunk_size=2, out=out, progress=False)
     partial = tmp_path / "bench.safetensors.partial"
     assert not out.exists() and len(list(partial.rglob("chunk-*.safetensors"))) == 2  # samples 0-3 are kept
-    with pytest.raises(FootprintError, match="unfinished harvest with other settings"):
+    with pytest.raises(DistributedError, match="unfinished harvest with other settings"):
         harvest_footprints(model, tok, data, saes, column="question", chunk_size=2, out=out, progress=False)
     resumed = harvest_footprints(model, tok, data, saes, formatter=flaky_format, chunk_size=2, out=out,
                                  progress=False)
