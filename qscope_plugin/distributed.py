@@ -36,14 +36,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TypeVar
-
-import torch
+from typing import TYPE_CHECKING, TypeVar
 
 from qscope_plugin.errors import QScopeError
 
+if TYPE_CHECKING:  # torch loads on first use: `qscope --help` and the option parsers do not import it
+    import torch
+
 T = TypeVar("T")
-Chunk = dict[str, torch.Tensor]
+Chunk = dict[str, "torch.Tensor"]
 """What one chunk of a harvest leaves behind: named tensors (one safetensors file)."""
 
 DEFAULT_CHUNK_SIZE = 1024
@@ -87,6 +88,7 @@ def torchrun_group(device: str | None = None) -> Iterator[tuple[int, str | None]
     Otherwise, or when a group is already initialised, it changes nothing and yields the current rank with
     ``device`` unchanged.
     """
+    import torch
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
@@ -164,6 +166,8 @@ def fingerprint(items: Sequence[object]) -> str:
 
 def content_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 of named tensors (names, dtypes, shapes and bytes), independent of the file's layout."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -220,6 +224,8 @@ def run_chunks(items: Iterable[T], compute: Callable[[int, list[T]], Chunk], *, 
 
 def concat_chunks(parts: Sequence[Chunk], key: str) -> torch.Tensor:
     """One tensor ``key`` of every chunk, concatenated along the first dimension (input order)."""
+    import torch
+
     return torch.cat([p[key] for p in parts])
 
 
