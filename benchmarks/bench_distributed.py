@@ -113,9 +113,10 @@ def main() -> None:
                      f"{N_TEXTS / a['seconds']:.0f} | {N_TEXTS / b['seconds'] / 2:.0f} | "
                      f"{'yes' if a['sha256'] == b['sha256'] else 'NO'} |")
     lines += ["", "Identical means the SHA-256 of the result's exact values (every float, index and string) is the "
-              "same for both launches. Speed-up below 2x comes from the ranks' share of the chunks (the last rank may "
-              "get one chunk less), from every rank reading and merging all chunks, and from the two cores being "
-              "shared with other work while this was measured.", ""]
+              "same for both launches. With two ranks on two cores the ideal speed-up is 2x; what falls short comes "
+              "from every rank reading and merging all chunks and from uneven shares (chunk i goes to rank i mod 2), "
+              "and, like figures above 2x, from the two cores being shared with other jobs while this was "
+              "measured (a single run of each, not a best of several).", ""]
     publish("\n".join(lines), "benchmarks_distributed.md")
 
 
