@@ -216,3 +216,117 @@ def _csr(rows: list, d_sae: int) -> sp.csr_matrix:
         return sp.csr_matrix((0, d_sae), dtype=np.float32)
     return sp.csr_matrix((torch.cat([v for _, v in rows]).numpy(), torch.cat([f for f, _ in rows]).numpy(), indptr),
                          shape=(len(rows), d_sae))
+
+
+# ------------------------------------------------------------------ data-parallel harvest (qscope_plugin.distributed)
+
+
+def harvest_settings(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], **options) -> dict:
+    """What a checkpointed harvest's results depend on besides the texts: a work dir of other settings is refused."""
+    return {"model": as_backend(model).name, "tokenizer": getattr(tokenizer, "name_or_path", None),
+            "saes": {str(n): [s.cfg.release, s.cfg.d_model, s.cfg.d_sae, s.cfg.k, str(s.dtype)]
+                     for n, s in sorted(saes.items())}, **options}
+
+
+def sharded_harvest(model: object, tokenizer, texts: Iterable[str], saes: Mapping[int, QwenScopeSAE], *,
+                    pooling: Pooling = "tokens", desc: str = "harvest", progress: bool = False, **options):
+    """``harvest`` chunk by chunk through ``qscope_plugin.distributed.run_chunks``: under ``torchrun`` each rank
+    harvests its share of the chunks, inside ``checkpoints(work_dir)`` finished chunks are files and a rerun
+    resumes; every rank gets the whole result, in input order, the same as one process.
+
+    Batches are formed inside each chunk, so the result is bit for bit the same for any number of ranks with the
+    same chunk size; with one chunk (no more texts than the chunk size) it is ``harvest``'s. Arguments and results
+    as ``harvest``.
+    """
+    from qscope_plugin.distributed import rank_and_world, run_chunks
+
+    if pooling not in POOLERS:
+        raise HarvestError(f"pooling={pooling!r}; expected one of {sorted(POOLERS)}")
+    if not saes:
+        raise HarvestError("no SAEs given; pass {layer: QwenScopeSAE} for at least one layer")
+    backend = as_backend(model)
+    saes = {n: saes[n] for n in sorted(backend.check_layers(saes))}
+    shown = progress and rank_and_world()[0] == 0
+
+    def compute(start: int, chunk: list[str]) -> dict[str, torch.Tensor]:
+        found = harvest(backend, tokenizer, chunk, saes, pooling=pooling, progress=shown, desc=desc, **options)
+        return _TO_TENSORS[pooling](found, saes)
+
+    parts = run_chunks(texts, compute, name=desc,
+                       settings=harvest_settings(backend, tokenizer, saes, pooling=pooling, **options))
+    return _FROM_TENSORS[pooling](parts, saes)
+
+
+def _tokens_to_tensors(codes: list[TextCodes], saes: Mapping[int, QwenScopeSAE]) -> dict[str, torch.Tensor]:
+    """Per-token codes of a chunk as flat tensors: each text's rows follow the previous text's (``lengths``)."""
+    kept = [c for c in codes if len(c.token_ids)]  # texts without tokens hold (0, k) float32 placeholders
+    out = {"lengths": torch.tensor([len(c.token_ids) for c in codes], dtype=torch.long),
+           "token_ids": torch.cat([c.token_ids for c in kept]) if kept else torch.zeros(0, dtype=torch.long)}
+    for n, sae in saes.items():
+        out[f"layer{n}.values"] = (torch.cat([c.values[n] for c in kept]) if kept
+                                   else torch.zeros(0, sae.cfg.k))
+        out[f"layer{n}.indices"] = (torch.cat([c.indices[n] for c in kept]) if kept
+                                    else torch.zeros(0, sae.cfg.k, dtype=torch.long))
+    return out
+
+
+def _tokens_from_tensors(parts: list[dict[str, torch.Tensor]], saes: Mapping[int, QwenScopeSAE]) -> list[TextCodes]:
+    from qscope_plugin.distributed import concat_chunks
+
+    if not parts:
+        return []
+    lengths = concat_chunks(parts, "lengths").tolist()
+    token_ids = concat_chunks(parts, "token_ids").split(lengths)
+    values = {n: concat_chunks(parts, f"layer{n}.values").split(lengths) for n in saes}
+    indices = {n: concat_chunks(parts, f"layer{n}.indices").split(lengths) for n in saes}
+    return [TextCodes(token_ids[i], {n: values[n][i] for n in saes}, {n: indices[n][i] for n in saes})
+            for i in range(len(lengths))]
+
+
+def _csr_to_tensors(found: MaxActivations, saes: Mapping[int, QwenScopeSAE]) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, m in found.items():
+        out[f"layer{n}.indptr"] = torch.from_numpy(m.indptr.astype(np.int64))
+        out[f"layer{n}.indices"] = torch.from_numpy(m.indices.astype(np.int64))
+        out[f"layer{n}.data"] = torch.from_numpy(np.ascontiguousarray(m.data))
+    return out
+
+
+def _csr_from_tensors(parts: list[dict[str, torch.Tensor]], saes: Mapping[int, QwenScopeSAE]) -> MaxActivations:
+    """Row-wise concatenation of the chunks' CSR matrices (indptr shifted), values untouched."""
+    out = {}
+    for n, sae in saes.items():
+        indptr, offset = [np.zeros(1, np.int64)], 0
+        for p in parts:
+            indptr.append(p[f"layer{n}.indptr"].numpy()[1:] + offset)
+            offset += int(p[f"layer{n}.indptr"][-1])
+        data = [p[f"layer{n}.data"].numpy() for p in parts]
+        indices = [p[f"layer{n}.indices"].numpy() for p in parts]
+        indptr = np.concatenate(indptr)
+        out[n] = sp.csr_matrix((np.concatenate(data) if data else np.zeros(0, np.float32),
+                                np.concatenate(indices) if indices else np.zeros(0, np.int64), indptr),
+                               shape=(len(indptr) - 1, sae.cfg.d_sae))
+    return out
+
+
+def _last_to_tensors(found: LastFeatures, saes: Mapping[int, QwenScopeSAE]) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, rows in found.items():
+        out[f"layer{n}.lengths"] = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        out[f"layer{n}.features"] = torch.from_numpy(np.concatenate(rows) if rows else np.zeros(0, np.int32))
+    return out
+
+
+def _last_from_tensors(parts: list[dict[str, torch.Tensor]], saes: Mapping[int, QwenScopeSAE]) -> LastFeatures:
+    from qscope_plugin.distributed import concat_chunks
+
+    if not parts:
+        return {n: [] for n in saes}
+    return {n: [f.numpy() for f in concat_chunks(parts, f"layer{n}.features").split(
+        concat_chunks(parts, f"layer{n}.lengths").tolist())] for n in saes}
+
+
+_TO_TENSORS = {"tokens": _tokens_to_tensors, "max": _csr_to_tensors, "last": _last_to_tensors}
+_FROM_TENSORS = {"tokens": _tokens_from_tensors, "max": _csr_from_tensors, "last": _last_from_tensors}
+"""pooling -> how one chunk's ``harvest`` result becomes named tensors (a chunk file), and how every chunk's
+tensors become the result ``harvest`` would return for all texts."""

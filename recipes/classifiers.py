@@ -39,7 +39,7 @@ import torch
 
 from qscope_plugin.backends import as_backend
 from qscope_plugin.errors import QScopeError, QScopeWarning
-from qscope_plugin.recipes._harvest import MaxActivations, check_texts, harvest
+from qscope_plugin.recipes._harvest import MaxActivations, check_texts, sharded_harvest
 from qscope_plugin.sae import QwenScopeSAE
 
 SAVED_FIELDS = ("k_features", "m_layers", "eps", "exclude_first_token", "features", "top1_diff", "provenance",
@@ -144,8 +144,8 @@ class ORRuleClassifier:
     """Release name or SAE folder the SAEs came from (the CLI passes ``--release``); default ``sae.cfg.release``."""
 
     def _acts(self, texts: Sequence[str]) -> MaxActivations:
-        return harvest(self.model, self.tokenizer, check_texts(texts), self.saes, pooling="max",
-                       exclude_first_token=self.exclude_first_token)
+        return sharded_harvest(self.model, self.tokenizer, check_texts(texts), self.saes, pooling="max",
+                               exclude_first_token=self.exclude_first_token, desc="classifier features")
 
     def fit(self, texts: Sequence[str], labels: Sequence) -> ORRuleClassifier:
         """Discovery (R15–R17) on every layer of ``saes``, then layer selection (R19/R20)."""

@@ -21,8 +21,16 @@ from typing import Literal, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from qscope_plugin.distributed import rank_and_world, run_chunks
 from qscope_plugin.errors import QScopeError
-from qscope_plugin.recipes._harvest import TextCodes, check_texts, dense_codes, harvest
+from qscope_plugin.recipes._harvest import (
+    TextCodes,
+    check_texts,
+    dense_codes,
+    harvest,
+    harvest_settings,
+    sharded_harvest,
+)
 from qscope_plugin.sae import QwenScopeSAE
 
 
@@ -170,10 +178,10 @@ def contrast(model: object, tokenizer, positive: Sequence[str], negative: Sequen
     ``drop_common_prefix``, ``drop_shared_tokens``, ``top_k``).
     """
     opts = ContrastOptions(**options)
-    pos = harvest(model, tokenizer, check_texts(positive, "positive texts"), saes, batch_size=batch_size,
-                  progress=progress, desc="positive")
-    neg = harvest(model, tokenizer, check_texts(negative, "negative texts"), saes, batch_size=batch_size,
-                  progress=progress, desc="negative")
+    pos = sharded_harvest(model, tokenizer, check_texts(positive, "positive texts"), saes, batch_size=batch_size,
+                          progress=progress, desc="positive")
+    neg = sharded_harvest(model, tokenizer, check_texts(negative, "negative texts"), saes, batch_size=batch_size,
+                          progress=progress, desc="negative")
     return contrast_codes(pos, neg, {layer: sae.cfg.d_sae for layer, sae in saes.items()}, opts)
 
 
@@ -190,19 +198,17 @@ def top_contexts(model: object, tokenizer, texts: Iterable[str], saes: Mapping[i
                  exclude_first_token: bool = True, progress: bool = False) -> dict[tuple[int, int], list[Context]]:
     """The ``n_top`` strongest (text, token) occurrences of each ``(layer, feature)`` over a stream of texts.
 
-    ``texts`` may be any iterable (e.g. a streamed HF ``datasets`` column); memory is one heap of ``n_top``
-    entries per feature plus one batch.
+    ``texts`` may be any iterable (e.g. a streamed HF ``datasets`` column), read once in chunks (see
+    ``qscope_plugin.distributed``; under ``torchrun`` each rank harvests its share of the chunks); memory is one
+    heap of ``n_top`` entries per feature plus one chunk's codes. ``text_index`` counts the non-empty texts.
     """
-    heaps: dict[tuple[int, int], list[tuple[float, int, int, str]]] = {
-        (layer, f): [] for layer, fs in features.items() for f in fs
-    }
+    keys = [(layer, f) for layer, fs in features.items() for f in fs]
     used = {layer: saes[layer] for layer in features}
-    buffer: list[str] = []
-    seen = 0
+    shown = progress and rank_and_world()[0] == 0
 
-    def flush() -> None:
-        nonlocal seen
-        for offset, codes in enumerate(harvest(model, tokenizer, buffer, used, batch_size=batch_size)):
+    def chunk_heaps(start: int, chunk: list[str]) -> dict[str, torch.Tensor]:
+        heaps: dict[tuple[int, int], list[tuple[float, int, int, str]]] = {key: [] for key in keys}
+        for offset, codes in enumerate(harvest(model, tokenizer, chunk, used, batch_size=batch_size)):
             ids = codes.token_ids
             for (layer, feature), heap in heaps.items():
                 hits = (codes.indices[layer] == feature) & (codes.values[layer] > 0)
@@ -214,16 +220,43 @@ def top_contexts(model: object, tokenizer, texts: Iterable[str], saes: Mapping[i
                         left = tokenizer.decode(ids[max(0, pos - window) : pos])
                         right = tokenizer.decode(ids[pos + 1 : pos + 1 + window])
                         snippet = f"{left}[[{tokenizer.decode(ids[pos : pos + 1])}]]{right}"
-                        item = (act, seen + offset, pos, snippet)
-                        (heapq.heappushpop if len(heap) >= n_top else heapq.heappush)(heap, item)
-        seen += len(buffer)
-        buffer.clear()
+                        _offer(heap, (act, start + offset, pos, snippet), n_top)
+        return _heaps_to_tensors([heaps[key] for key in keys])
 
-    for text in tqdm(texts, disable=not progress, desc="contexts", unit="text"):
-        if text and text.strip():
-            buffer.append(text)
-        if len(buffer) == batch_size:
-            flush()
-    if buffer:
-        flush()
+    stream = (text for text in tqdm(texts, disable=not shown, desc="contexts", unit="text") if text and text.strip())
+    parts = run_chunks(stream, chunk_heaps, name="top contexts",
+                       settings=harvest_settings(model, tokenizer, used, features={str(n): list(fs) for n, fs in
+                                                 features.items()}, n_top=n_top, window=window, batch_size=batch_size,
+                                                 exclude_first_token=exclude_first_token))
+    heaps: dict[tuple[int, int], list[tuple[float, int, int, str]]] = {key: [] for key in keys}
+    for part in parts:  # each chunk's strongest, offered in input order: the heap a single pass would build
+        for key, found in zip(keys, _heaps_from_tensors(part, len(keys)), strict=True):
+            for item in found:
+                if len(heaps[key]) < n_top or item[0] > heaps[key][0][0]:
+                    _offer(heaps[key], item, n_top)
     return {key: [Context(*item) for item in sorted(heap, reverse=True)] for key, heap in heaps.items()}
+
+
+def _offer(heap: list, item: tuple, n_top: int) -> None:
+    (heapq.heappushpop if len(heap) >= n_top else heapq.heappush)(heap, item)
+
+
+def _heaps_to_tensors(heaps: list[list[tuple[float, int, int, str]]]) -> dict[str, torch.Tensor]:
+    """A chunk's heaps, one after another, in their heap order; snippets as UTF-8 bytes."""
+    items = [item for heap in heaps for item in heap]
+    snippets = [item[3].encode() for item in items]
+    return {"counts": torch.tensor([len(h) for h in heaps], dtype=torch.long),
+            "activations": torch.tensor([item[0] for item in items], dtype=torch.float64),
+            "places": torch.tensor([item[1:3] for item in items], dtype=torch.long).reshape(-1, 2),
+            "snippet_bytes": torch.tensor([len(b) for b in snippets], dtype=torch.long),
+            "snippets": torch.frombuffer(bytearray(b"".join(snippets)) or bytearray(1), dtype=torch.uint8)}
+
+
+def _heaps_from_tensors(part: dict[str, torch.Tensor], n_keys: int) -> list[list[tuple[float, int, int, str]]]:
+    text = part["snippets"].numpy().tobytes()
+    ends = part["snippet_bytes"].cumsum(0).tolist()
+    items = [(act, place[0], place[1], text[end - size : end].decode())
+             for act, place, size, end in zip(part["activations"].tolist(), part["places"].tolist(),
+                                              part["snippet_bytes"].tolist(), ends, strict=True)]
+    bounds = [0, *part["counts"].cumsum(0).tolist()]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(n_keys)]

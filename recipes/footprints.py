@@ -9,29 +9,28 @@ A footprint is a sparse boolean matrix (samples × features), stored as CSR (``i
 one safetensors file whose metadata holds the provenance (model, release, layers, k, revisions, prompt format).
 Only the indices are kept in memory: nothing grows with the dataset but them.
 
-The harvest writes finished chunks of samples to ``<out>.partial/`` (each file written atomically), so a killed
-run resumes where it stopped; the merged file replaces them at the end. Under ``torchrun`` every rank harvests
-its share of the pending chunks and rank 0 merges (the output folder must be shared by the ranks); a script
-launched by ``torchrun`` joins the group with ``with torchrun_group() as (rank, device):``.
+The harvest writes finished chunks of samples under ``<out>.partial/`` (``qscope_plugin.distributed``: each file
+written atomically), so a killed run resumes where it stopped; rank 0 writes the merged file and the chunks are
+removed. Under ``torchrun`` every rank harvests its share of the chunks (the output folder must be shared by the
+ranks); a script launched by ``torchrun`` joins the group with
+``with qscope_plugin.distributed.torchrun_group() as (rank, device):``.
 The forward pass stops after the deepest layer asked for: later blocks and the LM head are never run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from qscope_plugin.backends import as_backend
+from qscope_plugin.distributed import checkpoints, rank_and_world, run_chunks
 from qscope_plugin.errors import QScopeError
 from qscope_plugin.recipes._harvest import harvest
 from qscope_plugin.sae import QwenScopeSAE
@@ -224,50 +223,6 @@ def _text_hash(texts) -> str:
     return digest.hexdigest()[:16]
 
 
-def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def torchrun_group(device: str | None = None) -> Iterator[tuple[int, str | None]]:
-    """Inside the block, this process is one rank of the ``torchrun`` launch that started it; yields
-    ``(rank, device)``, the device to load the model on. ``harvest_footprints`` then shares the chunks out.
-
-    Launched by ``torchrun`` (``WORLD_SIZE`` > 1), the block joins the process group (NCCL with one GPU per local
-    rank when ``device`` is None or ``"cuda"``, else gloo) and leaves it at the end. Otherwise, or when a group is
-    already initialised, it changes nothing and yields the current rank with ``device`` unchanged.
-    """
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        yield _distributed()[0], device
-        return
-    if torch.cuda.is_available() and device in (None, "cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        dist.init_process_group("nccl", device_id=torch.device(device))
-    else:
-        dist.init_process_group("gloo")
-    try:
-        yield dist.get_rank(), device
-    finally:
-        dist.destroy_process_group()
-
-
-def _chunk_file(folder: Path, start: int, stop: int) -> Path:
-    return folder / f"chunk-{start:010d}-{stop:010d}.safetensors"
-
-
 def harvest_footprints(model: object, tokenizer, dataset, saes: Mapping[int, QwenScopeSAE], *,
                        column: str | None = None, template: str | None = None,
                        formatter: PromptFormat | None = None, name: str | None = None, batch_size: int = 16,
@@ -301,58 +256,42 @@ def harvest_footprints(model: object, tokenizer, dataset, saes: Mapping[int, Qwe
     saes = dict(sorted(saes.items()))
     provenance = {**_provenance(model, tokenizer, dataset, saes, fmt_desc, name, max_length, n_samples),
                   **(provenance or {})}
-    rank, world = _distributed()
-    if world > 1 and out is None:
-        raise FootprintError("a distributed harvest needs out= (a path on storage shared by all ranks)")
-    chunks = [(s, min(s + chunk_size, n_samples)) for s in range(0, n_samples, chunk_size)]
+    if out is not None and Path(out).exists():
+        existing = Footprints.load(out)
+        if not _same_run(existing.provenance, provenance):
+            raise FootprintError(f"{out} already holds footprints of a different run (model, SAEs, data or prompt "
+                                 "format differ); delete it or choose another output path")
+        return existing
+    prompts = (text for s in range(0, n_samples, chunk_size) for text in _texts(dataset, fmt, s, min(s + chunk_size,
+                                                                                                     n_samples)))
+    shown = progress and rank_and_world()[0] == 0
 
-    def harvest_chunk(start: int, stop: int) -> dict[int, LayerFootprints]:
-        last = harvest(model, tokenizer, _texts(dataset, fmt, start, stop), saes, pooling="last",
-                       batch_size=batch_size, max_length=max_length, truncation_side="left", padding_side=padding_side)
-        return {n: _csr(feats, saes[n].cfg.d_sae) for n, feats in last.items()}
+    def harvest_chunk(start: int, texts: list[str]) -> dict[str, torch.Tensor]:
+        last = harvest(model, tokenizer, texts, saes, pooling="last", batch_size=batch_size, max_length=max_length,
+                       truncation_side="left", padding_side=padding_side, progress=shown, desc="footprints")
+        return _to_tensors({n: _csr(feats, saes[n].cfg.d_sae) for n, feats in last.items()})
 
-    if out is None:
-        parts = [harvest_chunk(s, e) for s, e in tqdm(chunks, disable=not progress, desc="footprints", unit="chunk")]
-        return Footprints({n: _concat([p[n] for p in parts]) for n in saes}, provenance)
+    settings = {k: v for k, v in provenance.items() if k != "qscope_plugin"}
+    work_dir = None if out is None else Path(out).with_name(Path(out).name + ".partial")
+    with checkpoints(work_dir, chunk_size=chunk_size):
+        parts = run_chunks(prompts, harvest_chunk, name="footprints", settings=settings)
+        merged = Footprints({n: _concat([_from_tensors(p, n, saes[n].cfg.d_sae) for p in parts]) for n in saes},
+                            provenance)
+        if out is not None and rank_and_world()[0] == 0:
+            merged.save(out)
+    return merged
 
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    if rank == 0:
-        _prepare(out, partial, provenance)
-    _barrier(world)
-    if out.exists():
-        return Footprints.load(out)
-    pending = [c for c in chunks if not _chunk_file(partial, *c).exists()][rank::world]
-    for start, stop in tqdm(pending, disable=not progress or rank != 0, desc=f"footprints (rank {rank} of {world})",
-                            unit="chunk"):
-        part = harvest_chunk(start, stop)
-        Footprints(part, {"chunk": [start, stop]}).save(_chunk_file(partial, start, stop))
-    _barrier(world)
-    if rank == 0:
-        parts = [Footprints.load(_chunk_file(partial, s, e)).layers for s, e in chunks]
-        Footprints({n: _concat([p[n] for p in parts]) for n in saes}, provenance).save(out)
-        shutil.rmtree(partial)
-    _barrier(world)
-    return Footprints.load(out)
+
+def _to_tensors(layers: Mapping[int, LayerFootprints]) -> dict[str, torch.Tensor]:
+    return {key: value for n, fp in layers.items() for key, value in (
+        (f"layer{n}.indptr", torch.from_numpy(np.ascontiguousarray(fp.indptr, dtype=np.int64))),
+        (f"layer{n}.indices", torch.from_numpy(np.ascontiguousarray(fp.indices, dtype=np.int32))))}
+
+
+def _from_tensors(part: Mapping[str, torch.Tensor], n: int, d_sae: int) -> LayerFootprints:
+    return LayerFootprints(part[f"layer{n}.indptr"].numpy(), part[f"layer{n}.indices"].numpy(), d_sae)
 
 
 def _same_run(a: dict, b: dict) -> bool:
     volatile = ("qscope_plugin",)
     return {k: v for k, v in a.items() if k not in volatile} == {k: v for k, v in b.items() if k not in volatile}
-
-
-def _prepare(out: Path, partial: Path, provenance: dict) -> None:
-    """Check that an existing output or partial harvest is of this same run; start the partial folder."""
-    if out.exists():
-        if not _same_run(Footprints.load(out).provenance, provenance):
-            raise FootprintError(f"{out} already holds footprints of a different run (model, SAEs, data or prompt "
-                                 "format differ); delete it or choose another output path")
-        return
-    record = partial / "provenance.json"
-    if record.exists():
-        if not _same_run(json.loads(record.read_text()), provenance):
-            raise FootprintError(f"{partial} holds an unfinished harvest with other settings; delete it to start "
-                                 "over, or rerun with the same model, SAEs, data and prompt format to resume")
-        return
-    partial.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(provenance, indent=2, sort_keys=True))

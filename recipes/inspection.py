@@ -25,7 +25,7 @@ import torch
 
 from qscope_plugin.backends import as_backend
 from qscope_plugin.errors import feature_out_of_range
-from qscope_plugin.recipes._harvest import EmptyInputError, HarvestError, TextCodes, check_texts, harvest
+from qscope_plugin.recipes._harvest import EmptyInputError, HarvestError, TextCodes, check_texts, sharded_harvest
 from qscope_plugin.sae import QwenScopeSAE
 
 
@@ -238,8 +238,8 @@ def harvest_corpus(model: object, tokenizer, texts: Sequence[str], sae: QwenScop
     texts = check_texts(texts)
     backend = as_backend(model)
     backend.check_layers([layer])
-    codes = harvest(backend, tokenizer, texts, {layer: sae}, pooling="tokens", batch_size=batch_size,
-                    max_length=max_length, progress=progress, desc="feature cards")
+    codes = sharded_harvest(backend, tokenizer, texts, {layer: sae}, pooling="tokens", batch_size=batch_size,
+                            max_length=max_length, progress=progress, desc="feature cards")
     if not sum(len(c.token_ids) for c in codes):
         raise EmptyInputError("no text has a token; pass texts the tokenizer turns into at least one token")
     return Corpus.concat(codes, layer, sae.cfg.d_sae, exclude_first_token=exclude_first_token)

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qscope_plugin.backends import Backend, KwargsEdit, as_backend
+from qscope_plugin.distributed import rank_and_world, run_chunks, sum_chunks
 from qscope_plugin.errors import QScopeError
-from qscope_plugin.recipes._harvest import check_texts, length_batches, pad, pad_id, tokenize
+from qscope_plugin.recipes._harvest import check_texts, harvest_settings, length_batches, pad, pad_id, tokenize
 from qscope_plugin.recipes._json import finite_json
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -127,9 +128,16 @@ class _Tally:
         self.active += int(on.sum())
         self.fired += torch.bincount(indices[on].flatten().cpu(), minlength=self.sae.cfg.d_sae)
 
-    def fvu(self) -> float:
-        total = self.sum_x2 - (self.sum_x / self.n).pow(2).sum().item() * self.n
-        return self.sum_err / total if total > 0 else math.nan
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The running sums as tensors (float64 floats: exactly the Python floats), to add across chunks."""
+        return {"n": torch.tensor(self.n), "sum_x": self.sum_x, "active": torch.tensor(self.active),
+                "sum_x2": torch.tensor(self.sum_x2, dtype=torch.float64),
+                "sum_err": torch.tensor(self.sum_err, dtype=torch.float64), "fired": self.fired}
+
+
+def _fvu(n: int, sum_x: torch.Tensor, sum_x2: float, sum_err: float) -> float:
+    total = sum_x2 - (sum_x / n).pow(2).sum().item() * n
+    return sum_err / total if total > 0 else math.nan
 
 
 class Clean(NamedTuple):
@@ -204,6 +212,9 @@ def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[i
     Per batch: one capture of every layer (reconstruction and firing), one clean forward, and for each layer
     one spliced and one zero-ablated forward; only sums are kept between batches. A batch holds its clean
     log-probabilities, float32 ``(predicted positions, vocab)``: lower ``batch_size`` for a large vocabulary.
+    Texts go in chunks through ``qscope_plugin.distributed.run_chunks``: under ``torchrun`` each rank evaluates its
+    share, inside ``checkpoints`` a killed run resumes, and the chunks' sums are added in chunk order (the same
+    floats for any number of ranks).
 
     Args:
         model: a transformers model, a TransformerLens bridge, an nnsight model or a ``Backend``.
@@ -223,6 +234,25 @@ def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[i
     if not any(len(ids) >= 2 for ids in encoded):
         raise QualityError(f"none of the {len(texts)} texts has two tokens, so there is no next token to predict; "
                            "pass longer texts")
+    settings = harvest_settings(backend, tokenizer, saes, batch_size=batch_size, max_length=max_length,
+                                exclude_first_token=exclude_first_token)
+    shown = progress and rank_and_world()[0] == 0
+
+    def chunk_sums(start: int, chunk: list[list[int]]) -> dict[str, torch.Tensor]:
+        return _sums(backend, tokenizer, chunk, saes, layers, batch_size, exclude_first_token, shown)
+
+    sums = sum_chunks(run_chunks(encoded, chunk_sums, name="evaluate", settings=settings))
+    n_predicted = int(sums["n_predicted"])
+    return QualityReport({n: _layer_quality(n, saes[n], sums, float(sums["ce_clean"]) / n_predicted, n_predicted,
+                                            dense_threshold) for n in layers},
+                         n_texts=len(texts), dense_threshold=float(dense_threshold), max_length=max_length,
+                         model=backend.name, release=saes[layers[0]].cfg.release,
+                         exclude_first_token=exclude_first_token)
+
+
+def _sums(backend: Backend, tokenizer, encoded: list[list[int]], saes: Mapping[int, QwenScopeSAE],
+          layers: list[int], batch_size: int, exclude_first_token: bool, progress: bool) -> dict[str, torch.Tensor]:
+    """The sums of one chunk of texts (``qscope_plugin.distributed``): chunks merge by adding them, in order."""
     tallies = {n: _Tally(saes[n]) for n in layers}
     edits = {n: (_reconstruct(saes[n]), _zero) for n in layers}
     downstream = {n: torch.zeros(4, dtype=torch.float64) for n in layers}  # Σ CE, Σ KL: spliced, then zeroed
@@ -238,11 +268,11 @@ def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[i
         for n, (splice, ablate) in edits.items():
             downstream[n] += torch.tensor([*spliced_cost(backend, ids, mask, clean, n, splice),
                                            *spliced_cost(backend, ids, mask, clean, n, ablate)], dtype=torch.float64)
-    return QualityReport({n: _layer_quality(n, tallies[n], ce_clean / n_predicted, downstream[n] / n_predicted,
-                                            n_predicted, dense_threshold) for n in layers},
-                         n_texts=len(texts), dense_threshold=float(dense_threshold), max_length=max_length,
-                         model=backend.name, release=saes[layers[0]].cfg.release,
-                         exclude_first_token=exclude_first_token)
+    sums = {"ce_clean": torch.tensor(ce_clean, dtype=torch.float64), "n_predicted": torch.tensor(n_predicted)}
+    for n in layers:
+        sums |= {f"layer{n}.{key}": value for key, value in tallies[n].sums().items()}
+        sums[f"layer{n}.downstream"] = downstream[n]
+    return sums
 
 
 def _tally_real_tokens(tallies: Mapping[int, _Tally], real: torch.Tensor):
@@ -254,15 +284,18 @@ def _tally_real_tokens(tallies: Mapping[int, _Tally], real: torch.Tensor):
     return reduce
 
 
-def _layer_quality(n: int, tally: _Tally, ce_clean: float, means: torch.Tensor, n_predicted: int,
+def _layer_quality(n: int, sae: QwenScopeSAE, sums: Mapping[str, torch.Tensor], ce_clean: float, n_predicted: int,
                    dense_threshold: float) -> LayerQuality:
-    ce_spliced, kl_spliced, ce_zero, kl_zero = means.tolist()
-    fvu, d_sae = tally.fvu(), tally.sae.cfg.d_sae
-    dead = int((tally.fired == 0).sum())
-    dense = int((tally.fired > dense_threshold * tally.n).sum())
+    """Layer n's numbers from the summed ``layer{n}.*`` tensors of every chunk."""
+    tally = {key: sums[f"layer{n}.{key}"] for key in ("n", "sum_x", "sum_x2", "sum_err", "active", "fired")}
+    ce_spliced, kl_spliced, ce_zero, kl_zero = (sums[f"layer{n}.downstream"] / n_predicted).tolist()
+    n_tokens, d_sae = int(tally["n"]), sae.cfg.d_sae
+    fvu = _fvu(n_tokens, tally["sum_x"], float(tally["sum_x2"]), float(tally["sum_err"]))
+    dead = int((tally["fired"] == 0).sum())
+    dense = int((tally["fired"] > dense_threshold * n_tokens).sum())
     lost = ce_zero - ce_clean
-    return LayerQuality(layer=n, n_tokens=tally.n, n_predicted=n_predicted, fvu=fvu, explained_variance=1 - fvu,
-                        mean_l0=tally.active / tally.n, dead_features=dead, dead_fraction=dead / d_sae,
+    return LayerQuality(layer=n, n_tokens=n_tokens, n_predicted=n_predicted, fvu=fvu, explained_variance=1 - fvu,
+                        mean_l0=int(tally["active"]) / n_tokens, dead_features=dead, dead_fraction=dead / d_sae,
                         dense_features=dense, dense_fraction=dense / d_sae, ce_clean=ce_clean,
                         ce_spliced=ce_spliced, ce_zero=ce_zero, kl_spliced=kl_spliced, kl_zero=kl_zero,
                         ce_loss_recovered=(ce_zero - ce_spliced) / lost if lost != 0 else math.nan)

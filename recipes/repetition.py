@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from qscope_plugin.backends import Backend, as_backend
 from qscope_plugin.errors import QScopeError
-from qscope_plugin.recipes._harvest import check_texts, harvest, pad
+from qscope_plugin.recipes._harvest import check_texts, pad, sharded_harvest
 from qscope_plugin.recipes.steering import SteeringSpec, Term, steering_vectors
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -157,8 +157,8 @@ def repetition_features(model: object, tokenizer, texts: Sequence[str], saes: Ma
         raise RepetitionError(f"n_features={n_features}; expected an integer >= 1")
     texts = check_texts(texts)
     _check_params(ngram, min_repeats, max_period)
-    codes = harvest(model, tokenizer, texts, saes, max_length=max_length, batch_size=batch_size, progress=progress,
-                    desc="repetition features")
+    codes = sharded_harvest(model, tokenizer, texts, saes, max_length=max_length, batch_size=batch_size,
+                            progress=progress, desc="repetition features")
     sums = {n: torch.zeros(saes[n].cfg.d_sae, dtype=torch.float64) for n in saes}
     n_texts = n_tokens = 0
     for text in codes:

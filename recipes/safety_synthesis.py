@@ -35,7 +35,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from qscope_plugin.errors import QScopeError, QScopeWarning
-from qscope_plugin.recipes._harvest import harvest
+from qscope_plugin.recipes._harvest import sharded_harvest
 from qscope_plugin.recipes.discovery import Context, top_contexts
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -94,9 +94,15 @@ def load_targets(path: str | Path) -> list[Target]:
 
 def build_targets(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], features: Mapping[int, Sequence[int]],
                   corpus: Sequence[str], explainer: Explainer, judge: Judge, *, tau: float = 0.5, n_top: int = 10,
-                  categorize: Callable[[str], str] | None = None, progress: bool = False) -> list[Target]:
-    """Explain each candidate feature from its top-activating contexts, score it, keep s_f ≥ τ (R23)."""
-    contexts = top_contexts(model, tokenizer, corpus, saes, features, n_top=n_top, progress=progress)
+                  categorize: Callable[[str], str] | None = None, progress: bool = False,
+                  contexts: Mapping[tuple[int, int], Sequence[Context]] | None = None) -> list[Target]:
+    """Explain each candidate feature from its top-activating contexts, score it, keep s_f ≥ τ (R23).
+
+    ``contexts``: ``top_contexts`` of the same corpus and features when already harvested (e.g. by all ranks of
+    ``torchrun``, so that only one rank runs the explainer); default: harvested here.
+    """
+    if contexts is None:
+        contexts = top_contexts(model, tokenizer, corpus, saes, features, n_top=n_top, progress=progress)
     targets = []
     for (layer, feature), ctx in contexts.items():
         if not ctx:
@@ -119,8 +125,8 @@ def firing(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], prompts: 
     if not rows or not targets:
         return out
     layers = sorted({t.layer for t in targets})
-    acts = harvest(model, tokenizer, [prompts[i] for i in rows], {layer: saes[layer] for layer in layers},
-                   pooling="max", **options)
+    acts = sharded_harvest(model, tokenizer, [prompts[i] for i in rows], {layer: saes[layer] for layer in layers},
+                           pooling="max", desc="coverage", **options)
     out[rows] = np.stack([np.asarray(acts[t.layer][:, t.feature].todense()).ravel() > 0 for t in targets], axis=1)
     return out
 

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from qscope_plugin.backends import Backend, as_backend
+from qscope_plugin.distributed import run_chunks, sum_chunks
 from qscope_plugin.errors import QScopeError
-from qscope_plugin.recipes._harvest import check_texts, harvest, pad, pad_id, tokenize
+from qscope_plugin.recipes._harvest import check_texts, harvest_settings, pad, pad_id, sharded_harvest, tokenize
 from qscope_plugin.recipes.classifiers import sae_signature
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -118,8 +119,8 @@ def _check_languages(texts: Mapping[str, Sequence[str]], target: str | None = No
 def mean_activations(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, QwenScopeSAE], *,
                      batch_size: int = 16, max_length: int | None = 512) -> dict[int, torch.Tensor]:
     """Per layer, the mean SAE activation ``(d_sae,)`` of each feature over every token but each text's first."""
-    codes = harvest(model, tokenizer, check_texts(texts), saes, pooling="tokens", batch_size=batch_size,
-                    max_length=max_length)
+    codes = sharded_harvest(model, tokenizer, check_texts(texts), saes, pooling="tokens", batch_size=batch_size,
+                            max_length=max_length, desc="language features")
     means = {}
     for n, sae in saes.items():
         total, count = torch.zeros(sae.cfg.d_sae, dtype=torch.float64), 0
@@ -147,21 +148,28 @@ def mean_pre_activations(model: object, tokenizer, texts: Sequence[str], saes: M
     encoded = [ids for ids in tokenize(tokenizer, check_texts(texts), max_length=max_length) if len(ids) > 1]
     if not encoded:
         raise SASFTError("every text is a single token; thresholds need tokens past position 0")
-    sums = {n: torch.zeros(len(features[n]), dtype=torch.float64) for n in layers}
-    count = 0
     padding = pad_id(tokenizer)
-    for start in range(0, len(encoded), batch_size):
-        ids, mask, positions = pad(encoded[start : start + batch_size], padding)
-        keep = mask.bool() & (positions > 0)
 
-        def reduce(hidden: torch.Tensor, n: int, keep: torch.Tensor = keep) -> torch.Tensor:
-            w, b = (t.to(hidden.device) for t in rows[n])
-            return F.linear(hidden.float(), w, b)[keep.to(hidden.device)].double().sum(0).cpu()
+    def chunk_sums(offset: int, chunk: list[list[int]]) -> dict[str, torch.Tensor]:
+        sums = {str(n): torch.zeros(len(features[n]), dtype=torch.float64) for n in layers}
+        count = 0
+        for start in range(0, len(chunk), batch_size):
+            ids, mask, positions = pad(chunk[start : start + batch_size], padding)
+            keep = mask.bool() & (positions > 0)
 
-        for n, s in backend.capture(ids, mask, layers=layers, reduce=reduce, position_ids=positions).items():
-            sums[n] += s
-        count += int(keep.sum())
-    return {n: (sums[n] / count).tolist() for n in layers}
+            def reduce(hidden: torch.Tensor, n: int, keep: torch.Tensor = keep) -> torch.Tensor:
+                w, b = (t.to(hidden.device) for t in rows[n])
+                return F.linear(hidden.float(), w, b)[keep.to(hidden.device)].double().sum(0).cpu()
+
+            for n, s in backend.capture(ids, mask, layers=layers, reduce=reduce, position_ids=positions).items():
+                sums[str(n)] += s
+            count += int(keep.sum())
+        return {**sums, "count": torch.tensor(count)}
+
+    settings = harvest_settings(backend, tokenizer, saes, features={str(n): list(features[n]) for n in layers},
+                                batch_size=batch_size, max_length=max_length)
+    sums = sum_chunks(run_chunks(encoded, chunk_sums, name="language thresholds", settings=settings))
+    return {n: (sums[str(n)] / int(sums["count"])).tolist() for n in layers}
 
 
 def language_features(model: object, tokenizer, texts: Mapping[str, Sequence[str]],

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from qscope_plugin.recipes._harvest import MaxActivations, harvest
+from qscope_plugin.recipes._harvest import MaxActivations, sharded_harvest
 from qscope_plugin.recipes.classifiers import (
     ORRuleClassifier,
     Scores,
@@ -125,9 +125,10 @@ def harvest_splits(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], s
     for lang, s in splits.items():
         kw = dict(pooling="max", batch_size=batch_size, max_length=max_length,
                   exclude_first_token=exclude_first_token, progress=progress)
-        out[lang] = Harvest(harvest(model, tokenizer, s.discovery_texts, saes, desc=f"{lang} discovery", **kw),
-                            s.discovery_labels,
-                            harvest(model, tokenizer, s.test_texts, saes, desc=f"{lang} test", **kw), s.test_labels)
+        out[lang] = Harvest(
+            sharded_harvest(model, tokenizer, s.discovery_texts, saes, desc=f"{lang} discovery", **kw),
+            s.discovery_labels, sharded_harvest(model, tokenizer, s.test_texts, saes, desc=f"{lang} test", **kw),
+            s.test_labels)
     return out
 
 

@@ -4,9 +4,10 @@ and printing JSON or a table."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from qscope_plugin.errors import QScopeError, feature_out_of_range, layer_out_of_range
@@ -89,6 +90,33 @@ def add_first_token_options(p: argparse.ArgumentParser, *, default: bool) -> Non
                        + (" (default)" if default else ""))
     group.add_argument("--keep-first-token", dest="exclude_first_token", action="store_false",
                        help="count position 0 like any token" + ("" if default else " (default)"))
+
+
+def add_distributed_options(p: argparse.ArgumentParser) -> None:
+    """``--chunk-size``: texts per checkpointed chunk (``distributed_run``); the same output for any rank count."""
+    from qscope_plugin.distributed import DEFAULT_CHUNK_SIZE
+
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                   help=f"texts per chunk: the unit of resume and of the split between torchrun ranks (default "
+                   f"{DEFAULT_CHUNK_SIZE}); finished chunks are kept in <--out>.partial until the command succeeds")
+
+
+@contextlib.contextmanager
+def distributed_run(args: argparse.Namespace) -> Iterator[int]:
+    """Runs the block as this process's rank of a ``torchrun`` launch (or alone), its harvests checkpointed in
+    ``<--out>.partial`` (a rerun resumes); yields the rank. ``args.device`` becomes this rank's device.
+
+    Every rank gets the same results; only rank 0 should write the output and print.
+    """
+    from qscope_plugin.distributed import checkpoints, torchrun_group
+
+    if args.chunk_size < 1:
+        raise UsageError(f"--chunk-size {args.chunk_size}; expected a number of texts >= 1, e.g. 1024")
+    out = Path(args.out)
+    with torchrun_group(args.device) as (rank, device), checkpoints(out.with_name(out.name + ".partial"),
+                                                                    chunk_size=args.chunk_size):
+        args.device = device
+        yield rank
 
 
 def load_saes(source: str, layers: str) -> dict:

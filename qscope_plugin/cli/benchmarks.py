@@ -9,7 +9,7 @@ from qscope_plugin.cli._options import UsageError, add_model_options, emit, load
 
 
 def cmd_footprints(args: argparse.Namespace) -> None:
-    from qscope_plugin.recipes.footprints import torchrun_group
+    from qscope_plugin.distributed import torchrun_group
 
     if (args.data is None) == (args.lm_eval_task is None):
         raise UsageError("pass a data file or --lm-eval-task TASK (one of them)")

@@ -6,7 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-from qscope_plugin.cli._options import UsageError, add_model_options, load_backbone, load_saes, read_texts
+from qscope_plugin.cli._options import (
+    UsageError,
+    add_distributed_options,
+    add_model_options,
+    distributed_run,
+    load_backbone,
+    load_saes,
+    read_texts,
+)
 
 
 def _splits(args: argparse.Namespace) -> dict:
@@ -22,9 +30,12 @@ def cmd_classify_fit(args: argparse.Namespace) -> None:
 
     splits = _splits(args)
     saes = load_saes(args.release, args.layers)  # a bad --layers fails before the model loads
-    model, tok = load_backbone(args)
-    clf, scores = fit_classifier(model, tok, saes, splits, release=args.release,
-                                 k_features=args.k, m_layers=args.m_layers, eps=args.eps)
+    with distributed_run(args) as rank:
+        model, tok = load_backbone(args)
+        clf, scores = fit_classifier(model, tok, saes, splits, release=args.release,
+                                     k_features=args.k, m_layers=args.m_layers, eps=args.eps)
+    if rank:
+        return  # every rank holds the classifier; rank 0 writes it
     clf.save(args.out)
     print(f"features {clf.features}; held-out precision {scores.precision:.3f} recall {scores.recall:.3f} "
           f"F1 {scores.f1:.3f}; saved {args.out}")
@@ -36,9 +47,12 @@ def cmd_classify_eval(args: argparse.Namespace) -> None:
 
     splits = _splits(args)
     saes = load_saes(args.release, args.layers)
-    model, tok = load_backbone(args)
-    report = evaluate(model, tok, saes, splits, eps=args.eps,
-                      m_layers=args.m_layers, progress=True)
+    with distributed_run(args) as rank:
+        model, tok = load_backbone(args)
+        report = evaluate(model, tok, saes, splits, eps=args.eps,
+                          m_layers=args.m_layers, progress=True)
+    if rank:
+        return  # every rank holds the report; rank 0 writes it
     write_report(report, args.out)
     print(f"macro best-over-layers F1 {report.macro_best_f1:.3f}; report in {args.out}/report.md")
 
@@ -86,6 +100,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         if verb == "fit":
             p.add_argument("--k", type=int, default=5, help="features of the selected layer (default 5)")
         p.add_argument("--out", required=True, help="classifier JSON (fit) or report folder (eval)")
+        add_distributed_options(p)
         add_model_options(p)
         p.set_defaults(func=func)
     predict = verbs.add_parser("predict", help="apply a saved classifier to texts")

@@ -13,9 +13,11 @@ from pathlib import Path
 from qscope_plugin.cli._options import (
     UsageError,
     add_data_options,
+    add_distributed_options,
     add_first_token_options,
     add_model_options,
     data_texts,
+    distributed_run,
     emit,
     load_backbone,
     load_saes,
@@ -56,11 +58,14 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     top = args.top if args.top is not None or features is not None else 50
     explanations = read_explanations(args.explanations, args.layer) if args.explanations else None
     texts = data_texts(args)
-    model, tok = load_backbone(args)
-    cards = feature_cards(model, tok, texts, sae, features, layer=args.layer, top=top,
-                          exclude_first_token=args.exclude_first_token, n_contexts=args.n_contexts,
-                          window=args.window, explanations=explanations, batch_size=args.batch_size,
-                          max_length=args.max_length)
+    with distributed_run(args) as rank:
+        model, tok = load_backbone(args)
+        cards = feature_cards(model, tok, texts, sae, features, layer=args.layer, top=top,
+                              exclude_first_token=args.exclude_first_token, n_contexts=args.n_contexts,
+                              window=args.window, explanations=explanations, batch_size=args.batch_size,
+                              max_length=args.max_length)
+    if rank:
+        return  # every rank holds the cards; rank 0 writes them
     meta = {"model": args.model, "release": args.release, "layer": args.layer, "data": args.data,
             "texts": len(texts), "tokens": cards[0].n_tokens if cards else 0}
     out = write_dashboard(args.out, cards, title=f"{Path(args.release).name} layer {args.layer}", meta=meta)
@@ -90,5 +95,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=512, help="tokens read per text (default 512)")
     p.add_argument("--out", required=True, help="the HTML file to write")
+    add_distributed_options(p)
     add_model_options(p, layers=False)
     p.set_defaults(func=cmd_dashboard)

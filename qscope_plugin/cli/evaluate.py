@@ -11,9 +11,11 @@ import argparse
 
 from qscope_plugin.cli._options import (
     add_data_options,
+    add_distributed_options,
     add_first_token_options,
     add_model_options,
     data_texts,
+    distributed_run,
     emit,
     load_backbone,
     load_saes,
@@ -27,10 +29,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     texts = data_texts(args)
     saes = load_saes(args.release, args.layers)
     check_options(saes, args.batch_size, args.max_length, args.dense_threshold)  # before the (slow) model load
-    model, tok = load_backbone(args)
-    report = evaluate_saes(model, tok, texts, saes, batch_size=args.batch_size, max_length=args.max_length,
-                           dense_threshold=args.dense_threshold, exclude_first_token=args.exclude_first_token,
-                           progress=True)
+    with distributed_run(args) as rank:
+        model, tok = load_backbone(args)
+        report = evaluate_saes(model, tok, texts, saes, batch_size=args.batch_size, max_length=args.max_length,
+                               dense_threshold=args.dense_threshold, exclude_first_token=args.exclude_first_token,
+                               progress=True)
+    if rank:
+        return  # every rank holds the report; rank 0 writes it
     write_report(report, args.out)
     emit(args, report.to_json(), lambda: print(f"{quality_table(report)}\n\nreport in {args.out}/report.md"))
 
@@ -46,5 +51,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a feature firing on more than this fraction of tokens is dense (default 0.1)")
     add_first_token_options(p, default=False)
     p.add_argument("--out", required=True, help="report folder: report.json, report.md, quality.png")
+    add_distributed_options(p)
     add_model_options(p, layers=False)
     p.set_defaults(func=cmd_evaluate)

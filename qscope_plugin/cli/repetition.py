@@ -11,7 +11,17 @@ import argparse
 import math
 from pathlib import Path
 
-from qscope_plugin.cli._options import UsageError, add_model_options, emit, load_backbone, load_saes, names, read_texts
+from qscope_plugin.cli._options import (
+    UsageError,
+    add_distributed_options,
+    add_model_options,
+    distributed_run,
+    emit,
+    load_backbone,
+    load_saes,
+    names,
+    read_texts,
+)
 
 
 def cmd_features(args: argparse.Namespace) -> None:
@@ -21,10 +31,13 @@ def cmd_features(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}; expected 0 (texts as given) or more")
     saes = load_saes(args.release, args.layers)  # a bad --layers fails before the model loads
-    model, tok = load_backbone(args)
-    if args.max_new_tokens:
-        texts = extend(model, tok, texts, max_new_tokens=args.max_new_tokens)
-    found = repetition_features(model, tok, texts, saes, n_features=args.n_features, rep_agg=args.rep_agg)
+    with distributed_run(args) as rank:
+        model, tok = load_backbone(args)
+        if args.max_new_tokens:  # every rank extends every text (generation is not sharded)
+            texts = extend(model, tok, texts, max_new_tokens=args.max_new_tokens)
+        found = repetition_features(model, tok, texts, saes, n_features=args.n_features, rep_agg=args.rep_agg)
+    if rank:
+        return  # every rank holds the features; rank 0 writes them
     try:
         Path(args.out).write_text(found.to_json(), encoding="utf-8")
     except OSError as e:
@@ -85,6 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--rep-agg", choices=["mean", "pooled"], default="mean",
                    help="mean per text then texts (default), or one mean over all repeated tokens")
     f.add_argument("--out", required=True, help="where to write the features JSON")
+    add_distributed_options(f)
     add_model_options(f)
     f.set_defaults(func=cmd_features)
 

@@ -6,7 +6,9 @@ import argparse
 
 from qscope_plugin.cli._options import (
     UsageError,
+    add_distributed_options,
     add_model_options,
+    distributed_run,
     emit,
     load_backbone,
     load_saes,
@@ -36,15 +38,21 @@ def _target_saes(args: argparse.Namespace, targets) -> dict:
 
 
 def cmd_safety_targets(args: argparse.Namespace) -> None:
+    from qscope_plugin.recipes.discovery import top_contexts
     from qscope_plugin.recipes.safety_synthesis import build_targets, save_targets
 
     saes = load_saes(args.release, args.layers)  # a bad --layers fails before the model loads
-    model, tok = load_backbone(args)
     features = {layer: parse_layers(args.features, sae.cfg.d_sae, "--features", f"the layer-{layer} SAE")
                 for layer, sae in saes.items()}
+    corpus = read_texts(None, args.corpus, "corpus")
+    with distributed_run(args) as rank:
+        model, tok = load_backbone(args)
+        contexts = top_contexts(model, tok, corpus, saes, features, n_top=args.n_top, progress=True)
+    if rank:
+        return  # the ranks shared the harvest; rank 0 explains and writes the targets
     chat = _chat(args, model, tok)
-    targets = build_targets(model, tok, saes, features, read_texts(None, args.corpus, "corpus"), chat.explainer(),
-                            chat.judge(), tau=args.tau, categorize=chat.categorizer(), progress=True)
+    targets = build_targets(model, tok, saes, features, corpus, chat.explainer(), chat.judge(), tau=args.tau,
+                            n_top=args.n_top, categorize=chat.categorizer(), contexts=contexts)
     save_targets(targets, args.out)
     counts: dict[str, int] = {}
     for t in targets:
@@ -121,6 +129,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     targets.add_argument("--categories", default="", help="comma-separated risk categories the chat model picks "
                                                           "from (default: RISK_CATEGORIES, 'benign' included)")
     targets.add_argument("--out", required=True, help="targets JSONL")
+    targets.add_argument("--n-top", type=int, default=10, help="top contexts per feature shown to the explainer")
+    add_distributed_options(targets)
     coverage = verbs.add_parser("coverage", help="Cov(D), T_miss and weak targets of a prompt set")
     coverage.add_argument("targets", help="targets JSONL")
     coverage.add_argument("--prompts", required=True, help="file of prompts, one per line")

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from qscope_plugin.cli._options import (
     UsageError,
+    add_distributed_options,
     add_model_options,
+    distributed_run,
     emit,
     load_backbone,
     load_saes,
@@ -42,9 +44,12 @@ def cmd_features(args: argparse.Namespace) -> None:
     if not isinstance(texts, dict):
         raise UsageError(f"--texts {args.texts!r} must hold a JSON object {{language: [lines]}}")
     saes = load_saes(args.release, args.layers)  # a bad --layers fails before the model loads
-    model, tok = load_backbone(args)
-    feats = language_features(model, tok, texts, saes, target=args.target,
-                              top_n=args.top_n)
+    with distributed_run(args) as rank:
+        model, tok = load_backbone(args)
+        feats = language_features(model, tok, texts, saes, target=args.target,
+                                  top_n=args.top_n)
+    if rank:
+        return  # every rank holds the features; rank 0 writes them
     feats.save(args.out)
     emit(args, feats.to_json(), lambda: [print(f"layer {n}: S_{feats.target} = {f}  nu = "
                                                f"{[round(s, 3) for s in feats.scores[n]]}")
@@ -116,6 +121,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--target", required=True, help="the unwanted language L whose features are penalised")
     f.add_argument("--top-n", type=int, default=2, help="features per layer (official default 2)")
     f.add_argument("--out", required=True, help="where to write the features JSON")
+    add_distributed_options(f)
     add_model_options(f)
     f.set_defaults(func=cmd_features)
 

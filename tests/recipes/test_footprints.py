@@ -12,6 +12,7 @@ import pytest
 import torch
 from qscope_testing import qwen3_tokenizer, tiny_model, tiny_saes
 
+from qscope_plugin.distributed import DistributedError
 from qscope_plugin.hooks import capture_residual
 from qscope_plugin.recipes.data import load_table
 from qscope_plugin.recipes.footprints import (
@@ -136,8 +137,8 @@ def test_interrupted_harvest_resumes_to_the_same_result(tmp_path, tok):
     with pytest.raises(RuntimeError, match="killed"):
         harvest_footprints(model, tok, data, saes, formatter=flaky_format, chunk_size=2, out=out, progress=False)
     partial = tmp_path / "bench.safetensors.partial"
-    assert not out.exists() and len(list(partial.glob("chunk-*.safetensors"))) == 2  # samples 0-3 are kept
-    with pytest.raises(FootprintError, match="unfinished harvest with other settings"):
+    assert not out.exists() and len(list(partial.rglob("chunk-*.safetensors"))) == 2  # samples 0-3 are kept
+    with pytest.raises(DistributedError, match="unfinished harvest with other settings"):
         harvest_footprints(model, tok, data, saes, column="question", chunk_size=2, out=out, progress=False)
     resumed = harvest_footprints(model, tok, data, saes, formatter=flaky_format, chunk_size=2, out=out,
                                  progress=False)
@@ -177,7 +178,7 @@ def test_distributed_harvest_under_torchrun_equals_single_process(tmp_path):
 def test_torchrun_group_outside_torchrun_changes_nothing(monkeypatch, tmp_path):
     import torch.distributed as dist
 
-    from qscope_plugin.recipes.footprints import torchrun_group
+    from qscope_plugin.distributed import torchrun_group
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with torchrun_group("cpu") as (rank, device):
