@@ -311,7 +311,9 @@ class OpenAIChat(LLM):
                 model=self.name, messages=[{"role": "user", "content": prompt}], max_tokens=self.max_tokens,
                 extra_body={"chat_template_kwargs": {"enable_thinking": self.enable_thinking}}, **sampling)
         except self._openai.BadRequestError as e:
-            raise LLMError(f"{self.base_url} refused the request for model {self.name!r}: {e}") from None
+            detail = " ".join(e.response.text.split())[:500]
+            raise LLMError(f"{self.base_url} refused the request for model {self.name!r} ({e.status_code}: {detail}); "
+                           "shorten the prompts (fewer or shorter contexts) or check the model name") from None
         except self._openai.OpenAIError as e:
             raise LLMRequestError(f"{self.base_url} failed after {self.client.max_retries} retries "
                                   f"({type(e).__name__}: {e}); rerun to resume from the cache") from None
