@@ -228,3 +228,26 @@ def test_cache_skips_a_torn_last_line(tmp_path):
     assert cache.get("a") == "1" and cache.get("b") is None
     cache.put("c", "3")
     assert ResponseCache(path).get("c") == "3" and len(ResponseCache(path)) == 2
+
+
+def test_cards_and_dashboard_carry_explanations_and_scores(tmp_path):
+    from qscope_plugin.app.dashboard import card_html, render_dashboard
+    from qscope_plugin.cli.dashboard import read_explanations as dashboard_explanations
+    from qscope_plugin.recipes.inspection import FeatureCard, Histogram, LogitEffects
+
+    corpus, tok = planted_corpus(), WordTokenizer()
+    rows = explain_features(Oracle(), corpus, tok, [1, 2], sampling=SMALL, release="planted", progress=False)
+    path = write_explanations(tmp_path / "planted.explanations.jsonl", rows)
+    assert dashboard_explanations(str(path), layer=4) == {}
+    given = dashboard_explanations(str(path), layer=5)
+    assert given[1] == rows[0]
+    from qscope_plugin.recipes.inspection import _explained
+
+    explanation, scores = _explained(given[1])
+    card = FeatureCard(5, 1, explanation, 10, 1, 0.1, 1.0, 1.0, [], Histogram([0, 1], [1]), LogitEffects([], []), [],
+                       scores)
+    assert FeatureCard.from_json(card.to_json()) == card
+    shown = card_html(card)
+    assert "names of animals." in shown and "detection 1.00 [1.00, 1.00] of 60" in shown
+    page = render_dashboard([card])
+    assert 'data-search="1 names of animals.' in page  # the dashboard's search box matches explanation words
