@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from qscope_plugin.cli._options import (
     UsageError,
@@ -21,14 +22,19 @@ def _chat(args: argparse.Namespace, model, tok):
     from qscope_plugin.recipes.chat import ChatModel
     from qscope_plugin.recipes.safety_synthesis import TEMPLATES
 
+    categories = {"categories": found} if (found := names(getattr(args, "categories", ""))) else {}
+    if args.chat_model and re.match(r"https?://", args.chat_model):  # an OpenAI-compatible endpoint
+        from qscope_plugin.llm import OpenAIChat
+
+        llm = OpenAIChat(args.chat_model, max_tokens=args.max_new_tokens, enable_thinking=args.thinking)
+        return ChatModel(llm=llm, templates=args.templates or TEMPLATES, **categories)
     if args.chat_model:
         from qscope_plugin.models import load_model
 
         model, tok = load_model(args.chat_model, device=args.device)
-    categories = names(getattr(args, "categories", ""))
     return ChatModel(model, tok, max_new_tokens=args.max_new_tokens, enable_thinking=args.thinking,
                      chat_template=False if args.no_chat_template else None, templates=args.templates or TEMPLATES,
-                     **({"categories": categories} if categories else {}))
+                     **categories)
 
 
 def _target_saes(args: argparse.Namespace, targets) -> dict:
@@ -43,8 +49,14 @@ def cmd_safety_targets(args: argparse.Namespace) -> None:
     features = {layer: parse_layers(args.features, sae.cfg.d_sae, "--features", f"the layer-{layer} SAE")
                 for layer, sae in saes.items()}
     chat = _chat(args, model, tok)
+    explained = None
+    if args.explanations:  # a `qscope explain` file: its features are judged, not explained again
+        from qscope_plugin.recipes.explain import read_explanations
+
+        explained = {(r.layer, r.feature): r.explanation for r in read_explanations(args.explanations)}
     targets = build_targets(model, tok, saes, features, read_texts(None, args.corpus, "corpus"), chat.explainer(),
-                            chat.judge(), tau=args.tau, categorize=chat.categorizer(), progress=True)
+                            chat.judge(), tau=args.tau, categorize=chat.categorizer(), progress=True,
+                            explanations=explained)
     save_targets(targets, args.out)
     counts: dict[str, int] = {}
     for t in targets:
@@ -121,6 +133,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     targets.add_argument("--categories", default="", help="comma-separated risk categories the chat model picks "
                                                           "from (default: RISK_CATEGORIES, 'benign' included)")
     targets.add_argument("--out", required=True, help="targets JSONL")
+    targets.add_argument("--explanations", default=None, help="a `qscope explain` file: its features' explanations "
+                         "are used instead of asking the chat model again")
     coverage = verbs.add_parser("coverage", help="Cov(D), T_miss and weak targets of a prompt set")
     coverage.add_argument("targets", help="targets JSONL")
     coverage.add_argument("--prompts", required=True, help="file of prompts, one per line")
@@ -143,8 +157,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--weak-support", type=int, default=3,
                        help="a covered target with fewer firing prompts is weakly covered (default 3)")
     for p, func in ((targets, cmd_safety_targets), (coverage, cmd_safety_coverage), (synth, cmd_safety_synthesize)):
-        p.add_argument("--chat-model", default=None, help="local chat model for explainer/judge/generators "
-                                                          "(default: the backbone)")
+        p.add_argument("--chat-model", default=None, help="chat model for explainer/judge/generators: a local "
+                       "model folder / hub id, or an OpenAI-compatible URL http://host:port/v1 (default: the backbone)")
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--thinking", action="store_true", help="render the chat template with enable_thinking "
                                                                "(Qwen3); <think> blocks are stripped from answers")
