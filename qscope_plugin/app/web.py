@@ -164,11 +164,14 @@ FEATURE_LINKS_JS = """
     const row = chip.closest("tr");
     const layer = chip.closest("#analyze-out") ? document.querySelector("#analyze-layer input").value
                                                : row.cells[0].textContent.trim();
-    setBox("#feature-layer input", layer);
-    setBox("#feature-id input", chip.getAttribute("data-feature"));
+    const feature = chip.getAttribute("data-feature");
     const tab = [...document.querySelectorAll("button[role=tab]")].find((b) => b.textContent.trim() === "Feature");
-    if (tab) tab.click();
-    setTimeout(() => { const run = document.querySelector("#feature-run"); if (run) run.click(); }, 300);
+    if (tab) tab.click();  // the tab's boxes exist once it is shown
+    setTimeout(() => {
+      setBox("#feature-layer input", layer);
+      setBox("#feature-id input", feature);
+      setTimeout(() => { const run = document.querySelector("#feature-run"); if (run) run.click(); }, 200);
+    }, 300);
   });
 }
 """

@@ -112,6 +112,10 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
+def _tab(driver, name: str) -> None:
+    driver.find_element(By.XPATH, f"//button[@role='tab' and normalize-space()='{name}']").click()
+
+
 def _value(driver, css: str) -> str:
     return driver.find_element(By.CSS_SELECTOR, css).get_attribute("value")
 
@@ -125,12 +129,15 @@ def test_search_by_explanation_fills_steer_and_feature(browser, app_url, tmp_pat
     WebDriverWait(browser, ANSWER_TIMEOUT).until(
         lambda d: len(d.find_elements(By.CSS_SELECTOR, "#search-results input[type=radio]")) == 2)
     labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#search-results label")]
-    assert "#28" in labels[0] and "#5" in labels[1], labels  # best detection score first
-    assert not any("#7" in label for label in labels)
-    browser.find_elements(By.CSS_SELECTOR, "#search-results label")[0].click()
+    assert "#5 " in labels[0] and "#28 " in labels[1], labels  # best detection score first (0.85, then 0.62)
+    assert not any("#7 " in label for label in labels)
+    browser.find_elements(By.CSS_SELECTOR, "#search-results label")[1].click()
+    _tab(browser, "Steer")
     WebDriverWait(browser, ANSWER_TIMEOUT).until(lambda d: _value(d, "#steer-feature input") == "28")
     assert _value(browser, "#steer-layer input") == "3"
-    assert _value(browser, "#feature-id input") == "28" and _value(browser, "#feature-layer input") == "3"
+    _tab(browser, "Feature")
+    WebDriverWait(browser, ANSWER_TIMEOUT).until(lambda d: _value(d, "#feature-id input") == "28")
+    assert _value(browser, "#feature-layer input") == "3"
     browser.save_screenshot(str(tmp_path / "search.png"))
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe
