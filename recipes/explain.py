@@ -38,7 +38,8 @@ from qscope_plugin.errors import QScopeError, feature_out_of_range
 from qscope_plugin.llm import LLM, strip_thinking
 from qscope_plugin.recipes.inspection import Context, Corpus, _logit_effects, _peaks, _token_names, _window
 
-__all__ = ["ExplainError", "FeatureExplanation", "Sampling", "Score", "balanced_accuracy", "detection_prompt",
+__all__ = ["ExplainError", "FeatureExplanation", "Sampling", "Score", "balanced_accuracy", "densest_features",
+           "detection_prompt",
            "explain_features", "explain_prompt", "fuzzing_prompt", "mark", "parse_explanation", "parse_labels",
            "read_explanations", "score_labels", "write_explanations"]
 
@@ -436,6 +437,14 @@ def explain_features(llm: LLM, corpus: Corpus, tokenizer, features: Sequence[int
                                       scores["detection"], scores["fuzzing"], p.n_activating, len(p.train),
                                       llm.name, scorer.name, settings))
     return out
+
+
+def densest_features(corpus: Corpus, top: int) -> list[int]:
+    """The ``top`` features of highest firing density in ``corpus`` among those that fire, densest first (the
+    cards' ``top``)."""
+    counts = np.diff(corpus.by_feature.indptr)
+    densest = np.argsort(-counts, kind="stable")[:top]
+    return densest[counts[densest] > 0].tolist()
 
 
 def prompt_count(n_features: int, sampling: Sampling, score: bool = True) -> int:

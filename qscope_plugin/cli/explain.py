@@ -2,6 +2,7 @@
 
     qscope explain --layers 3 --top 20 --data texts.jsonl --llm http://127.0.0.1:8000/v1     # a served model
     qscope explain --layers 0-3 --features 12,40 --data texts.jsonl --llm ./Qwen3-8B --out e.jsonl   # a local one
+    qscope explain --layers 3 --top 2 --data texts.jsonl --llm backbone --window 3 --n-train 4   # the --model itself
 
 One JSON-lines file per release (``recipes.explain.write_explanations``), rewritten after each layer; every answer
 is cached as it arrives (``--cache``), so a killed run resumes where it stopped and a re-run asks nothing.
@@ -40,12 +41,12 @@ def _bounded(least: int, most: int):
 
 
 def _client(spec: str, model_name: str | None, args: argparse.Namespace, backbone):
-    """The ``--llm`` / ``--scorer-llm`` client; the backbone itself when the spec names ``--model``."""
+    """The ``--llm`` / ``--scorer-llm`` client; the backbone itself for ``backbone`` or the ``--model`` value."""
     from qscope_plugin.llm import LocalChat, open_llm
 
-    if spec == args.model:
+    if spec in ("backbone", args.model):
         model, tok = backbone
-        return LocalChat(model, tok, max_new_tokens=args.max_new_tokens, name=model_name or Path(spec).name)
+        return LocalChat(model, tok, max_new_tokens=args.max_new_tokens, name=model_name or Path(args.model).name)
     return open_llm(spec, model=model_name, device=args.device, concurrency=args.concurrency,
                     max_new_tokens=args.max_new_tokens, timeout=args.timeout, max_retries=args.retries)
 
@@ -65,6 +66,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.explain import (
         ExplainError,
         Sampling,
+        densest_features,
         explain_features,
         prompt_count,
         write_explanations,
@@ -103,13 +105,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
     for layer, sae in saes.items():
         corpus = harvest_corpus(model, tok, texts, sae, layer=layer, exclude_first_token=args.exclude_first_token,
                                 batch_size=args.batch_size, max_length=args.max_length)
-        chosen = features[layer]
-        if chosen is None:
-            import numpy as np
-
-            counts = np.diff(corpus.by_feature.indptr)
-            densest = np.argsort(-counts, kind="stable")[:top]
-            chosen = densest[counts[densest] > 0].tolist()
+        chosen = features[layer] if features[layer] is not None else densest_features(corpus, top)
         rows += explain_features(llm, corpus, tok, chosen, model=model, sae=sae, scorer=scorer, sampling=sampling,
                                  release=args.release, score=not args.no_score)
         write_explanations(out, rows)  # after each layer: a kill loses at most the layer in progress
@@ -136,8 +132,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_data_options(p)
     add_first_token_options(p, default=True)
     p.add_argument("--llm", required=True, help="the explainer: an OpenAI-compatible URL "
-                   "(http://host:port/v1: vLLM, SGLang, llama.cpp, ollama, `transformers serve`) or a local model "
-                   "folder / cached hub id")
+                   "(http://host:port/v1: vLLM, SGLang, llama.cpp, ollama, `transformers serve`), a local model "
+                   "folder / cached hub id, or `backbone` (the --model itself)")
     p.add_argument("--llm-model", default=None, help="model name at the URL (default: the first it lists)")
     p.add_argument("--scorer-llm", default=None, help="the scorer, as --llm (default: the explainer)")
     p.add_argument("--scorer-model", default=None, help="model name at the --scorer-llm URL")

@@ -31,7 +31,7 @@ if not DEMO_MODEL_DIR.is_dir():
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}Answer:{% endif %}")
 START_TIMEOUT = 180
-SMALL = ["--n-train", "4", "--n-test", "6", "--n-non-activating", "6", "--batch", "3", "--window", "4",
+SMALL = ["--n-train", "4", "--n-test", "6", "--n-non-activating", "6", "--batch", "3", "--window", "3",
          "--max-new-tokens", "8", "--n-promoted", "3"]
 
 
