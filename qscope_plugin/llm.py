@@ -196,8 +196,13 @@ class LLM:
                     ask(i)
             else:
                 with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
-                    for done in [pool.submit(ask, i) for i in range(len(prompts))]:
-                        done.result()  # the first failure raises; answers so far are already cached
+                    futures = [pool.submit(ask, i) for i in range(len(prompts))]
+                    try:
+                        for done in futures:
+                            done.result()  # the first failure raises; answers so far are already cached
+                    except BaseException:
+                        pool.shutdown(wait=True, cancel_futures=True)  # no new request after a failure
+                        raise
         finally:
             bar.close()
         return answers

@@ -251,3 +251,49 @@ def test_cards_and_dashboard_carry_explanations_and_scores(tmp_path):
     assert "names of animals." in shown and "detection 1.00 [1.00, 1.00] of 60" in shown
     page = render_dashboard([card])
     assert 'data-search="1 names of animals.' in page  # the dashboard's search box matches explanation words
+
+
+def test_clients_check_their_options_and_map_keeps_order_under_concurrency(tmp_path):
+    pytest.importorskip("openai")
+    from qscope_plugin.llm import LLMError, OpenAIChat, open_llm
+
+    with pytest.raises(LLMError, match="concurrency=0"):
+        OpenAIChat("http://127.0.0.1:9/v1", "m", concurrency=0)
+    with pytest.raises(LLMError, match="max_retries=99"):
+        OpenAIChat("http://127.0.0.1:9/v1", "m", max_retries=99)
+    assert isinstance(open_llm("http://127.0.0.1:9/v1", model="m"), OpenAIChat)
+
+    class Echo(LLM):
+        name, concurrency = "echo", 8
+
+        def _complete(self, prompt, sample_seed):
+            return prompt.upper()
+
+    echo = Echo().use_cache(tmp_path / "c.jsonl")
+    prompts = [f"p{i}" for i in range(50)]
+    assert echo.map(prompts, scope=("r", 1, 2)) == [p.upper() for p in prompts] and echo.calls == 50
+    assert echo.map(prompts, scope=("r", 1, 2)) == [p.upper() for p in prompts] and echo.calls == 50
+    with pytest.raises(LLMError, match="2 scopes for 1 prompts"):
+        echo.map(["a"], scopes=[(), ()])
+
+    class Failing(Echo):
+        def _complete(self, prompt, sample_seed):
+            if prompt == "p3":
+                raise OSError("server gone")
+            return prompt
+
+    failing = Failing().use_cache(tmp_path / "f.jsonl")
+    with pytest.raises(OSError, match="server gone"):
+        failing.map(prompts)
+    assert len(ResponseCache(tmp_path / "f.jsonl")) == failing.calls  # every answer before the failure is kept
+
+
+def test_cli_explain_usage_errors_exit_2_and_verify_flags_a_bad_file(tmp_path, capsys):
+    from qscope_plugin.cli import main
+
+    assert main(["explain", "--data", "x.jsonl", "--llm", "backbone", "--n-train", "0"]) == 2
+    assert "n_train=0" in capsys.readouterr().err
+    bad = tmp_path / "bad.explanations.jsonl"
+    bad.write_text('{"format": "something else"}\n')
+    assert main(["verify", str(bad)]) == 1
+    assert "line 1 is not an explanation record" in capsys.readouterr().err
