@@ -157,6 +157,7 @@ def main() -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
 
     features = len(chosen[3])
     lines += ["# Explanations: throughput, cache and scores on the demo", "",

@@ -37,6 +37,7 @@ import numpy as np
 from qscope_plugin.errors import QScopeError, feature_out_of_range
 from qscope_plugin.llm import LLM, strip_thinking
 from qscope_plugin.recipes.inspection import Context, Corpus, _logit_effects, _peaks, _token_names, _window
+from qscope_plugin.recipes.inspection import _contexts as _card_contexts
 
 __all__ = ["ExplainError", "FeatureExplanation", "Sampling", "Score", "balanced_accuracy", "densest_features",
            "detection_prompt",
@@ -196,8 +197,7 @@ def detection_prompt(explanation: str, texts: Sequence[str]) -> str:
              f"Below are {len(texts)} numbered text excerpts. For each one, answer 1 if the feature is active "
              "somewhere in it (the description fits it), else 0.", ""]
     lines += [f"Excerpt {i}: {t}" for i, t in enumerate(texts, 1)]
-    lines += ["", f"Answer with a list of exactly {len(texts)} digits, e.g. [{', '.join(['1', '0'] * 1)}, ...], "
-              "and nothing else."]
+    lines += ["", f"Answer with a list of exactly {len(texts)} digits, e.g. [1, 0, ...], and nothing else."]
     return "\n".join(lines)
 
 
@@ -315,11 +315,8 @@ class _Plan:
 
 
 def _contexts(corpus: Corpus, feature: int, rows: np.ndarray, window: int, names: dict[int, str]) -> list[Context]:
-    from qscope_plugin.recipes.inspection import _contexts as build
-
-    if not len(rows):
-        return []
-    return build(corpus, _window(corpus, feature, rows, window), names)
+    """Contexts around ``rows`` built as the cards build theirs."""
+    return _card_contexts(corpus, _window(corpus, feature, rows, window), names) if len(rows) else []
 
 
 def _plans(corpus: Corpus, tokenizer, features: Sequence[int], sampling: Sampling, promoted: list[list[str]]
@@ -379,6 +376,7 @@ def explain_features(llm: LLM, corpus: Corpus, tokenizer, features: Sequence[int
 
     Args:
         llm: the explainer (``qscope_plugin.llm`` client); its cache makes a re-run or a resumed run free.
+        scorer: the detection and fuzzing scorer, another client or the same.
         corpus: ``inspection.harvest_corpus`` of the texts, at the SAE's layer.
         model, sae: the backbone and the SAE, for the promoted tokens (skipped when either is None or
             ``sampling.n_promoted`` is 0).
