@@ -128,10 +128,14 @@ class Explorer:
              texts: Sequence[str] = (), explanations: str | None = None) -> Explorer:
         """Load a backbone folder or cached hub id on ``device``; defaults: the embedded demo model, its SAEs and
         its sentences. ``explanations``: a ``qscope explain`` file for the search box (read before the model)."""
-        from qscope_plugin.recipes.explain import read_explanations
-
-        explained = {(r.layer, r.feature): r for r in read_explanations(explanations)} if explanations else {}
         from qscope_plugin.models import default_model, default_release, load_model
+        from qscope_plugin.recipes.explain import ExplainError, read_explanations
+
+        rows = read_explanations(explanations) if explanations else []
+        if other := sorted({r.release for r in rows} - {release or default_release()}):
+            raise ExplainError(f"--explanations {explanations!r} explains the SAEs of {', '.join(other)}, not "
+                               f"{release or default_release()!r}; pass the file `qscope explain` wrote for them")
+        explained = {(r.layer, r.feature): r for r in rows}
 
         _layers_of(release or default_release())  # a bad release fails before the (slow) model load
         backbone, tokenizer = load_model(model or default_model(), device=device)

@@ -297,3 +297,24 @@ def test_cli_explain_usage_errors_exit_2_and_verify_flags_a_bad_file(tmp_path, c
     bad.write_text('{"format": "something else"}\n')
     assert main(["verify", str(bad)]) == 1
     assert "line 1 is not an explanation record" in capsys.readouterr().err
+
+
+def test_app_search_ranks_by_detection_and_refuses_another_releases_file(tmp_path, capsys):
+    pytest.importorskip("gradio")
+    from qscope_plugin.app.explorer import Explorer
+    from qscope_plugin.cli import main
+    from qscope_plugin.recipes.explain import Score
+    from qscope_plugin.store import DEMO_RELEASE
+
+    def row(layer, feature, text, value, release=DEMO_RELEASE):
+        return FeatureExplanation(release, layer, feature, text, Score(value, 0.0, 1.0, 5, 5, 0.5, 0.5), None, 9, 4,
+                                  "x", "x")
+
+    rows = [row(3, 28, "Chinese characters", 0.6), row(3, 5, "Chinese punctuation", 0.9), row(2, 7, "the word the", 1)]
+    explorer = Explorer(None, None, DEMO_RELEASE, explanations={(r.layer, r.feature): r for r in rows})
+    assert [value for _, value in explorer.search("CHINESE")] == ["3:5", "3:28"]
+    assert [value for _, value in explorer.search("chinese characters")] == ["3:28"]
+    assert [value for _, value in explorer.search("7")] == ["2:7"] and explorer.search("  ") == []
+    other = write_explanations(tmp_path / "other.jsonl", [row(3, 28, "x", 0.5, release="another-release")])
+    assert main(["app", "--explanations", str(other)]) == 2
+    assert "explains the SAEs of another-release" in capsys.readouterr().err
