@@ -268,13 +268,18 @@ def _quantile_draw(n_ranked: int, n: int, n_quantiles: int, rng: np.random.Gener
 
 
 def _split(n_ranked: int, sampling: Sampling, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) indices into the ranked activating contexts, disjoint."""
+    """(train, test) indices into the ranked activating contexts, disjoint. With fewer contexts than
+    ``n_train + n_test`` they are shared in that proportion (at least one to train), so that some are always
+    held out for scoring."""
+    n_train = sampling.n_train
+    if n_ranked < sampling.n_train + sampling.n_test:
+        n_train = max(1, n_ranked * sampling.n_train // (sampling.n_train + sampling.n_test))
     if sampling.train == "top":
-        train = np.arange(min(sampling.n_train, n_ranked))
+        train = np.arange(min(n_train, n_ranked))
     elif sampling.train == "random":
-        train = np.sort(rng.choice(n_ranked, min(sampling.n_train, n_ranked), replace=False))
+        train = np.sort(rng.choice(n_ranked, min(n_train, n_ranked), replace=False))
     else:
-        train = _quantile_draw(n_ranked, sampling.n_train, sampling.n_quantiles, rng)
+        train = _quantile_draw(n_ranked, n_train, sampling.n_quantiles, rng)
     rest = np.setdiff1d(np.arange(n_ranked), train)
     test = rest[_quantile_draw(len(rest), sampling.n_test, sampling.n_quantiles, rng)] if len(rest) else rest
     return train, test

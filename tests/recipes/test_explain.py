@@ -318,3 +318,10 @@ def test_app_search_ranks_by_detection_and_refuses_another_releases_file(tmp_pat
     other = write_explanations(tmp_path / "other.jsonl", [row(3, 28, "x", 0.5, release="another-release")])
     assert main(["app", "--explanations", str(other)]) == 2
     assert "explains the SAEs of another-release" in capsys.readouterr().err
+
+
+def test_scarce_contexts_are_shared_between_explainer_and_scorers():
+    corpus, tok = planted_corpus(), WordTokenizer()  # feature 2 fires in 75 texts: fewer than 40 + 50
+    (row,) = explain_features(Oracle(), corpus, tok, [2], sampling=Sampling(n_promoted=0), progress=False)
+    assert row.n_activating == 75 and row.n_train == 75 * 40 // 90 and row.detection.n_positive == 75 - row.n_train
+    assert row.detection.value == 1.0
