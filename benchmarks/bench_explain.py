@@ -194,18 +194,21 @@ def main() -> None:
                 text = row.explanation.replace("|", "\\|")[:60] or "(none)"
                 lines.append(f"| {n} | {kind} #{row.feature} | {who} | {text} | {shown(row.detection)} | "
                              f"{shown(row.fuzzing)} |")
-    lines += ["", "The demo model echoes its prompt instead of answering (`transformers serve` returns the prompt's "
-              "text, and the model adds nothing readable): its \"explanation\" is a piece of the instructions and no "
-              "scoring answer can be read, so every item counts as \"no\" and both scores sit at exactly 0.5, the "
+    lines += ["", (
+              "The demo model echoes its prompt instead of answering (`transformers serve` returns the prompt's "
+              'text, and the model adds nothing readable): its "explanation" is a piece of the instructions and no '
+              'scoring answer can be read, so every item counts as "no" and both scores sit at exactly 0.5, the '
               "floor of a model that cannot follow instructions. The oracle's rows show what the scorers give a "
-              "script-level explanation: detection of the Chinese feature is high (Chinese excerpts against silent, "
-              "mostly English ones), while fuzzing stays near 0.5, rightly: \"Chinese characters\" does not say "
-              "which Chinese tokens the feature fires on, and the wrongly marked tokens are Chinese too. Random "
-              "features score lower on detection, their contexts' script saying little about where they fire; "
-              "\"—\" marks a score without both classes. Real explanations need an instruction-following model "
-              "(e.g. Qwen3-8B served by vLLM), which cannot run on the machines this project is built on. With 2 "
-              "shared cores and `transformers serve` without continuous batching, 4 requests in flight gain little "
-              "over 1; a GPU server batching requests gains far more.", ""]
+              'script-level explanation. Detection of the Chinese feature is high (Chinese excerpts against silent,'
+              ' mostly English ones), while its fuzzing stays near 0.5, rightly: "Chinese characters" does not say '
+              'which Chinese tokens the feature fires on, and the wrongly marked tokens are Chinese too. Random '
+              'features that fire mostly on one script score as high on detection, because a script-level '
+              'explanation fits them as well; the others score near chance, or below it where the excerpts they are'
+              ' silent on have more of the named script than those they fire on. So a high detection score says '
+              'that an explanation fits, not that it is specific to one feature. Real explanations need an '
+              'instruction-following model (e.g. Qwen3-8B served by vLLM), which cannot run on the machines this '
+              'project is built on. With 2 shared cores and `transformers serve` without continuous batching, 4 '
+              'requests in flight gain little over 1 here.'), ""]
     publish("\n".join(lines), "benchmarks_explain.md")
 
 

@@ -231,7 +231,7 @@ class LocalChat(LLM):
             raise LLMError("chat_template=True but the tokenizer has no chat template; pass None or False")
         self.chat_template = has_template if chat_template is None else chat_template
         self.enable_thinking = enable_thinking
-        self.name = name or self.backend.name
+        self.name = name or self.backend.name or type(self.backend.module).__name__
         self._lock = threading.Lock()
 
     def settings(self) -> dict:
