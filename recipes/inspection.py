@@ -102,6 +102,9 @@ class FeatureCard:
     logit_effects: LogitEffects
     cofiring: list[Cofiring]
     """Most co-firing features, highest Jaccard first."""
+    scores: dict | None = None
+    """How far to trust ``explanation`` when it comes from ``qscope explain``: ``{"detection": {...},
+    "fuzzing": {...}}``, each a ``recipes.explain.Score`` as a dict (balanced accuracy, interval, counts)."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -187,7 +190,7 @@ def _check_sizes(n_contexts: int, window: int, n_bins: int, n_logits: int, n_cof
 def feature_cards(model: object, tokenizer, texts: Sequence[str], sae: QwenScopeSAE,
                   features: Sequence[int] | None = None, *, layer: int, top: int | None = None,
                   exclude_first_token: bool = True, n_contexts: int = 10, window: int = 10, n_bins: int = 30,
-                  n_logits: int = 10, n_cofiring: int = 10, explanations: Mapping[int, str] | None = None,
+                  n_logits: int = 10, n_cofiring: int = 10, explanations: Mapping[int, object] | None = None,
                   batch_size: int = 16, max_length: int | None = 512, progress: bool = True) -> list[FeatureCard]:
     """Cards of ``features`` (or of the ``top`` densest features) of ``sae`` at ``layer``, from one harvest.
 
@@ -208,7 +211,8 @@ def feature_cards(model: object, tokenizer, texts: Sequence[str], sae: QwenScope
         n_bins: bins of the activation histogram.
         n_logits: promoted and suppressed tokens per card.
         n_cofiring: co-firing features per card.
-        explanations: ``{feature: text}`` shown on the cards (e.g. from the safety-synthesis explainer).
+        explanations: ``{feature: text}`` shown on the cards (e.g. from the safety-synthesis explainer), or
+            ``{feature: recipes.explain.FeatureExplanation}`` (``qscope explain``), whose scores the cards carry.
 
     Raises:
         HarvestError: both or neither of ``features`` / ``top``, an empty ``features``, a bad ``top`` or size.
@@ -249,7 +253,7 @@ def harvest_corpus(model: object, tokenizer, texts: Sequence[str], sae: QwenScop
 def cards_from_corpus(model: object, tokenizer, corpus: Corpus, sae: QwenScopeSAE,
                       features: Sequence[int] | None = None, *, top: int | None = None, n_contexts: int = 10,
                       window: int = 10, n_bins: int = 30, n_logits: int = 10, n_cofiring: int = 10,
-                      explanations: Mapping[int, str] | None = None) -> list[FeatureCard]:
+                      explanations: Mapping[int, object] | None = None) -> list[FeatureCard]:
     """Cards from a ``harvest_corpus``: array work and the logit effects (final norm and LM head only), no
     forward pass. Arguments as ``feature_cards``; ``sae`` must be the corpus's."""
     _check_sizes(n_contexts, window, n_bins, n_logits, n_cofiring)
@@ -271,8 +275,9 @@ def cards_from_corpus(model: object, tokenizer, corpus: Corpus, sae: QwenScopeSA
     cards = []
     for i, (f, (_, values)) in enumerate(zip(chosen, firing, strict=True)):
         heights, edges = np.histogram(values, bins=n_bins)
+        explanation, scores = _explained((explanations or {}).get(f))
         cards.append(FeatureCard(
-            layer=layer, feature=f, explanation=(explanations or {}).get(f), n_tokens=n_tokens,
+            layer=layer, feature=f, explanation=explanation, scores=scores, n_tokens=n_tokens,
             n_firing=len(values), density=len(values) / max(n_tokens, 1),
             max_activation=float(values.max()) if len(values) else 0.0,
             mean_activation=float(values.mean()) if len(values) else 0.0,
@@ -282,6 +287,14 @@ def cards_from_corpus(model: object, tokenizer, corpus: Corpus, sae: QwenScopeSA
                                        _effects(-suppressed.values[i], suppressed.indices[i], names)),
             cofiring=cofiring[i]))
     return cards
+
+
+def _explained(given: object) -> tuple[str | None, dict | None]:
+    """``(explanation, scores)`` of a plain text or of a ``recipes.explain.FeatureExplanation``."""
+    if given is None or isinstance(given, str):
+        return given, None
+    scores = {kind: asdict(score) for kind in ("detection", "fuzzing") if (score := getattr(given, kind)) is not None}
+    return given.explanation or None, scores or None
 
 
 def _peaks(text: np.ndarray, rows: np.ndarray, values: np.ndarray, n_contexts: int) -> np.ndarray:

@@ -95,19 +95,23 @@ def load_targets(path: str | Path) -> list[Target]:
 def build_targets(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE], features: Mapping[int, Sequence[int]],
                   corpus: Sequence[str], explainer: Explainer, judge: Judge, *, tau: float = 0.5, n_top: int = 10,
                   categorize: Callable[[str], str] | None = None, progress: bool = False,
-                  contexts: Mapping[tuple[int, int], Sequence[Context]] | None = None) -> list[Target]:
+                  contexts: Mapping[tuple[int, int], Sequence[Context]] | None = None,
+                  explanations: Mapping[tuple[int, int], str] | None = None) -> list[Target]:
     """Explain each candidate feature from its top-activating contexts, score it, keep s_f ≥ τ (R23).
 
     ``contexts``: ``top_contexts`` of the same corpus and features when already harvested (e.g. by all ranks of
     ``torchrun``, so that only one rank runs the explainer); default: harvested here.
+    ``explanations``: ``{(layer, feature): text}`` already written (e.g. by ``qscope explain``,
+    ``recipes.explain.read_explanations``); those features are not explained again, only judged.
     """
+    given = {key: text for key, text in (explanations or {}).items() if text}
     if contexts is None:
         contexts = top_contexts(model, tokenizer, corpus, saes, features, n_top=n_top, progress=progress)
     targets = []
     for (layer, feature), ctx in contexts.items():
         if not ctx:
             continue  # never fired on the corpus: nothing to explain
-        explanation = explainer(ctx)
+        explanation = given.get((layer, feature)) or explainer(ctx)
         score = float(judge(explanation))
         if not 0.0 <= score <= 1.0:
             raise SynthesisError(f"the judge returned {score} for feature {feature}; scores must lie in [0, 1]")

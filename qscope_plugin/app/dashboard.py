@@ -73,12 +73,23 @@ def _partner(feature: int, linked: Collection[int]) -> str:
     return f'<a href="#card-{feature}">#{feature}</a>' if feature in linked else f"#{feature}"
 
 
+def _scores_html(scores: Mapping | None) -> str:
+    """``detection 0.93 [0.85, 0.98] of 100 · fuzzing ...``: the explanation's scores, interval and count."""
+    if not scores:
+        return ""
+    parts = [f"{_e(kind)} {s['value']:.2f} [{s['low']:.2f}, {s['high']:.2f}] of {s['n_positive'] + s['n_negative']}"
+             for kind, s in scores.items()]
+    return (f'<p class="qs-scores" title="balanced accuracy (0.5 chance), 95% interval, contexts scored">'
+            f'{" · ".join(parts)}</p>')
+
+
 def card_html(card: FeatureCard, linked: Collection[int] = ()) -> str:
     """One card as an HTML fragment (``<section class="qscope-card">``); style it with ``CARD_CSS``.
 
     Co-firing features in ``linked`` (those whose card is on the same page) link to their card; others are text.
     """
     explanation = (f'<p class="qs-explanation">{_e(card.explanation)}</p>' if card.explanation else "")
+    explanation += _scores_html(card.scores)
     stats = (f"density {card.density:.3%} ({card.n_firing} of {card.n_tokens} tokens) · "
              f"max {card.max_activation:.4g} · mean when firing {card.mean_activation:.4g}")
     contexts = "".join(_context_html(c, card.max_activation) for c in card.contexts) or \

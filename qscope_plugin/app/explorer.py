@@ -33,6 +33,8 @@ PRESETS = ("Light", "Medium", "Strong", "Custom")
 TOP_CANDIDATES = 10
 """Candidates shown per generated token, as the official app does."""
 MAX_NEW_TOKENS = 256
+SEARCH_RESULTS = 20
+"""Features the search box lists at most."""
 
 
 class AppInputError(QScopeError, ValueError):
@@ -114,21 +116,32 @@ class Explorer:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _corpora: dict[int, Corpus] = field(default_factory=dict, init=False, repr=False)
     """The Feature tab's harvest of ``texts`` per layer: the texts are fixed, so each layer is harvested once."""
+    explanations: Mapping[tuple[int, int], object] = field(default_factory=dict)
+    """``(layer, feature) -> recipes.explain.FeatureExplanation`` (``qscope explain``): what the search box searches
+    and what the Feature tab's cards show."""
 
     def __post_init__(self) -> None:
         self.n_layers = _layers_of(self.source)
 
     @classmethod
     def load(cls, model: str | None = None, release: str | None = None, *, device: str | None = None,
-             texts: Sequence[str] = ()) -> Explorer:
+             texts: Sequence[str] = (), explanations: str | None = None) -> Explorer:
         """Load a backbone folder or cached hub id on ``device``; defaults: the embedded demo model, its SAEs and
-        its sentences."""
+        its sentences. ``explanations``: a ``qscope explain`` file for the search box (read before the model)."""
         from qscope_plugin.models import default_model, default_release, load_model
+        from qscope_plugin.recipes.explain import ExplainError, read_explanations
+
+        rows = read_explanations(explanations) if explanations else []
+        if other := sorted({r.release for r in rows} - {release or default_release()}):
+            raise ExplainError(f"--explanations {explanations!r} explains the SAEs of {', '.join(other)}, not "
+                               f"{release or default_release()!r}; pass the file `qscope explain` wrote for them")
+        explained = {(r.layer, r.feature): r for r in rows}
 
         _layers_of(release or default_release())  # a bad release fails before the (slow) model load
         backbone, tokenizer = load_model(model or default_model(), device=device)
         name = "the embedded demo model" if model in (None, default_model()) else model
-        return cls(backbone, tokenizer, release or default_release(), texts or demo_texts(), model_name=name)
+        return cls(backbone, tokenizer, release or default_release(), texts or demo_texts(), model_name=name,
+                   explanations=explained)
 
     # -- shared checks ---------------------------------------------------------------------------------------
     def _layer(self, value: object) -> int:
@@ -235,8 +248,28 @@ class Explorer:
             if layer not in self._corpora:
                 self._corpora[layer] = harvest_corpus(self.model, self.tokenizer, self.texts, sae, layer=layer,
                                                       progress=False)
-            (card,) = cards_from_corpus(self.model, self.tokenizer, self._corpora[layer], sae, [feature])
+            (card,) = cards_from_corpus(self.model, self.tokenizer, self._corpora[layer], sae, [feature],
+                                        explanations={feature: self.explanations[layer, feature]}
+                                        if (layer, feature) in self.explanations else None)
         return card_html(card), ""
+
+    def search(self, query: str, limit: int = SEARCH_RESULTS) -> list[tuple[str, str]]:
+        """Features whose explanation holds every word of ``query`` (case-insensitive), best detection score
+        first: ``(label, "layer:feature")`` pairs for the page's result list. A number also matches that feature
+        id. Empty without an explanations file (``qscope app --explanations``)."""
+        words = (query or "").lower().split()
+        if not words:
+            return []
+        found = []
+        for (layer, feature), row in self.explanations.items():
+            text = f"{feature} {row.explanation}".lower()
+            if all(w in text.split() if w.isdigit() else w in text for w in words):
+                score = row.detection.value if row.detection is not None else -1.0
+                found.append((-score, layer, feature, row))
+        found.sort(key=lambda item: item[:3])
+        return [(f"layer {layer} · #{feature} · {row.explanation}"
+                 + (f" (detection {row.detection.value:.2f})" if row.detection is not None else ""),
+                 f"{layer}:{feature}") for _, layer, feature, row in found[:limit]]
 
     @staticmethod
     def _positions(text: str, steer_generated: bool) -> Mapping[str, object]:

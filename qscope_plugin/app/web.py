@@ -29,7 +29,9 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 EXAMPLE_TEXT = "今天早上我喝了一杯热茶，then I went to work."
 EXAMPLE_PAIR = ("今天早上我喝了一杯热茶。", "This morning I drank a cup of hot tea.")
 EXAMPLE_PROMPT = "今天早上"
-PAGE_CSS = APP_CSS + CARD_CSS
+PAGE_CSS = APP_CSS + CARD_CSS + """
+#analyze-out [data-feature], #compare-out [data-feature] { cursor: pointer; text-decoration: underline dotted; }
+"""
 SYSTEM_FONTS = (["ui-sans-serif", "system-ui", "sans-serif"], ["ui-monospace", "Consolas", "monospace"])
 
 
@@ -79,7 +81,7 @@ def _compare_tab(explorer: Explorer, differences: gr.State) -> None:
     _run(button, explorer.compare, inputs, [table, differences, status])
 
 
-def _steer_tab(explorer: Explorer, differences: gr.State) -> None:
+def _steer_tab(explorer: Explorer, differences: gr.State) -> tuple[gr.Number, gr.Number]:
     prompt = gr.Textbox(EXAMPLE_PROMPT, label="Prompt", lines=2, elem_id="steer-prompt")
     with gr.Row():
         layer = _layer_box(explorer, "Layer", "steer-layer")
@@ -106,9 +108,10 @@ def _steer_tab(explorer: Explorer, differences: gr.State) -> None:
     inputs = [prompt, layer, feature, preset, custom, norm, positions, generated, decoding, temperature, top_p, seed,
               new_tokens, differences]
     _run(button, explorer.steer, inputs, [steered, unsteered, status], prompt)
+    return layer, feature
 
 
-def _feature_tab(explorer: Explorer) -> None:
+def _feature_tab(explorer: Explorer) -> tuple[gr.Number, gr.Number]:
     gr.Markdown(f"The card of one feature over the app's {len(explorer.texts)} texts: top-activating contexts, "
                 "activation histogram, the tokens its decoder direction promotes and suppresses, co-firing features.")
     with gr.Row():
@@ -117,6 +120,61 @@ def _feature_tab(explorer: Explorer) -> None:
     button = gr.Button("Show card", variant="primary", elem_id="feature-run")
     status, card = gr.HTML(elem_id="feature-status"), gr.HTML(elem_id="feature-card")
     _run(button, explorer.feature, [layer, feature], [card, status])
+    return layer, feature
+
+
+def _search_row(explorer: Explorer) -> tuple[gr.Radio, Callable]:
+    """Text -> features by explanation (``--explanations``); picking one fills Steer's and Feature's boxes."""
+    with gr.Row():
+        query = gr.Textbox(label=f"Search features by explanation ({len(explorer.explanations)} explained)",
+                           placeholder="e.g. chinese" if explorer.explanations else "start with --explanations FILE",
+                           elem_id="search-text", scale=4)
+        button = gr.Button("Search", elem_id="search-run", scale=1)
+    results = gr.Radio([], label="Features found (pick one: it fills Steer and Feature)", elem_id="search-results")
+
+    def find(text: str):
+        found = explorer.search(text)
+        note = "no explanations loaded: start the app with --explanations FILE (`qscope explain`)" \
+            if not explorer.explanations else f"{len(found)} feature(s) match"
+        return gr.update(choices=found, value=None, label=f"Features found: {note}")
+
+    _run(button, find, [query], [results], query)
+
+    def pick(choice: str | None):
+        if not choice:
+            return (gr.update(),) * 4
+        layer, feature = (int(part) for part in choice.split(":"))
+        return layer, feature, layer, feature
+
+    return results, pick
+
+
+FEATURE_LINKS_JS = """
+() => {
+  // A feature id in Analyze or Compare opens its card in the Feature tab (layer: Analyze's box, Compare's row).
+  const setBox = (selector, value) => {
+    const box = document.querySelector(selector);
+    if (!box) return;
+    Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, "value").set.call(box, String(value));
+    box.dispatchEvent(new Event("input", { bubbles: true }));
+  };
+  document.addEventListener("click", (event) => {
+    const chip = event.target.closest("#analyze-out [data-feature], #compare-out [data-feature]");
+    if (!chip) return;
+    const row = chip.closest("tr");
+    const layer = chip.closest("#analyze-out") ? document.querySelector("#analyze-layer input").value
+                                               : row.cells[0].textContent.trim();
+    const feature = chip.getAttribute("data-feature");
+    const tab = [...document.querySelectorAll("button[role=tab]")].find((b) => b.textContent.trim() === "Feature");
+    if (tab) tab.click();  // the tab's boxes exist once it is shown
+    setTimeout(() => {
+      setBox("#feature-layer input", layer);
+      setBox("#feature-id input", feature);
+      setTimeout(() => { const run = document.querySelector("#feature-run"); if (run) run.click(); }, 200);
+    }, 300);
+  });
+}
+"""
 
 
 def build_app(explorer: Explorer) -> gr.Blocks:
@@ -125,15 +183,18 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         gr.Markdown(f"## Qwen-Scope feature explorer\nSAEs `{explorer.source}` ({explorer.n_layers} layers) on "
                     f"`{explorer.model_name}`.", elem_id="app-header")
         differences = gr.State({})
+        results, pick = _search_row(explorer)
         with gr.Tabs():
             with gr.Tab("Analyze", id="analyze"):
                 _analyze_tab(explorer)
             with gr.Tab("Compare", id="compare"):
                 _compare_tab(explorer, differences)
             with gr.Tab("Steer", id="steer"):
-                _steer_tab(explorer, differences)
+                steer_boxes = _steer_tab(explorer, differences)
             with gr.Tab("Feature", id="feature"):
-                _feature_tab(explorer)
+                feature_boxes = _feature_tab(explorer)
+        results.change(pick, [results], [*steer_boxes, *feature_boxes])
+        app.load(None, None, None, js=FEATURE_LINKS_JS)
     return app
 
 

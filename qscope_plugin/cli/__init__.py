@@ -5,6 +5,7 @@
     qscope fetch qwen-scope-3-1.7b-base-w32k-l50 --layers 10-14
     qscope verify qwen-scope-3-1.7b-base-w32k-l50     # cached layers against their SHA-256, offline
     qscope dashboard --layer 3 --top 50 --data texts.jsonl --out dashboard.html   # feature cards, one HTML file
+    qscope explain --layers 3 --top 20 --data texts.jsonl --llm http://127.0.0.1:8000/v1   # explanations, scored
 
 Exit status: 0 success, 1 runtime failure, 2 usage error. A usage error is a bad argument (argparse, ``UsageError``)
 or a plugin error that is a ``ValueError`` (an unknown release, a layer out of range, a bad option value); a
@@ -27,6 +28,7 @@ from qscope_plugin.cli import (
     demo,
     discovery,
     evaluate,
+    explain,
     hub,
     repetition,
     safety,
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in (hub, verify, demo, discovery, evaluate, steering, classify, benchmarks, safety, sasft, repetition,
-                  dashboard, app):
+                  dashboard, app, explain):
         group.add_parser(sub)
     return parser
 

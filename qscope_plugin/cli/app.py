@@ -17,7 +17,8 @@ def cmd_app(args: argparse.Namespace) -> None:
     from qscope_plugin.app.web import serve
 
     texts = data_texts(args) if args.data else ()
-    explorer = Explorer.load(args.model, args.release, device=args.device, texts=texts)
+    explorer = Explorer.load(args.model, args.release, device=args.device, texts=texts,
+                             explanations=args.explanations)
     serve(explorer, host=args.host, port=args.port,
           announce=lambda url: print(f"qscope app: serving on {url} (Ctrl+C to stop)", flush=True))
 
@@ -34,4 +35,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     app.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     app.add_argument("--port", type=_port, default=7860, help="port to listen on (default 7860)")
     add_data_options(app, required=False, what="texts of the Feature tab's cards (default: the demo's sentences)")
+    app.add_argument("--explanations", default=None, help="a `qscope explain` file: the search box finds features by "
+                     "their explanation, and cards show it with its scores")
     app.set_defaults(func=cmd_app)

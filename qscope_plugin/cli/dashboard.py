@@ -28,17 +28,25 @@ MAX_FEATURES = 1000
 """Cards per dashboard: co-firing keeps a (cards x d_sae) count matrix, 8 bytes each (0.26 GB at 32K)."""
 
 
-def read_explanations(path: str, layer: int) -> dict[int, str]:
+def read_explanations(path: str, layer: int) -> dict[int, object]:
     """``{feature: explanation}`` from a JSON object ``{"12": "..."}`` or from JSON lines with ``feature`` and
-    ``explanation`` (``qscope safety targets`` output; lines of another ``layer`` are skipped)."""
+    ``explanation`` (``qscope safety targets`` output; lines of another ``layer`` are skipped); from a
+    ``qscope explain`` file, ``{feature: FeatureExplanation}``, so that the cards carry the scores too."""
+    from qscope_plugin.recipes.explain import FORMAT, ExplainError
+    from qscope_plugin.recipes.explain import read_explanations as read_explain_file
+
     try:
         text = Path(path).read_text(encoding="utf-8")
         if path.endswith(".jsonl"):
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            if rows and rows[0].get("format") == FORMAT:
+                return {r.feature: r for r in read_explain_file(path) if r.layer == layer}
             return {int(r["feature"]): str(r["explanation"]) for r in rows if r.get("layer", layer) == layer}
         return {int(f): str(e) for f, e in json.loads(text).items()}
     except OSError as e:
         raise UsageError(f"cannot read --explanations {path!r}: {e.strerror}") from None
+    except ExplainError as e:
+        raise UsageError(f"--explanations {path!r}: {e}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"--explanations {path!r} is not usable ({type(e).__name__}: {e}); expected a JSON object "
                          '{"feature id": "explanation"} or JSON lines with "feature" and "explanation"') from None
@@ -88,8 +96,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        f"50, at most {MAX_FEATURES})")
     add_data_options(p)
     add_first_token_options(p, default=True)
-    p.add_argument("--explanations", default=None, help='JSON {"feature": "explanation"} or `qscope safety '
-                   "targets` JSON lines")
+    p.add_argument("--explanations", default=None, help='JSON {"feature": "explanation"}, `qscope safety '
+                   "targets` JSON lines or a `qscope explain` file (explanations and their scores)")
     p.add_argument("--n-contexts", type=int, default=10, help="top-activating contexts per card (default 10)")
     p.add_argument("--window", type=int, default=10, help="tokens shown each side of a context's peak (default 10)")
     p.add_argument("--batch-size", type=int, default=16)

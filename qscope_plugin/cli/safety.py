@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from qscope_plugin.cli._options import (
     UsageError,
@@ -23,14 +24,19 @@ def _chat(args: argparse.Namespace, model, tok):
     from qscope_plugin.recipes.chat import ChatModel
     from qscope_plugin.recipes.safety_synthesis import TEMPLATES
 
+    categories = {"categories": found} if (found := names(getattr(args, "categories", ""))) else {}
+    if args.chat_model and re.match(r"https?://", args.chat_model):  # an OpenAI-compatible endpoint
+        from qscope_plugin.llm import OpenAIChat
+
+        llm = OpenAIChat(args.chat_model, max_tokens=args.max_new_tokens, enable_thinking=args.thinking)
+        return ChatModel(llm=llm, templates=args.templates or TEMPLATES, **categories)
     if args.chat_model:
         from qscope_plugin.models import load_model
 
         model, tok = load_model(args.chat_model, device=args.device)
-    categories = names(getattr(args, "categories", ""))
     return ChatModel(model, tok, max_new_tokens=args.max_new_tokens, enable_thinking=args.thinking,
                      chat_template=False if args.no_chat_template else None, templates=args.templates or TEMPLATES,
-                     **({"categories": categories} if categories else {}))
+                     **categories)
 
 
 def _target_saes(args: argparse.Namespace, targets) -> dict:
@@ -51,8 +57,14 @@ def cmd_safety_targets(args: argparse.Namespace) -> None:
     if rank:
         return  # the ranks shared the harvest; rank 0 explains and writes the targets
     chat = _chat(args, model, tok)
+    explained = None
+    if args.explanations:  # a `qscope explain` file: its features are judged, not explained again
+        from qscope_plugin.recipes.explain import read_explanations
+
+        explained = {(r.layer, r.feature): r.explanation for r in read_explanations(args.explanations)}
     targets = build_targets(model, tok, saes, features, corpus, chat.explainer(), chat.judge(), tau=args.tau,
-                            n_top=args.n_top, categorize=chat.categorizer(), contexts=contexts)
+                            n_top=args.n_top, categorize=chat.categorizer(), contexts=contexts,
+                            explanations=explained)
     save_targets(targets, args.out)
     counts: dict[str, int] = {}
     for t in targets:
@@ -130,6 +142,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                           "from (default: RISK_CATEGORIES, 'benign' included)")
     targets.add_argument("--out", required=True, help="targets JSONL")
     targets.add_argument("--n-top", type=int, default=10, help="top contexts per feature shown to the explainer")
+    targets.add_argument("--explanations", default=None, help="a `qscope explain` file: its features' explanations "
+                         "are used instead of asking the chat model again")
     add_distributed_options(targets)
     coverage = verbs.add_parser("coverage", help="Cov(D), T_miss and weak targets of a prompt set")
     coverage.add_argument("targets", help="targets JSONL")
@@ -153,8 +167,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--weak-support", type=int, default=3,
                        help="a covered target with fewer firing prompts is weakly covered (default 3)")
     for p, func in ((targets, cmd_safety_targets), (coverage, cmd_safety_coverage), (synth, cmd_safety_synthesize)):
-        p.add_argument("--chat-model", default=None, help="local chat model for explainer/judge/generators "
-                                                          "(default: the backbone)")
+        p.add_argument("--chat-model", default=None, help="chat model for explainer/judge/generators: a local "
+                       "model folder / hub id, or an OpenAI-compatible URL http://host:port/v1 (default: the backbone)")
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--thinking", action="store_true", help="render the chat template with enable_thinking "
                                                                "(Qwen3); <think> blocks are stripped from answers")

@@ -3,6 +3,7 @@
     qscope verify qwen-scope-3-1.7b-base-w32k-l50 --layers 10-14    # hub cache: LFS blob names are SHA-256
     qscope checksum ./my_saes                                        # writes ./my_saes/SHA256SUMS
     qscope verify ./my_saes                                          # checks the folder against it
+    qscope verify qscope-demo-qwen3-4l.explanations.jsonl           # an explanations file: every record valid
 """
 
 from __future__ import annotations
@@ -31,10 +32,31 @@ def _layers(source: str, spec: str) -> list[int] | None:
     return parse_layers(spec, n_layers, subject=repr(source))
 
 
+def _verify_explanations(args: argparse.Namespace) -> None:
+    """An explanations file (``qscope explain``): every line a valid record, one release."""
+    from qscope_plugin.errors import IntegrityError
+    from qscope_plugin.recipes.explain import ExplainError, read_explanations
+
+    try:
+        rows = read_explanations(args.source)
+    except ExplainError as e:
+        raise IntegrityError(str(e)) from None
+    releases = sorted({r.release for r in rows})
+    if len(releases) > 1:
+        raise IntegrityError(f"{args.source!r} mixes releases {releases}; `qscope explain` writes one file per release")
+    layers = sorted({r.layer for r in rows})
+    summary = {"file": args.source, "release": releases[0] if releases else None, "explanations": len(rows),
+               "layers": layers, "scored": sum(r.detection is not None for r in rows)}
+    emit(args, summary, lambda: print(f"OK  {len(rows)} explanation(s) of {summary['release']}, layers {layers}, "
+                                      f"{summary['scored']} scored"))
+
+
 def cmd_verify(args: argparse.Namespace) -> None:
     from qscope_plugin.errors import IntegrityError
     from qscope_plugin.store import verify
 
+    if Path(args.source).is_file() and args.source.endswith(".jsonl"):
+        return _verify_explanations(args)
     checks = verify(args.source, _layers(args.source, args.layers), revision=args.revision, progress=True)
 
     def render() -> None:
@@ -67,7 +89,8 @@ def cmd_checksum(args: argparse.Namespace) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     verify = sub.add_parser("verify", help="hash cached layers against their recorded SHA-256 (offline); exit 1 "
                             "if any is corrupted")
-    verify.add_argument("source", help="release name, or a folder with a SHA256SUMS (`qscope checksum`)")
+    verify.add_argument("source", help="release name, a folder with a SHA256SUMS (`qscope checksum`), or a "
+                        "`qscope explain` .jsonl file")
     verify.add_argument("--layers", default="all", help="e.g. 14, 10-14, 3,5,7-9 or all (default)")
     verify.add_argument("--revision", default=None, help="hub revision whose snapshot to check")
     verify.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -413,3 +413,13 @@ def test_cli_refuses_an_empty_targets_file_and_names_the_bad_option(cli_env, tmp
     assert cli.main(["safety", "targets", "--layers", "1", "--features", "0-99999", "--corpus",
                      str(tmp_path / "p.txt"), "--out", str(tmp_path / "t.jsonl")]) == 2
     assert "feature 99999 is out of range for the layer-0 SAE (128 features" in capsys.readouterr().err
+
+
+def test_targets_take_explanations_from_a_qscope_explain_file(planted):
+    model, tok, saes, targets = planted
+    features = {1: [t.feature for t in targets[:2]]}
+    asked = []
+    given = {(1, targets[0].feature): "written by qscope explain"}
+    built = build_targets(model, tok, saes, features, [TRIGGER], lambda ctx: asked.append(ctx) or "asked",
+                          lambda e: 0.9, explanations=given)
+    assert [t.explanation for t in built] == ["written by qscope explain", "asked"] and len(asked) == 1
