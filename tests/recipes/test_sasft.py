@@ -59,10 +59,16 @@ def tiny():
     return model, tiny_saes(model, d_sae=32, k=4)
 
 
-def _brute_force(model, saes, feats, batch, layers, zero=False) -> float:
-    """R30 from full SAE pre-activations of each hidden state, token by token, in float64 loops."""
+def _brute_force(model, saes, feats, batch, layers, zero=False, normalize="all_response_tokens") -> float:
+    """R30 from full SAE pre-activations of each hidden state, token by token, in float64 loops, over either
+    denominator: |S| x every response token + 1 (the official script's) or |S| x the penalised tokens."""
     hidden = as_backend(model).capture(batch["input_ids"], batch["attention_mask"], layers=layers)
-    n_response = int((batch["labels"] != IGNORE).sum())
+    n_response = n_penalised = 0
+    for b in range(batch["input_ids"].shape[0]):
+        for t in range(batch["input_ids"].shape[1]):
+            if batch["labels"][b, t] != IGNORE:
+                n_response += 1
+                n_penalised += feats.languages[int(batch["language"][b])] != feats.target
     total = 0.0
     for n in layers:
         chosen = feats.features[n]
@@ -78,21 +84,39 @@ def _brute_force(model, saes, feats, batch, layers, zero=False) -> float:
                 for i, s in enumerate(chosen):
                     alpha = 0.0 if zero else feats.thresholds[j][n][i]
                     term += max(float(pre[s]) - alpha, 0.0)
-        total += term / (n_response * len(chosen))
+        if normalize == "all_response_tokens":
+            total += term / (n_response * len(chosen) + 1)
+        else:
+            total += term / (n_penalised * len(chosen))
     return total
 
 
+@pytest.mark.parametrize("normalize", ["all_response_tokens", "penalised_tokens"])
 @pytest.mark.parametrize("variant", ["mean", "zero"])
-def test_penalty_equals_a_hand_computation(tiny, variant):
+def test_penalty_equals_a_hand_computation(tiny, variant, normalize):
+    """On a mixed batch (en, zh, en; zh penalised) each denominator gives its own hand-computed value."""
     model, saes = tiny
     feats, batch = _features(saes), _batch()
-    penalty = SASFTPenalty(model, feats, saes, variant=variant)
+    penalty = SASFTPenalty(model, feats, saes, variant=variant, normalize=normalize)
     assert penalty.layers == [1, 2]  # the last two by default
     with torch.no_grad(), penalty.track(batch["labels"], batch["language"]) as reduce:
         as_backend(model).forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    expected = _brute_force(model, saes, feats, batch, [1, 2], zero=variant == "zero")
+    expected = _brute_force(model, saes, feats, batch, [1, 2], zero=variant == "zero", normalize=normalize)
     assert expected > 0
     assert float(reduce()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_two_denominators_differ_by_the_penalised_share(tiny):
+    """Same numerator; per layer all_response_tokens divides by |S| x 10 response tokens + 1, penalised_tokens by
+    |S| x 6 (the zh example's 4 response tokens are in the batch but not penalised)."""
+    model, saes = tiny
+    feats, batch = _features(saes, alpha=(-1e3, -1e3)), _batch()
+    assert int((batch["labels"] != IGNORE).sum()) == 4 + 4 + 2 and int((batch["labels"][[0, 2]] != IGNORE).sum()) == 6
+    official = float(sasft_loss(SASFTPenalty(model, feats, saes), batch).reduce.detach())
+    mean = float(sasft_loss(SASFTPenalty(model, feats, saes, normalize="penalised_tokens"), batch).reduce.detach())
+    assert mean == pytest.approx(official * (2 * 10 + 1) / (2 * 6), rel=1e-5)
+    with pytest.raises(SASFTError, match="normalize="):
+        SASFTPenalty(model, feats, saes, normalize="tokens")
 
 
 def test_penalty_is_zero_below_thresholds_and_ignores_masked_tokens_and_same_language(tiny):
@@ -109,7 +133,10 @@ def test_penalty_is_zero_below_thresholds_and_ignores_masked_tokens_and_same_lan
     masked = {**batch, "labels": batch["labels"].clone()}
     masked["labels"][1, :] = IGNORE  # example 1 is a target-language one: only the denominator moves
     n_before, n_after = int((batch["labels"] != IGNORE).sum()), int((masked["labels"] != IGNORE).sum())
-    assert float(sasft_loss(penalty, masked).reduce) == pytest.approx(everyone * n_before / n_after, rel=1e-5)
+    assert float(sasft_loss(penalty, masked).reduce) == pytest.approx(everyone * (2 * n_before + 1) / (2 * n_after + 1),
+                                                                      rel=1e-5)
+    only_target = SASFTPenalty(model, _features(saes, alpha=(-1e3, -1e3)), saes, normalize="penalised_tokens")
+    assert float(sasft_loss(only_target, same).reduce) == 0.0  # no penalised token: 0, not 0 / 0
 
 
 def test_gradients_reach_the_model_not_the_sae(tiny):
