@@ -310,11 +310,32 @@ def test_sft_trainer_steps_on_the_demo_model(demo_setup, tmp_path):
     trainer = SASFTSFTTrainer(model=model, args=sft_config(str(tmp_path), max_steps=2, per_device_train_batch_size=2,
                                                            logging_steps=1, learning_rate=1e-3, use_cpu=True),
                               train_dataset=rows, data_collator=sasft_collator(tok), processing_class=tok,
-                              penalty=SASFTPenalty(model, feats, saes))
+                              penalty=SASFTPenalty(model, feats, saes, normalize="penalised_tokens"))
     trainer.train()
     logged = [h for h in trainer.state.log_history if "sae_reduce" in h]
     assert len(logged) == 2 and all(h["sae_reduce"] >= 0 for h in logged)
     assert not torch.equal(before, model.model.layers[3].mlp.down_proj.weight)
+    trainer.save_model(str(tmp_path / "run"))
+    saved = json.loads((tmp_path / "run" / "sasft.json").read_text())
+    assert saved["normalize"] == "penalised_tokens" and saved["layers"] == [2, 3]
+    assert (saved["device"], saved["autocast"], saved["weights_dtype"]) == ("cpu", None, "float32")  # fp32 on CPU
+
+
+@demo
+def test_cli_train_records_denominator_and_precision(demo_setup, tmp_path):
+    pytest.importorskip("trl")
+    from qscope_plugin.cli import main
+
+    model, tok, saes, lines = demo_setup
+    language_features(model, tok, {"zh": lines["zh"][:4], "en": lines["en"][:4]}, saes,
+                      target="zh").save(tmp_path / "f.json")
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps({"prompt": z, "response": " " + e, "language": "en"})
+                                                  for z, e in zip(lines["zh"][:2], lines["en"][:2], strict=True)))
+    assert main(["sasft", "train", "--features", str(tmp_path / "f.json"), "--data", str(tmp_path / "sft.jsonl"),
+                 "--out", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2",
+                 "--normalize", "penalised_tokens", "--json"]) == 0
+    saved = json.loads((tmp_path / "run" / "sasft.json").read_text())
+    assert (saved["normalize"], saved["device"], saved["autocast"]) == ("penalised_tokens", "cpu", None)
 
 
 @demo
