@@ -1,6 +1,7 @@
 """Repetition features and repetition-steered rollouts for GRPO / DAPO (report §8, docs/method.md R32–R33).
 
-    >>> spans = find_repeats(ids)                                   # periodic spans, first/last occurrences
+    >>> spans = find_repeats(ids)                                   # non-overlapping spans, for display and (R32)
+    >>> repeating_suffix(ids)                                       # the loop it ends in, or None (the detector)
     >>> repeat_ratio(completions)                                   # share of completions stuck in a loop
     >>> found = repetition_features(model, tok, texts, saes)        # (R32), ranked per layer
     >>> spec = repetition_spec(found, alpha=8.0, n_features=2)      # (R33) on the top features
