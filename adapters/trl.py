@@ -129,7 +129,7 @@ def _device_precision(kwargs: Mapping[str, Any]) -> dict[str, bool]:
 
     TRL 1.16 turns ``bf16`` on by default: on a machine without bf16 ``SFTConfig(...)`` raises, and on CPU with
     ``use_cpu=True`` it trains under bf16 autocast, shifting the losses by ~1e-3 relative. The check is the one
-    ``TrainingArguments`` itself applies, so a config made here always validates.
+    ``TrainingArguments`` itself applies, so a config made here validates unless the caller asks for bf16 or fp16.
     """
     if "bf16" in kwargs or "fp16" in kwargs:
         return {}
