@@ -6,6 +6,12 @@ TRL ``SFTTrainer``, and repetition-steered rollouts for ``GRPOTrainer`` (report 
     >>> trainer = SASFTSFTTrainer(model=model, args=sft_config("out"), train_dataset=rows,
     ...                           data_collator=sasft_collator(tok), processing_class=tok, penalty=penalty)
     >>> trainer.train()                                   # logs loss and sae_reduce (L_reduce before lambda)
+    >>> trainer.save_model("out")                         # also writes out/sasft.json: penalty and precision
+
+Precision is chosen per device, not inherited: TRL's configs default to ``bf16=True``, which on a CPU-only machine
+makes ``SFTConfig(...)`` raise ("Your setup doesn't support bf16/gpu") and with ``use_cpu=True`` trains under
+bf16 autocast without saying so. ``sft_config`` / ``dapo_config`` use bf16 autocast where the accelerator the
+Trainer will use supports it and fp32 elsewhere (CPU included); ``bf16=`` / ``fp16=`` passed by the caller win.
 
 ``compute_loss`` runs the parent's loss (one forward, no ``return_outputs``) while ``penalty.track`` reads the
 penalised layers, then adds lambda * L_reduce. PEFT models work as they are: LoRA layers sit inside the same
@@ -21,11 +27,14 @@ reward functions' keyword arguments; the reward must penalise repetition or the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any
 
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
+from transformers.utils import is_torch_bf16_gpu_available
 
 from qscope_plugin.errors import QScopeError
 from qscope_plugin.recipes.repetition import RepetitionError, repetition_reward, rollout_groups
@@ -72,6 +81,21 @@ class SASFTMixin:
                       ) or self.compute_loss_func is not None
         return getattr(self, "current_gradient_accumulation_steps", 1) if scaled and model.training else 1
 
+    def run_config(self) -> dict[str, Any]:
+        """What this run penalised and in which precision: saved beside the model as ``sasft.json``."""
+        p = self.penalty
+        weights = next(self.model.parameters()).dtype
+        return {"target": p.features.target, "layers": list(p.layers),
+                "features": {str(n): p.features.features[n] for n in p.layers},
+                "lam": p.lam, "variant": p.variant, "normalize": p.normalize, "device": str(self.args.device),
+                "autocast": autocast(self.args), "weights_dtype": str(weights).removeprefix("torch.")}
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            path = Path(output_dir or self.args.output_dir) / "sasft.json"
+            path.write_text(json.dumps(self.run_config(), indent=1), encoding="utf-8")
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._sae_reduce:
             key = "eval_sae_reduce" if any(k.startswith("eval_") for k in logs) else "sae_reduce"
@@ -94,10 +118,29 @@ def sasft_collator(tokenizer):
     return partial(collate, pad_id=pad_id)
 
 
+def autocast(args: TrainingArguments) -> str | None:
+    """The mixed precision ``args`` trains under (``"bf16"``, ``"fp16"``), or ``None``: the weights' own dtype."""
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else None
+
+
+def _device_precision(kwargs: Mapping[str, Any]) -> dict[str, bool]:
+    """bf16 autocast where the accelerator the Trainer will use supports it, fp32 otherwise (CPU, ``use_cpu=True``,
+    a GPU without bf16); nothing when the caller set ``bf16`` or ``fp16``, which then stands as asked.
+
+    TRL 1.16 turns ``bf16`` on by default: on a machine without bf16 ``SFTConfig(...)`` raises, and on CPU with
+    ``use_cpu=True`` it trains under bf16 autocast, shifting the losses by ~1e-3 relative. The check is the one
+    ``TrainingArguments`` itself applies, so a config made here validates unless the caller asks for bf16 or fp16.
+    """
+    if "bf16" in kwargs or "fp16" in kwargs:
+        return {}
+    return {"bf16": not kwargs.get("use_cpu", False) and is_torch_bf16_gpu_available(), "fp16": False}
+
+
 def sft_config(output_dir: str, **kwargs: Any) -> SFTConfig:
-    """An ``SFTConfig`` that keeps the ``language`` column and the rows as ``encode_examples`` made them."""
+    """An ``SFTConfig`` that keeps the ``language`` column and the rows as ``encode_examples`` made them, with the
+    precision chosen per device (``_device_precision``: bf16 on an accelerator that has it, else fp32)."""
     defaults = {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True},
-                "report_to": "none"}
+                "report_to": "none", **_device_precision(kwargs)}
     return SFTConfig(output_dir=output_dir, **{**defaults, **kwargs})
 
 
@@ -149,7 +192,8 @@ def repetition_reward_func(endless_penalty: float = 1.0, **params: int) -> Calla
 def dapo_config(output_dir: str, **kwargs: Any) -> GRPOConfig:
     """A ``GRPOConfig`` for DAPO as the report runs it: ``loss_type="dapo"``, clip-higher (ε_low 0.2, ε_high 0.28),
     no KL term, and truncated completions kept in the loss (endless loops are truncated: masking them would drop
-    exactly the negatives). TRL does no dynamic sampling, as the report wants."""
+    exactly the negatives). TRL does no dynamic sampling, as the report wants. Precision as ``sft_config``: bf16 on
+    an accelerator that has it, else fp32 (TRL saves it with the run's ``training_args.bin``)."""
     defaults = {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28, "beta": 0.0,
-                "mask_truncated_completions": False, "report_to": "none"}
+                "mask_truncated_completions": False, "report_to": "none", **_device_precision(kwargs)}
     return GRPOConfig(output_dir=output_dir, **{**defaults, **kwargs})

@@ -1,4 +1,5 @@
-"""A repetition-steered rollout group vs an unsteered group of the same size on the demo model (target: <= 1.10x).
+"""A repetition-steered rollout group vs an unsteered group of the same size on the demo model (target: <= 1.10x),
+and the cost of the repetition detector and reward on one completion of growing length (target: linear in length).
 
     python benchmarks/bench_repetition.py        # prints a table, writes docs/benchmarks_repetition.md
 
@@ -6,6 +7,10 @@ A group is what GRPO needs per prompt: G sampled completions and their old log-p
 ``generate`` of G rows and one forward for the log-probs, no hook. Steered (``rollout_groups``): the same, with
 the last row steered at every decode step (R33) by a hook on two layers. EOS is switched off so both sides
 generate exactly ``NEW`` tokens per row. Best of several interleaved runs.
+
+The detector runs inside GRPO rewards on every completion: ``is_repetitive`` (the repeat ratio's test) and
+``repetition_reward`` (repeated share + endless loop) on random tokens and on text ending in a long loop, for
+lengths 512 to 32,768; O(n · max_period) means the time per token does not grow with the length.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import random
 
 import torch
 import transformers
@@ -21,9 +27,33 @@ from _timing import best_of_interleaved, publish
 from qscope_plugin import load_sae
 from qscope_plugin.backends import as_backend
 from qscope_plugin.models import default_model, default_release, load_model
-from qscope_plugin.recipes.repetition import old_logprobs, repetition_spec, rollout_groups
+from qscope_plugin.recipes.repetition import (
+    is_repetitive,
+    old_logprobs,
+    repetition_reward,
+    repetition_spec,
+    rollout_groups,
+)
 
 REPEATS, G, NEW = 5, 8, 32
+LENGTHS = (512, 4096, 32768)
+
+
+def detector_rows() -> list[str]:
+    """Milliseconds per completion for the detector and the reward, random text vs a loop over its second half."""
+    rng = random.Random(0)
+    rows = ["| tokens | text | is_repetitive (ms) | repetition_reward (ms) | reward µs / token |",
+            "|---|---|---|---|---|"]
+    for n in LENGTHS:
+        noise = [rng.randrange(1000) for _ in range(n)]
+        unit = [rng.randrange(1000) for _ in range(7)]
+        texts = {"random": noise, "loop of 7 over the second half": noise[: n // 2] + (unit * n)[: n - n // 2]}
+        for name, ids in texts.items():
+            t = best_of_interleaved({"detect": lambda ids=ids: is_repetitive(ids),
+                                     "reward": lambda ids=ids: repetition_reward([ids])}, repeats=REPEATS)
+            rows.append(f"| {n} | {name} | {t['detect'] * 1e3:.3f} | {t['reward'] * 1e3:.2f} | "
+                        f"{t['reward'] / n * 1e6:.3f} |")
+    return rows
 
 
 def main() -> None:
@@ -54,6 +84,11 @@ def main() -> None:
             f"steering on layers {list(spec.layers)} of the last row; best of {REPEATS}, interleaved.", "",
             "| group | seconds | vs unsteered |", "|---|---|---|"]
     rows += [f"| {name} | {t:.4f} | {t / base_t:.3f}x |" for name, t in timings.items()]
+    rows += ["", "## The detector and the reward on one completion", "",
+             "`is_repetitive` (does it end in a unit of 1–32 tokens repeated ≥ 3 times) and `repetition_reward` "
+             "(−repeated share − 1 if endless) with their defaults, on one completion of random token ids (vocab "
+             f"1000) and on one whose second half is a loop of 7 tokens; best of {REPEATS}, interleaved.", "",
+             *detector_rows()]
     text = "\n".join(rows) + "\n"
     publish(text, "benchmarks_repetition.md")
 

@@ -44,7 +44,7 @@ def measure(model) -> dict:
     """Held-out r into Chinese, CE on the English answers, and the penalised features (L_reduce, alpha = 0)."""
     model.eval()
     r = code_switch_ratio(model, tokenizer, prompts, languages=["zh"], max_new_tokens=16).ratios["zh"]
-    zero = SASFTPenalty(model, features, saes, variant="zero")
+    zero = SASFTPenalty(model, features, saes, variant="zero", normalize="penalised_tokens")  # a plain mean
     with torch.no_grad():
         out = sasft_loss(zero, collate(encode_examples(tokenizer, held, features), tokenizer.pad_token_id))
     return {"r_zh": r, "heldout_ce": float(out.ce), "relu_pre_act": float(out.reduce)}

@@ -1,6 +1,7 @@
 """Repetition features and repetition-steered rollouts for GRPO / DAPO (report §8, docs/method.md R32–R33).
 
-    >>> spans = find_repeats(ids)                                   # periodic spans, first/last occurrences
+    >>> spans = find_repeats(ids)                                   # non-overlapping spans, for display and (R32)
+    >>> repeating_suffix(ids)                                       # the loop it ends in, or None (the detector)
     >>> repeat_ratio(completions)                                   # share of completions stuck in a loop
     >>> found = repetition_features(model, tok, texts, saes)        # (R32), ranked per layer
     >>> spec = repetition_spec(found, alpha=8.0, n_features=2)      # (R33) on the top features
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -65,43 +67,95 @@ def _check_params(ngram: int, min_repeats: int, max_period: int) -> None:
             raise RepetitionError(f"{name}={value!r}; expected an integer >= {low}")
 
 
-def find_repeats(ids: Sequence[int], *, ngram: int = 1, min_repeats: int = 3, max_period: int = 32) -> list[RepeatSpan]:
-    """Repeating spans of ``ids``, sorted by start.
+def _periodic_runs(ids: Sequence[int], ngram: int, min_repeats: int, max_period: int) -> list[RepeatSpan]:
+    """Every maximal run of every unit length: for ``p`` in ``ngram..max_period`` (ascending), each maximal ``[s, e)``
+    with ``ids[i] == ids[i - p]`` for all ``i`` in ``[s + p, e)`` and ``e - s >= min_repeats * p``, by start.
 
-    A span with unit length ``p`` (``ngram <= p <= max_period``) is a maximal interval ``[s, e)`` with
-    ``ids[i] == ids[i - p]`` for every ``i`` in ``[s + p, e)`` and ``e - s >= min_repeats * p``. Shorter units win:
-    a span that overlaps one of a smaller unit is dropped (``aaaa`` is period 1, not period 2).
+    These are all the loops the definition knows, overlaps included; ``find_repeats`` chooses among them for display,
+    the detector and the repeated share read them all. One vectorised pass of O(n) per period: O(n · max_period).
+    """
+    tokens = np.asarray(ids, dtype=np.int64)
+    runs: list[RepeatSpan] = []
+    for p in range(ngram, min(max_period, len(tokens) // min_repeats) + 1):
+        same = np.concatenate(([False], tokens[p:] == tokens[:-p], [False]))  # same[j + 1]: ids[j + p] == ids[j]
+        edges = np.flatnonzero(np.diff(same))  # rises and falls alternate: runs [rise, fall) of equal pairs
+        rises, falls = edges[::2], edges[1::2]
+        long_enough = falls - rises >= (min_repeats - 1) * p
+        runs += [RepeatSpan(int(a), int(b) + p, p) for a, b in zip(rises[long_enough], falls[long_enough], strict=True)]
+    return runs
+
+
+def find_repeats(ids: Sequence[int], *, ngram: int = 1, min_repeats: int = 3, max_period: int = 32) -> list[RepeatSpan]:
+    """Non-overlapping repeating spans of ``ids`` for display and for the (R32) occurrence pairs, sorted by start.
+
+    The candidates are the maximal runs: for a unit length ``p`` (``ngram <= p <= max_period``), an interval
+    ``[s, e)`` with ``ids[i] == ids[i - p]`` for every ``i`` in ``[s + p, e)``, not extendable either way, and
+    ``e - s >= min_repeats * p``. They are visited by ascending ``p``, and for one ``p`` from left to right; a run
+    is kept unless it shares a token with a run already kept, i.e. one of a **shorter unit, or of the same unit
+    further left** (two maximal runs of one period can share up to ``p − 1`` tokens). So ``aaaa`` is period 1, not
+    2; in ``1 2 1 2 1 2 1 3 1 3 1 3`` only ``[0, 7)`` is kept, since ``[6, 12)`` shares token 6 with it; in
+    ``7 7 7 9 7 7 7 9 7 7 7 9`` the three ``7 7 7`` runs are kept and the period-4 run over everything is not.
+
+    The spans are therefore not the detector: whether a completion loops to its end is ``repeating_suffix`` /
+    ``is_repetitive``, and the repeated share is ``repeated_fraction``, both over every run.
+    """
+    _check_params(ngram, min_repeats, max_period)
+    kept: list[RepeatSpan] = []
+    for run in _periodic_runs(ids, ngram, min_repeats, max_period):
+        if not any(k.start < run.end and run.start < k.end for k in kept):
+            kept.append(run)
+    return sorted(kept, key=lambda s: s.start)
+
+
+def repeating_suffix(ids: Sequence[int], *, ngram: int = 1, min_repeats: int = 3,
+                     max_period: int = 32) -> RepeatSpan | None:
+    """The endless loop: the longest suffix of ``ids`` that is a unit of ``ngram..max_period`` tokens repeated
+    ``min_repeats`` times or more (whole copies, up to the last token); ``None`` if there is none.
+
+    Of equally long suffixes the shortest unit is returned (``a a a a`` is ``a`` x4, not ``a a`` x2). The span is
+    ``copies`` whole copies of ``ids[start:start + period]``. The definition, read directly: a suffix ``u^k`` with
+    ``|u| = p`` exists iff the last ``min_repeats · p`` tokens have period ``p``, so each unit length costs
+    ``O(min_repeats · p)`` to rule out and ``O(n)`` to measure when it loops: ``O(n · max_period)`` in all.
     """
     _check_params(ngram, min_repeats, max_period)
     ids = list(ids)
-    spans: list[RepeatSpan] = []
-    for p in range(ngram, min(max_period, len(ids) // min_repeats) + 1):
-        i = p
-        while i < len(ids):
-            if ids[i] != ids[i - p]:
-                i += 1
-                continue
-            j = i
-            while j < len(ids) and ids[j] == ids[j - p]:
-                j += 1
-            start = i - p
-            if j - start >= min_repeats * p and not any(s.start < j and start < s.end for s in spans):
-                spans.append(RepeatSpan(start, j, p))
-            i = j
-    return sorted(spans, key=lambda s: s.start)
+    n, best, tokens = len(ids), None, None
+    for p in range(ngram, min(max_period, n // min_repeats) + 1):
+        tail = ids[n - min_repeats * p :]
+        if tail[p:] != tail[:-p]:
+            continue
+        if tokens is None:
+            tokens = np.asarray(ids, dtype=np.int64)
+        breaks = np.flatnonzero(tokens[p:] != tokens[:-p])  # j: ids[j + p] != ids[j]
+        periodic = n - 1 - int(breaks[-1]) if breaks.size else n  # the longest suffix of period p
+        length = periodic // p * p
+        if best is None or length > best.end - best.start:
+            best = RepeatSpan(n - length, n, p)
+    return best
 
 
-def repeated_fraction(ids: Sequence[int], **params: int) -> float:
-    """Share of tokens that repeat an earlier copy inside a span (each span minus its first unit); 0 if empty."""
-    spans = find_repeats(ids, **params)
-    return sum(s.end - s.start - s.period for s in spans) / len(ids) if len(ids) else 0.0
+def repeated_fraction(ids: Sequence[int], *, ngram: int = 1, min_repeats: int = 3, max_period: int = 32) -> float:
+    """The repeated share: the fraction of tokens that repeat the token one unit earlier inside a run of
+    ``min_repeats`` or more copies (of any unit length, overlapping runs counted once); 0 if ``ids`` is empty.
+
+    Every run counts, not only the spans ``find_repeats`` keeps: in ``7 7 7 9`` x3 the second and third copies of
+    the period-4 loop are repeated tokens as well as the 7s that repeat the 7 before them (10 of 12).
+    """
+    _check_params(ngram, min_repeats, max_period)
+    repeated = np.zeros(len(ids), dtype=bool)
+    for run in _periodic_runs(ids, ngram, min_repeats, max_period):
+        repeated[run.start + run.period : run.end] = True
+    return float(repeated.mean()) if len(ids) else 0.0
 
 
-def is_repetitive(ids: Sequence[int], *, endless: bool = True, **params: int) -> bool:
-    """Whether ``ids`` holds a repeating span; with ``endless``, only one that runs to the last token (a loop the
-    model never left, the report's failure)."""
-    spans = find_repeats(ids, **params)
-    return any(s.end == len(ids) for s in spans) if endless else bool(spans)
+def is_repetitive(ids: Sequence[int], *, endless: bool = True, ngram: int = 1, min_repeats: int = 3,
+                  max_period: int = 32) -> bool:
+    """Whether ``ids`` ends in a loop (``repeating_suffix``: a unit repeated ``min_repeats`` times or more up to the
+    last token, the report's endless repetition); with ``endless=False``, whether it holds such a run anywhere."""
+    if endless:
+        return repeating_suffix(ids, ngram=ngram, min_repeats=min_repeats, max_period=max_period) is not None
+    _check_params(ngram, min_repeats, max_period)
+    return bool(_periodic_runs(ids, ngram, min_repeats, max_period))
 
 
 def repeat_ratio(completions: Sequence[Sequence[int]], *, endless: bool = True, **params: int) -> float:

@@ -13,8 +13,10 @@ https://github.com/Aatrox103/SASFT ):
 - alpha_{j,s} = the mean *pre-activation* (E1) of s on language-j text, position 0 excluded (``variant="zero"``:
   alpha = 0);
 - (R30) L_reduce = per layer, ``sum ReLU(pre_s(h_t) - alpha_{j,s})`` over s in S_L and response tokens t of examples
-  whose language j != L, divided by (response tokens in the batch x |S_L|); summed over the penalised layers
-  (default: the model's last two), as the official trainer adds one term per hooked layer;
+  whose language j != L, divided by a count that is a choice (``normalize``): by default, as the official training
+  script, (response tokens of the whole batch, penalised language included) x |S_L| + 1; or, as the paper's
+  expectation reads, (response tokens of the penalised examples) x |S_L|. Summed over the penalised layers (default:
+  the model's last two), as the official trainer adds one term per hooked layer;
 - (R31) L = L_CE + lam * L_reduce, lam = 1e-3 (the official default).
 
 The SAE stays frozen and only its |S_L| encoder rows are read: the penalty is a ``(tokens, d_model) x (d_model,
@@ -202,6 +204,12 @@ def language_features(model: object, tokenizer, texts: Mapping[str, Sequence[str
                             thresholds=thresholds, saes={n: sae_signature(sae) for n, sae in saes.items()})
 
 
+Normalize = Literal["all_response_tokens", "penalised_tokens"]
+"""The denominator of L_reduce (R30), docs/method.md §3.5: ``all_response_tokens`` = |S_L| x (response tokens in the
+batch) + 1, the official script's (a mixed batch's target-language tokens count, and +1 keeps it finite);
+``penalised_tokens`` = |S_L| x (response tokens of examples in a language j != L), a mean over what is penalised."""
+
+
 class SASFTLoss(NamedTuple):
     loss: torch.Tensor
     """L_CE + lam * L_reduce: what to call ``backward`` on."""
@@ -215,21 +223,26 @@ class SASFTPenalty:
 
     def __init__(self, model: object, features: LanguageFeatures, saes: Mapping[int, QwenScopeSAE], *,
                  layers: Sequence[int] | None = None, lam: float = 1e-3,
-                 variant: Literal["mean", "zero"] = "mean") -> None:
+                 variant: Literal["mean", "zero"] = "mean", normalize: Normalize = "all_response_tokens") -> None:
         """
         Args:
             model: the model being trained (transformers, PEFT-wrapped, TransformerLens bridge or nnsight).
             layers: blocks to penalise; default the model's last two (the official choice).
             lam: the weight lambda of R31 (the official code's default 1e-3).
             variant: ``mean`` (alpha_{j,s} from ``features.thresholds``) or ``zero`` (SASFT_zero: alpha = 0).
+            normalize: L_reduce's denominator (``Normalize``): the official script's ``all_response_tokens``
+                (default) or ``penalised_tokens``; on a batch of one language they differ only by the +1.
         """
         self.backend: Backend = as_backend(model)
         if variant not in ("mean", "zero"):
             raise SASFTError(f"variant={variant!r}; expected 'mean' (thresholds from data) or 'zero' (alpha = 0)")
+        if normalize not in ("all_response_tokens", "penalised_tokens"):
+            raise SASFTError(f"normalize={normalize!r}; expected 'all_response_tokens' (the official script's "
+                             "denominator) or 'penalised_tokens' (a mean over the penalised tokens)")
         n_layers = self.backend.n_layers
         self.layers = self.backend.check_layers(list(layers) if layers is not None else [n_layers - 2, n_layers - 1])
         width = self.backend.module.get_input_embeddings().weight.shape[-1]
-        self.lam, self.variant, self.features = lam, variant, features
+        self.lam, self.variant, self.normalize, self.features = lam, variant, normalize, features
         self.target_id = features.language_id(features.target) if features.target in features.languages else -1
         self._rows, self._alpha = {}, {}
         for n in self.layers:
@@ -268,14 +281,18 @@ class SASFTPenalty:
                 self.features.languages):
             raise SASFTError(f"language ids {language.tolist()} do not index the {len(self.features.languages)} "
                              f"languages {list(self.features.languages)}, one per example")
+        penalised = response & (language != self.target_id)[:, None]
+        tokens = n_response if self.normalize == "all_response_tokens" else int(penalised.sum())
+        plus_one = self.normalize == "all_response_tokens"
         terms: dict[int, torch.Tensor] = {}
 
         def observe(hidden: torch.Tensor, n: int, kwargs: dict) -> None:
             w, b = (t.to(hidden.device) for t in self._rows[n])
             alpha = self._alpha[n].to(hidden.device)[language.to(hidden.device)]  # (batch, |S|)
             over = (F.linear(hidden.float(), w, b) - alpha[:, None, :]).relu()  # (batch, seq, |S|)
-            weight = response.to(hidden.device) & (language != self.target_id).to(hidden.device)[:, None]
-            terms[n] = (over * weight[..., None]).sum() / (n_response * w.shape[0])
+            # no penalised token: the sum is 0, and so is the term under either denominator
+            count = max(tokens * w.shape[0] + plus_one, 1)
+            terms[n] = (over * penalised.to(hidden.device)[..., None]).sum() / count
 
         def reduce() -> torch.Tensor:
             missing = [n for n in self.layers if n not in terms]

@@ -2,6 +2,7 @@
 
     qscope sasft features --texts langs.json --target zh --out zh_features.json
     qscope sasft train --features zh_features.json --data sft.jsonl --out run/ --lam 1e-3 --max-steps 100
+        [--normalize penalised_tokens] [--precision fp32]       # run/sasft.json records both
     qscope sasft eval --prompts prompts.txt --languages zh --model run/ [--ablate-feature 28 --control-feature 7]
 """
 
@@ -70,12 +71,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     saes = load_saes(args.release, "all")
     model, tok = load_backbone(args)
     feats = LanguageFeatures.load(args.features, saes)
-    penalty = SASFTPenalty(model, feats, saes, layers=layers, lam=args.lam, variant=args.variant)
+    penalty = SASFTPenalty(model, feats, saes, layers=layers, lam=args.lam, variant=args.variant,
+                           normalize=args.normalize)
     data = Dataset.from_list(encode_examples(tok, [Example(r["prompt"], r["response"], r["language"])
                                                    for r in rows], feats))
     config = sft_config(args.out, max_steps=args.max_steps, learning_rate=args.lr, seed=args.seed,
                         per_device_train_batch_size=args.batch_size, logging_steps=max(1, args.max_steps // 10),
-                        save_strategy="no", use_cpu=args.device in (None, "cpu"))
+                        save_strategy="no", use_cpu=args.device in (None, "cpu"),
+                        **({} if args.precision == "auto" else {"bf16": args.precision == "bf16", "fp16": False}))
     trainer = SASFTSFTTrainer(model=model, args=config, train_dataset=data, data_collator=sasft_collator(tok),
                               processing_class=tok, penalty=penalty)
     trainer.train()
@@ -131,6 +134,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, help="folder for the fine-tuned model")
     t.add_argument("--lam", type=float, default=1e-3, help="lambda (0 = plain SFT)")
     t.add_argument("--variant", choices=["mean", "zero"], default="mean", help="alpha from data, or alpha = 0")
+    t.add_argument("--normalize", choices=["all_response_tokens", "penalised_tokens"], default="all_response_tokens",
+                   help="L_reduce's denominator: |S| x every response token + 1 (official script) or |S| x the "
+                        "penalised tokens (docs/method.md 3.5)")
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on a GPU that has it, fp32 on CPU; recorded in OUT/sasft.json")
     t.add_argument("--penalty-layers", default=None, help="e.g. 2,3 (default: the last two)")
     t.add_argument("--max-steps", type=int, default=100)
     t.add_argument("--lr", type=float, default=5e-5)

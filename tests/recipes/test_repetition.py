@@ -22,6 +22,7 @@ from qscope_plugin.recipes.repetition import (
     old_logprobs,
     repeat_ratio,
     repeated_fraction,
+    repeating_suffix,
     repetition_features,
     repetition_reward,
     repetition_spec,
@@ -82,6 +83,113 @@ def test_planted_copies_are_found(text, unit, copies, where):
         assert is_repetitive(ids, max_period=4)
     for first, last in spans[0].occurrences():
         assert ids[first] == ids[last] and last - first == len(unit) * (copies - 1)
+
+
+def _suffix_oracle(ids: list[int], ngram: int, min_repeats: int, max_period: int) -> RepeatSpan | None:
+    """The documented definition by enumeration: every suffix u^k, k >= min_repeats whole copies of a unit of
+    ngram..max_period tokens; the longest, the shortest unit among equals."""
+    n, best = len(ids), None
+    for p in range(ngram, max_period + 1):
+        for k in range(min_repeats, n // p + 1):
+            if ids[n - k * p :] == ids[n - p :] * k and (best is None or k * p > best.end - best.start):
+                best = RepeatSpan(n - k * p, n, p)
+    return best
+
+
+def _repeated_oracle(ids: list[int], ngram: int, min_repeats: int, max_period: int) -> float:
+    """Tokens that repeat the one a unit earlier inside some interval of >= min_repeats copies, by enumeration."""
+    n, repeated = len(ids), set()
+    for p in range(ngram, max_period + 1):
+        for s in range(n):
+            for e in range(s + min_repeats * p, n + 1):
+                if all(ids[i] == ids[i - p] for i in range(s + p, e)):
+                    repeated.update(range(s + p, e))
+    return len(repeated) / n if n else 0.0
+
+
+@st.composite
+def _looping(draw: st.DrawFn) -> list[int]:
+    """Random text over a small alphabet (periods overlap by chance), often with a planted tail: a unit (itself
+    possibly a loop, e.g. 7 7 7 9) copied a few times, sometimes cut mid-copy or followed by junk."""
+    tokens = st.integers(0, 3)
+    ids = draw(st.lists(tokens, max_size=10))
+    if draw(st.booleans()):
+        inner = draw(st.lists(tokens, min_size=1, max_size=3))
+        unit = inner * draw(st.integers(1, 4)) + draw(st.lists(tokens, max_size=2))  # nested when inner repeats
+        tail = unit * draw(st.integers(1, 5))
+        ids += tail[: len(tail) - draw(st.integers(0, len(unit) - 1))]  # a partial last copy now and then
+        ids += draw(st.lists(tokens, max_size=2))
+    return ids
+
+
+@settings(max_examples=400, deadline=None)
+@given(_looping(), st.integers(1, 3), st.integers(2, 4), st.integers(1, 8))
+def test_detector_is_the_documented_definition(ids, ngram, min_repeats, max_period):
+    max_period = max(max_period, ngram)
+    params = {"ngram": ngram, "min_repeats": min_repeats, "max_period": max_period}
+    expected = _suffix_oracle(ids, ngram, min_repeats, max_period)
+    assert repeating_suffix(ids, **params) == expected
+    assert is_repetitive(ids, **params) == (expected is not None)
+    assert repeated_fraction(ids, **params) == pytest.approx(_repeated_oracle(ids, ngram, min_repeats, max_period))
+    assert is_repetitive(ids, endless=False, **params) == bool(find_repeats(ids, **params))
+    reward = -repeated_fraction(ids, **params) - (expected is not None)
+    assert repetition_reward([ids], **params) == [pytest.approx(reward)]
+
+
+@pytest.mark.parametrize(("ids", "suffix", "share"), [
+    ([1, 2, 1, 2, 1, 2, 1, 3, 1, 3, 1, 3], RepeatSpan(6, 12, 2), 9 / 12),  # '1 3' x3 overlaps the '1 2' run
+    ([7, 7, 7, 9] * 3, RepeatSpan(0, 12, 4), 10 / 12),  # the period-1 runs do not hide the period-4 loop
+    ([5, 1, 1, 1, 2, 1, 2, 1, 2], RepeatSpan(3, 9, 2), 6 / 9),
+    ([5, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 9], None, 7 / 12),  # a loop that was left: not endless
+    ([3, 3, 3, 3, 3], RepeatSpan(0, 5, 1), 4 / 5),  # the shortest unit of the longest suffix
+])
+def test_issue_examples(ids, suffix, share):
+    assert repeating_suffix(ids) == suffix
+    assert is_repetitive(ids) == (suffix is not None)
+    assert repeated_fraction(ids) == pytest.approx(share)
+    assert repetition_reward([ids]) == [pytest.approx(-share - (suffix is not None))]
+
+
+def test_find_repeats_keeps_what_its_docstring_says():
+    assert find_repeats([1, 2, 1, 2, 1, 2, 1, 3, 1, 3, 1, 3]) == [RepeatSpan(0, 7, 2)]  # [6, 12) shares token 6
+    assert find_repeats([7, 7, 7, 9] * 3) == [RepeatSpan(0, 3, 1), RepeatSpan(4, 7, 1), RepeatSpan(8, 11, 1)]
+    assert find_repeats([1, 1, 1, 1]) == [RepeatSpan(0, 4, 1)]
+
+
+def test_repeat_ratio_on_planted_tails_against_the_definition():
+    """The issue's check: random texts with planted tails, the repeat ratio against the enumerated definition."""
+    import random
+
+    rng = random.Random(0)
+    cases = []
+    for _ in range(300):
+        unit = [rng.randrange(4) for _ in range(rng.randint(1, 4))]
+        unit = unit * rng.randint(1, 3) + [rng.randrange(4)] * rng.randint(0, 1)
+        cases.append([rng.randrange(4) for _ in range(rng.randint(0, 8))] + unit * rng.randint(1, 4)
+                     + [rng.randrange(4) for _ in range(rng.randint(0, 1))])
+    expected = sum(_suffix_oracle(c, 1, 3, 32) is not None for c in cases) / len(cases)
+    assert 0.1 < expected < 0.9 and repeat_ratio(cases) == pytest.approx(expected)
+
+
+@demo
+@pytest.mark.parametrize("text", ["I said ha ha ha! ha ha ha! ha ha ha!",
+                                  "She said: no no no, no no no, no no no, no no no,"])
+def test_demo_tokenizer_texts_that_loop_to_the_end(text):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)(text, add_special_tokens=False)["input_ids"]
+    suffix = repeating_suffix(ids)
+    assert suffix is not None and suffix.end == len(ids) and suffix.copies >= 3 and is_repetitive(ids)
+    assert all(s.period == 1 for s in find_repeats(ids))  # the display spans alone miss it (the bug)
+    assert repetition_reward([ids])[0] < -1
+
+
+def test_a_long_loop_is_one_suffix():
+    """A loop of 21,000 tokens (longer than any completion GRPO samples) is measured whole."""
+    unit = list(range(100, 107))
+    ids = [1, 2, 3] + unit * 3000
+    assert repeating_suffix(ids) == RepeatSpan(3, len(ids), 7)
+    assert repeated_fraction(ids) == pytest.approx((len(ids) - 10) / len(ids))
 
 
 def test_bad_parameters_are_one_error():

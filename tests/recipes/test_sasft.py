@@ -59,10 +59,16 @@ def tiny():
     return model, tiny_saes(model, d_sae=32, k=4)
 
 
-def _brute_force(model, saes, feats, batch, layers, zero=False) -> float:
-    """R30 from full SAE pre-activations of each hidden state, token by token, in float64 loops."""
+def _brute_force(model, saes, feats, batch, layers, zero=False, normalize="all_response_tokens") -> float:
+    """R30 from full SAE pre-activations of each hidden state, token by token, in float64 loops, over either
+    denominator: |S| x every response token + 1 (the official script's) or |S| x the penalised tokens."""
     hidden = as_backend(model).capture(batch["input_ids"], batch["attention_mask"], layers=layers)
-    n_response = int((batch["labels"] != IGNORE).sum())
+    n_response = n_penalised = 0
+    for b in range(batch["input_ids"].shape[0]):
+        for t in range(batch["input_ids"].shape[1]):
+            if batch["labels"][b, t] != IGNORE:
+                n_response += 1
+                n_penalised += feats.languages[int(batch["language"][b])] != feats.target
     total = 0.0
     for n in layers:
         chosen = feats.features[n]
@@ -78,21 +84,39 @@ def _brute_force(model, saes, feats, batch, layers, zero=False) -> float:
                 for i, s in enumerate(chosen):
                     alpha = 0.0 if zero else feats.thresholds[j][n][i]
                     term += max(float(pre[s]) - alpha, 0.0)
-        total += term / (n_response * len(chosen))
+        if normalize == "all_response_tokens":
+            total += term / (n_response * len(chosen) + 1)
+        else:
+            total += term / (n_penalised * len(chosen))
     return total
 
 
+@pytest.mark.parametrize("normalize", ["all_response_tokens", "penalised_tokens"])
 @pytest.mark.parametrize("variant", ["mean", "zero"])
-def test_penalty_equals_a_hand_computation(tiny, variant):
+def test_penalty_equals_a_hand_computation(tiny, variant, normalize):
+    """On a mixed batch (en, zh, en; zh penalised) each denominator gives its own hand-computed value."""
     model, saes = tiny
     feats, batch = _features(saes), _batch()
-    penalty = SASFTPenalty(model, feats, saes, variant=variant)
+    penalty = SASFTPenalty(model, feats, saes, variant=variant, normalize=normalize)
     assert penalty.layers == [1, 2]  # the last two by default
     with torch.no_grad(), penalty.track(batch["labels"], batch["language"]) as reduce:
         as_backend(model).forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    expected = _brute_force(model, saes, feats, batch, [1, 2], zero=variant == "zero")
+    expected = _brute_force(model, saes, feats, batch, [1, 2], zero=variant == "zero", normalize=normalize)
     assert expected > 0
     assert float(reduce()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_two_denominators_differ_by_the_penalised_share(tiny):
+    """Same numerator; per layer all_response_tokens divides by |S| x 10 response tokens + 1, penalised_tokens by
+    |S| x 6 (the zh example's 4 response tokens are in the batch but not penalised)."""
+    model, saes = tiny
+    feats, batch = _features(saes, alpha=(-1e3, -1e3)), _batch()
+    assert int((batch["labels"] != IGNORE).sum()) == 4 + 4 + 2 and int((batch["labels"][[0, 2]] != IGNORE).sum()) == 6
+    official = float(sasft_loss(SASFTPenalty(model, feats, saes), batch).reduce.detach())
+    mean = float(sasft_loss(SASFTPenalty(model, feats, saes, normalize="penalised_tokens"), batch).reduce.detach())
+    assert mean == pytest.approx(official * (2 * 10 + 1) / (2 * 6), rel=1e-5)
+    with pytest.raises(SASFTError, match="normalize="):
+        SASFTPenalty(model, feats, saes, normalize="tokens")
 
 
 def test_penalty_is_zero_below_thresholds_and_ignores_masked_tokens_and_same_language(tiny):
@@ -109,7 +133,10 @@ def test_penalty_is_zero_below_thresholds_and_ignores_masked_tokens_and_same_lan
     masked = {**batch, "labels": batch["labels"].clone()}
     masked["labels"][1, :] = IGNORE  # example 1 is a target-language one: only the denominator moves
     n_before, n_after = int((batch["labels"] != IGNORE).sum()), int((masked["labels"] != IGNORE).sum())
-    assert float(sasft_loss(penalty, masked).reduce) == pytest.approx(everyone * n_before / n_after, rel=1e-5)
+    assert float(sasft_loss(penalty, masked).reduce) == pytest.approx(everyone * (2 * n_before + 1) / (2 * n_after + 1),
+                                                                      rel=1e-5)
+    only_target = SASFTPenalty(model, _features(saes, alpha=(-1e3, -1e3)), saes, normalize="penalised_tokens")
+    assert float(sasft_loss(only_target, same).reduce) == 0.0  # no penalised token: 0, not 0 / 0
 
 
 def test_gradients_reach_the_model_not_the_sae(tiny):
@@ -201,13 +228,13 @@ def _one_sgd_step(tiny, tmp_path, batch_size: int, accumulation: int) -> torch.T
 
     model, saes = tiny
     model = copy.deepcopy(model)
-    batch = _batch()
+    batch = {**_batch(), "language": torch.tensor([1, 1, 1])}  # both penalised (en)
     rows = Dataset.from_list([{k: v[i].tolist() for k, v in batch.items()} for i in (0, 1)])  # same length, no pads
     args = TrainingArguments(str(tmp_path / f"{batch_size}x{accumulation}"), report_to="none", use_cpu=True,
                              max_steps=1, per_device_train_batch_size=batch_size, learning_rate=1.0, optim="sgd",
                              gradient_accumulation_steps=accumulation, lr_scheduler_type="constant",
                              save_strategy="no", remove_unused_columns=False)
-    penalty = SASFTPenalty(model, _features(saes, alpha=(-1.0, -1.0)), saes, lam=5.0)
+    penalty = SASFTPenalty(model, _features(saes, alpha=(-1.0, -1.0)), saes, lam=5.0, normalize="penalised_tokens")
     trainer = SASFTTrainer(model=model, args=args, train_dataset=rows, penalty=penalty,
                            data_collator=lambda rows: {k: torch.tensor([r[k] for r in rows]) for k in rows[0]})
     trainer.train()
@@ -215,7 +242,10 @@ def _one_sgd_step(tiny, tmp_path, batch_size: int, accumulation: int) -> torch.T
 
 
 def test_gradient_accumulation_does_not_scale_the_penalty(tiny, tmp_path):
-    """Two micro-batches of one example take the same step as one batch of two (the CE alone already did)."""
+    """Two micro-batches of one example take the same step as one batch of two (the CE alone already did).
+
+    Exact for a mean over equally many penalised tokens per micro-batch; the default denominator's +1 is added per
+    micro-batch (as in the official script), so there the two differ by design, by about 1 / (|S| x tokens)."""
     pytest.importorskip("trl")
     before = torch.cat([p.detach().flatten() for p in tiny[0].parameters()])
     whole = _one_sgd_step(tiny, tmp_path, batch_size=2, accumulation=1)
@@ -283,11 +313,32 @@ def test_sft_trainer_steps_on_the_demo_model(demo_setup, tmp_path):
     trainer = SASFTSFTTrainer(model=model, args=sft_config(str(tmp_path), max_steps=2, per_device_train_batch_size=2,
                                                            logging_steps=1, learning_rate=1e-3, use_cpu=True),
                               train_dataset=rows, data_collator=sasft_collator(tok), processing_class=tok,
-                              penalty=SASFTPenalty(model, feats, saes))
+                              penalty=SASFTPenalty(model, feats, saes, normalize="penalised_tokens"))
     trainer.train()
     logged = [h for h in trainer.state.log_history if "sae_reduce" in h]
     assert len(logged) == 2 and all(h["sae_reduce"] >= 0 for h in logged)
     assert not torch.equal(before, model.model.layers[3].mlp.down_proj.weight)
+    trainer.save_model(str(tmp_path / "run"))
+    saved = json.loads((tmp_path / "run" / "sasft.json").read_text())
+    assert saved["normalize"] == "penalised_tokens" and saved["layers"] == [2, 3]
+    assert (saved["device"], saved["autocast"], saved["weights_dtype"]) == ("cpu", None, "float32")  # fp32 on CPU
+
+
+@demo
+def test_cli_train_records_denominator_and_precision(demo_setup, tmp_path):
+    pytest.importorskip("trl")
+    from qscope_plugin.cli import main
+
+    model, tok, saes, lines = demo_setup
+    language_features(model, tok, {"zh": lines["zh"][:4], "en": lines["en"][:4]}, saes,
+                      target="zh").save(tmp_path / "f.json")
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps({"prompt": z, "response": " " + e, "language": "en"})
+                                                  for z, e in zip(lines["zh"][:2], lines["en"][:2], strict=True)))
+    assert main(["sasft", "train", "--features", str(tmp_path / "f.json"), "--data", str(tmp_path / "sft.jsonl"),
+                 "--out", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2",
+                 "--normalize", "penalised_tokens", "--json"]) == 0
+    saved = json.loads((tmp_path / "run" / "sasft.json").read_text())
+    assert (saved["normalize"], saved["device"], saved["autocast"]) == ("penalised_tokens", "cpu", None)
 
 
 @demo
