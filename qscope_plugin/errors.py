@@ -57,6 +57,11 @@ class MalformedFileError(QScopeError, ValueError):
     read as what it should be: the message names the file and what is wrong with it."""
 
 
+def malformed_file(path: object, problem: str, expected: str) -> MalformedFileError:
+    """The one message for a malformed file: which file, what is wrong with it, what it should be."""
+    return MalformedFileError(f"{str(path)!r} {problem}; expected {expected}")
+
+
 class SAEFileError(QScopeError, ValueError):
     """A ``layer{n}.sae.pt`` file that is unreadable, unsafe or not in the Qwen-Scope format."""
 
