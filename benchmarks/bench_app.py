@@ -34,6 +34,7 @@ import torch
 from _timing import best_of_interleaved, publish
 from gradio_client import Client
 
+from qscope_plugin.app import web
 from qscope_plugin.app.explorer import Explorer
 from qscope_plugin.app.web import serve
 
@@ -41,6 +42,7 @@ REPEATS = 5
 CLIENTS, ROUNDS = 6, 4
 """Load check: concurrent clients, and rounds of (normal, hostile) request pairs each sends."""
 QUEUE_SIZE, BURST = 4, 12
+"""Burst: simultaneous Steer requests against a server whose queue holds ``QUEUE_SIZE``."""
 TEXT = "今天早上我喝了一杯热茶，then I went to work."
 PAIR = ("今天早上我喝了一杯热茶。", "This morning I drank a cup of hot tea.")
 
@@ -124,7 +126,7 @@ def _percentiles(seconds: list[float]) -> str:
 
 def load_check(explorer: Explorer, steer: dict) -> list[str]:
     """Concurrent clients on a fresh server: normal and capped hostile requests, then a burst past the queue."""
-    app = serve(explorer, port=_free_port(), announce=lambda url: None, block=False, queue_size=QUEUE_SIZE)
+    app = serve(explorer, port=_free_port(), announce=lambda url: None, block=False)  # the default queue
     url = app.local_url
 
     def steer_with(**changes):
@@ -135,7 +137,8 @@ def load_check(explorer: Explorer, steer: dict) -> list[str]:
               ("/steer", steer_with()), ("/feature", (3, 28))]
     hostile = [("/steer", steer_with(positions="0-999999999")), ("/steer", steer_with(prompt="今" * 200_000)),
                ("/steer", steer_with(max_new_tokens=10**9)), ("/analyze", ("hi " * 400, 3, 5)),
-               ("/compare", ("hi " * 120, "ok " * 120, 0, 3, 5, "rate", True, False, False))]
+               ("/compare", ("hi " * 250, "ok " * 250, 0, 3, 5, "rate", True, False, False))]
+    compare_tokens = sum(len(explorer.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in hostile[-1][1][:2])
     results: dict[str, list[tuple[str, float, str]]] = {"normal": [], "hostile": []}
     lock = threading.Lock()
 
@@ -152,8 +155,10 @@ def load_check(explorer: Explorer, steer: dict) -> list[str]:
     with ThreadPoolExecutor(CLIENTS) as pool:
         list(pool.map(client, range(CLIENTS)))
     wall = time.perf_counter() - start
+    app.close()
 
-    clients = [Client(url, verbose=False) for _ in range(BURST)]
+    app = serve(explorer, port=_free_port(), announce=lambda url: None, block=False, queue_size=QUEUE_SIZE)
+    clients = [Client(app.local_url, verbose=False) for _ in range(BURST)]
     with ThreadPoolExecutor(BURST) as pool:
         burst = list(pool.map(lambda c: _outcome(lambda: c.predict(*steer_with(max_new_tokens=64),
                                                                    api_name="/steer")), clients))
@@ -163,7 +168,8 @@ def load_check(explorer: Explorer, steer: dict) -> list[str]:
              f"{CLIENTS} concurrent `gradio_client` clients, each sending {ROUNDS} normal requests (Analyze, Compare, "
              "Steer with 24 new tokens, a Feature card, in turn) interleaved with as many hostile ones the caps refuse "
              "(`0-999999999` prompt positions, a 200,000-character prompt, 10^9 new tokens, an 800-token text past "
-             "`--max-tokens` 512, a Compare of 4 layers × 480 tokens past its budget of 2048): "
+             f"`--max-tokens` 512, a Compare of 4 layers × {compare_tokens} tokens past its budget of "
+             f"{explorer.max_layer_tokens}), queue of {web.QUEUE_SIZE}: "
              f"{len(results['normal']) + len(results['hostile'])} requests in {wall:.1f} s on one model (one request "
              "runs at a time; the others wait in Gradio's queue). Latency is the client's, queueing included.", "",
              "| requests | n | answered | refused with a message | busy | failed | p50 (s) | p90 (s) | p99 (s) | "
