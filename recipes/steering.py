@@ -94,14 +94,13 @@ class SteeringSpec:
         return cls(terms=(Term(layer, feature, alpha),), **kwargs)
 
 
-def parse_positions(text: str, n_positions: int) -> Positions:
+def parse_positions(text: str, n_positions: int, subject: str = "the model's context") -> Positions:
     """``"all"``, ``"prompt"``, ``"generated"`` or indices such as ``"0,1,5"``, ``"3-7"``, ``"0,4-6"`` below
     ``n_positions`` (the model's context, or the prompt's length for prompt positions), read by the one bounded
     parser (``indices.parse_indices``): ``0-999999999`` is refused from its ends, never expanded."""
     if isinstance(text, str) and text.strip() in ("all", "prompt", "generated"):
         return text.strip()
-    return parse_indices(text, n_positions, what="position", subject=f"a context of {n_positions} positions",
-                         option="positions", all_word=None)
+    return parse_indices(text, n_positions, what="position", subject=subject, option="positions", all_word=None)
 
 
 def check_generation(backend: Backend, n_prompt: int, max_new_tokens: int) -> None:

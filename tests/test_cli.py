@@ -313,3 +313,19 @@ def test_huge_numbers_and_ranges_are_refused_before_the_model_loads(argv, monkey
         status = e.code
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("prompt", "argv", "message"), [
+    ("今天早上", ["--positions", "0-999999999"],
+     r"position 999999999 is out of range for the model's context \(512 positions: 0..511\)"),
+    ("hi " * 400, ["--max-new-tokens", "32"],
+     r"the prompt is 801 tokens and 32 new ones are asked for, 833 in all, past the model's context of 512"),
+])
+def test_steer_past_the_models_context_is_refused(prompt, argv, message, capsys):
+    """A huge position range is checked from its ends against the demo's 512 positions; a prompt plus new tokens
+    past the context is refused, not cut (a cut prompt would steer another text)."""
+    import re
+
+    assert main(["steer", prompt, "--layer", "3", "--feature", "28", "--alpha", "5", *argv]) == 2
+    err = capsys.readouterr().err.strip()  # transformers' weight-loading bar may come first
+    assert err.count(": error: ") == 1 and re.search(message, err.splitlines()[-1]), err
