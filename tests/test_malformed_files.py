@@ -1,6 +1,7 @@
 """Files other programs wrote are input too: truncated, empty and foreign versions of each kind the project reads.
 
-For every reader (lm-eval results and samples, datasets, saved footprints, classifier JSON, SAE folders) a valid
+For every reader (lm-eval results and samples, datasets, saved footprints, classifier JSON, SAE folders, per-sample
+correctness tables) a valid
 file is written, then hypothesis cuts it at any byte, empties it, or swaps in foreign content (random bytes,
 another kind's file, JSON of another shape). Each read must either succeed (a cut at a line boundary can leave a
 valid, shorter file) or raise the project's usage error (a ``QScopeError`` that is a ``ValueError``: exit 2 in
@@ -207,5 +208,26 @@ def test_sae_folders(tmp_path, name):
         (folder / name).write_bytes(content)
         store.DEFAULT_CACHE.clear()  # the folder's path is the same in every example
         _check(lambda: load_sae(str(folder), 3), folder / name)
+
+    run()
+
+
+# ------------------------------------------------------------------------------------- correctness tables
+
+
+def test_correctness_csv(tmp_path):
+    from qscope_plugin.recipes.redundancy import read_correctness
+
+    path = tmp_path / "valid.csv"
+    path.write_text("model,0,1,2\na,1,0,1\nb,0,0,1\n")
+    assert read_correctness({"toy": path})["toy"].shape == (2, 3)
+    valid = path.read_bytes()
+
+    @SETTINGS
+    @given(content=_mutation(valid))
+    def run(content):
+        case = tmp_path / "case.csv"
+        case.write_bytes(content)
+        _check(lambda: read_correctness({"toy": case}), case)
 
     run()
