@@ -1,11 +1,11 @@
 """Files other programs wrote are input too: truncated, empty and foreign versions of each kind the project reads.
 
 For every reader (lm-eval results and samples, datasets, saved footprints, classifier JSON, SAE folders, per-sample
-correctness tables) a valid
-file is written, then hypothesis cuts it at any byte, empties it, or swaps in foreign content (random bytes,
-another kind's file, JSON of another shape). Each read must either succeed (a cut at a line boundary can leave a
-valid, shorter file) or raise the project's usage error (a ``QScopeError`` that is a ``ValueError``: exit 2 in
-the CLI) whose message names the file; never ``JSONDecodeError``, ``KeyError``, ``IndexError`` or a crash.
+correctness tables) a valid file is written, then hypothesis cuts it at any byte, empties it, or swaps in foreign
+content (random bytes, another kind's file, JSON of another shape). Each read must either succeed (a cut at a line
+boundary can leave a valid, shorter file) or raise the project's usage error (a ``QScopeError`` that is a
+``ValueError``: exit 2 in the CLI) whose message names the file; never ``JSONDecodeError``, ``KeyError``,
+``IndexError`` or a crash.
 """
 
 from __future__ import annotations
