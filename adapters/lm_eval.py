@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from qscope_plugin.errors import QScopeError
+from qscope_plugin.errors import QScopeError, malformed_file
 from qscope_plugin.recipes.footprints import Footprints, harvest_footprints
 from qscope_plugin.recipes.steering import SteeringSpec, Term, steer
 from qscope_plugin.sae import QwenScopeSAE
@@ -100,17 +100,41 @@ def task_manager(include_path: str | os.PathLike | Sequence[str | os.PathLike] |
 
 
 def load_task(name: str, manager: TaskManager | None = None):
-    """One lm-eval task object by name; an unknown name or a group is a ``LmEvalError`` naming what to pass."""
+    """One lm-eval task object by name; an unknown name or a group is a ``LmEvalError`` naming what to pass.
+
+    Groups and tags (``mmlu``, ``bbh``) are refused from lm-eval's task index, before any data loads: loading
+    one would download every subtask's dataset first (and fail offline with the hub's ``ConnectionError``).
+    """
     manager = manager or task_manager()
     if name not in manager.all_tasks:
         close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
         hint = f"close matches: {', '.join(close)}" if close else "pass --include-path for a local task YAML"
         raise LmEvalError(f"lm-eval knows no task {name!r} ({hint})")
+    if name in manager.all_groups or name in manager.all_tags:
+        members = _members(manager, name)
+        shown = f" ({', '.join(members[:8])}{', ...' if len(members) > 8 else ''})" if members else ""
+        raise LmEvalError(f"{name!r} is an lm-eval group of tasks{shown}, not one task; harvest each task on its "
+                          "own (`lm_eval --tasks list` names them)")
     tasks = manager.load([name])["tasks"]
     if len(tasks) != 1:
         raise LmEvalError(f"{name!r} is a group of {len(tasks)} lm-eval tasks ({', '.join(sorted(tasks)[:8])}"
                           f"{', ...' if len(tasks) > 8 else ''}); harvest each task on its own")
     return next(iter(tasks.values()))
+
+
+def _members(manager: TaskManager, name: str) -> list[str]:
+    """The tasks (or subgroups) a group or tag lists, read from lm-eval's index, not from its data."""
+    members = []
+    for entry_name, entry in manager.task_index.items():
+        tags = getattr(entry, "tags", None) or (entry.get("tags") if isinstance(entry, dict) else None) or ()
+        if name in tags:
+            members.append(entry_name)
+    entry = manager.task_index.get(name)
+    config = getattr(entry, "cfg", None) or (entry if isinstance(entry, dict) else {})
+    listed = config.get("task") if isinstance(config, dict) else None
+    if isinstance(listed, list):
+        members += [t if isinstance(t, str) else str(t.get("task", t)) for t in listed]
+    return sorted(set(members))
 
 
 def _chat_template(tokenizer) -> partial:
@@ -254,9 +278,49 @@ def _latest_run(folder: Path) -> tuple[Path, str]:
     return found[-1], found[-1].stem.removeprefix("results_")
 
 
+SAMPLE_FIELDS = {"doc_id": int, "filter": str, "metrics": list, "doc_hash": str, "prompt_hash": str}
+"""What every line of an lm-eval ``samples_*.jsonl`` (``--log_samples``) holds, besides each metric's value."""
+
+
+def _read_results(path: Path) -> dict:
+    """A ``results_*.json``, or ``MalformedFileError`` naming the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise malformed_file(path, f"is not JSON ({e})",
+                             "the results_<date>.json lm_eval --output_path writes") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict) \
+            or not isinstance(data.get("versions", {}), dict):
+        raise malformed_file(path, "has no 'results' object (not an lm-eval results file)",
+                             "the results_<date>.json lm_eval --output_path writes")
+    return data
+
+
 def _read_samples(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The lines of a ``samples_*.jsonl``, each checked for the fields the panel reads, or ``MalformedFileError``
+    naming the file, the line and what is wrong with it."""
+    expected = "the samples_<task>_<date>.jsonl that lm_eval --log_samples writes"
+    samples = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    sample = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise malformed_file(path, f"line {number} is not JSON ({e})", expected) from None
+                wrong = [k for k, kind in SAMPLE_FIELDS.items() if not isinstance(sample, dict)
+                         or not isinstance(sample.get(k), kind) or isinstance(sample.get(k), bool)]
+                if wrong:
+                    raise malformed_file(path, f"line {number} lacks {', '.join(wrong)} (or holds the wrong type)",
+                                         expected)
+                samples.append(sample)
+    except UnicodeDecodeError as e:
+        raise malformed_file(path, f"is not UTF-8 text ({e.reason} at byte {e.start})", expected) from None
+    if not samples:
+        raise malformed_file(path, "holds no samples", expected)
+    return samples
 
 
 def _logged(samples: list[dict]) -> list[str]:
@@ -296,7 +360,7 @@ def read_lm_eval_outputs(folders: Sequence[str | os.PathLike] | Mapping[str, str
     sources = {}
     for model, folder in named.items():
         path, date = _latest_run(Path(folder))
-        results[model], sources[model] = json.loads(path.read_text(encoding="utf-8")), str(path)
+        results[model], sources[model] = _read_results(path), str(path)
         runs[model] = {p.name.removeprefix("samples_").removesuffix(f"_{date}.jsonl"): p
                        for p in path.parent.glob(f"samples_*_{date}.jsonl")}
     common = set.intersection(*(set(r) for r in runs.values())) if runs else set()
@@ -331,7 +395,11 @@ def _task_results(task: str, samples: dict[str, list[dict]], results: dict[str, 
         if not kept or name not in kept[0]:
             raise LmEvalError(f"{task}: {model}'s samples have no metric {metric!r}; they logged "
                               f"{', '.join(_logged(logged)) or 'nothing'}")
-        rows[model] = pd.Series([float(s[name]) for s in kept], index=[s["doc_id"] for s in kept])
+        values = [s.get(name) for s in kept]
+        if not all(isinstance(v, int | float) for v in values):  # bools count: lm-eval logs some scores so
+            raise LmEvalError(f"{task}: {model}'s samples hold a {name!r} that is not a number; expected "
+                              "lm-eval's per-sample scores (0/1 or a float)")
+        rows[model] = pd.Series([float(v) for v in values], index=[s["doc_id"] for s in kept])
         hashes[model] = documents_digest([s["doc_hash"] for s in kept])
         prompts[model] = documents_digest([s["prompt_hash"] for s in kept])
     sizes = {m: len(r) for m, r in rows.items()}
@@ -347,9 +415,10 @@ def _task_results(task: str, samples: dict[str, list[dict]], results: dict[str, 
 
 
 def _aggregate(results: dict, task: str, metric: str) -> float:
-    value = results.get("results", {}).get(task, {}).get(metric)
-    if value is None:
-        raise LmEvalError(f"{task}: the results file has no aggregate {metric!r}")
+    found = results["results"].get(task)
+    value = found.get(metric) if isinstance(found, dict) else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise LmEvalError(f"{task}: the results file has no numeric aggregate {metric!r}")
     return float(value)
 
 

@@ -84,6 +84,15 @@ class Backend:
         name = getattr(self.module, "name_or_path", None) or getattr(config, "_name_or_path", None)
         return str(name) if name else None
 
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the model was built for (``max_position_embeddings`` of its text config), or None
+        when its config does not say: the bound every text and generation is checked against."""
+        config = getattr(self.module, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        value = getattr(text_config, "max_position_embeddings", None)
+        return value if isinstance(value, int) and value > 0 else None
+
     def check_layers(self, layers: Iterable[int]) -> list[int]:
         """``layers`` as a list, each checked against this model's depth (one error class for every caller)."""
         layers = list(layers)

@@ -16,7 +16,17 @@ class UnknownReleaseError(QScopeError, ValueError):
     """A release name that is not in the catalogue."""
 
 
-class LayerOutOfRangeError(QScopeError, ValueError):
+class IndexSpecError(QScopeError, ValueError):
+    """An index list, range or count that cannot be used: unreadable, reversed, or past what it indexes
+    (``qscope_plugin.indices`` reads every one of them)."""
+
+
+class IndexOutOfRangeError(IndexSpecError):
+    """An index outside ``0 .. size - 1`` of what it indexes (a prompt's positions, a model's layers, an SAE's
+    features)."""
+
+
+class LayerOutOfRangeError(IndexOutOfRangeError):
     """A layer index outside ``0 .. n_layers - 1`` of a release, an SAE folder or a model."""
 
 
@@ -24,20 +34,32 @@ class SAEInputError(QScopeError, ValueError):
     """An activation tensor or feature id that does not fit the SAE."""
 
 
-class FeatureOutOfRangeError(SAEInputError):
+class FeatureOutOfRangeError(SAEInputError, IndexOutOfRangeError):
     """A feature index outside ``0 .. d_sae - 1`` of an SAE."""
 
 
 def layer_out_of_range(layer: object, n_layers: int, subject: str) -> LayerOutOfRangeError:
-    """The one message for a bad layer, wherever it is caught: the value, the valid range, what to do."""
-    return LayerOutOfRangeError(f"layer {layer!r} is out of range for {subject} ({n_layers} layers: "
-                                f"0..{n_layers - 1}); pass an integer layer index in that range")
+    """The one message for a bad layer, wherever it is caught (``indices.out_of_range``'s shape)."""
+    from qscope_plugin.indices import out_of_range
+
+    return out_of_range("layer", layer, n_layers, subject)
 
 
 def feature_out_of_range(feature: object, d_sae: int, subject: str = "this SAE") -> FeatureOutOfRangeError:
-    """The one message for a bad feature index, wherever it is caught."""
-    return FeatureOutOfRangeError(f"feature {feature!r} is out of range for {subject} ({d_sae} features: "
-                                  f"0..{d_sae - 1}); pass an integer feature index in that range")
+    """The one message for a bad feature index, wherever it is caught (``indices.out_of_range``'s shape)."""
+    from qscope_plugin.indices import out_of_range
+
+    return out_of_range("feature", feature, d_sae, subject)
+
+
+class MalformedFileError(QScopeError, ValueError):
+    """A file another program wrote (lm-eval outputs, a dataset, saved footprints, classifier JSON) that cannot be
+    read as what it should be: the message names the file and what is wrong with it."""
+
+
+def malformed_file(path: object, problem: str, expected: str) -> MalformedFileError:
+    """The one message for a malformed file: which file, what is wrong with it, what it should be."""
+    return MalformedFileError(f"{str(path)!r} {problem}; expected {expected}")
 
 
 class SAEFileError(QScopeError, ValueError):

@@ -44,6 +44,7 @@ from qscope_plugin.errors import (
     QScopeError,
     QScopeWarning,
     SAEFileError,
+    malformed_file,
 )
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -231,8 +232,8 @@ def _local_config(folder: Path) -> dict:
         if not isinstance(cfg, dict) or ("k" in cfg and (isinstance(cfg["k"], bool) or not isinstance(cfg["k"], int))):
             raise ValueError("not an object with an integer k")
     except (ValueError, OSError) as e:
-        raise QScopeError(f"{str(cfg_path)!r} is unreadable ({_first_line(e)}); expected JSON such as "
-                          '{"k": 50} (optionally with "release"); fix or delete it') from None
+        raise malformed_file(cfg_path, f"is unreadable ({_first_line(e)})", 'JSON such as {"k": 50} (optionally '
+                             'with "release"); fix or delete it') from None
     return cfg
 
 

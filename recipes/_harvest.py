@@ -17,6 +17,7 @@ Rules, the same for every pooling and every backend (plain transformers, Transfo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, overload
@@ -27,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qscope_plugin.backends import as_backend
-from qscope_plugin.errors import QScopeError
+from qscope_plugin.errors import QScopeError, QScopeWarning
 from qscope_plugin.sae import QwenScopeSAE
 
 Pooling = Literal["tokens", "max", "last"]
@@ -70,11 +71,23 @@ def dense_codes(codes: TextCodes, layer: int, d_sae: int) -> torch.Tensor:
 
 
 def tokenize(tokenizer, texts: Sequence[str], *, max_length: int | None,
-             truncation_side: Side = "right") -> list[list[int]]:
-    """Token ids of each text, no special tokens, cut to ``max_length`` on ``truncation_side``."""
+             truncation_side: Side = "right", context: int | None = None) -> list[list[int]]:
+    """Token ids of each text, no special tokens, cut to ``max_length`` on ``truncation_side``.
+
+    ``context`` (the model's ``max_position_embeddings``) caps ``max_length``: positions past it are ones the
+    model never saw, so longer texts are cut to it, with one ``QScopeWarning`` naming the option.
+    """
     if truncation_side not in ("left", "right"):
         raise HarvestError(f"truncation_side={truncation_side!r}; expected 'left' (keep the end) or 'right'")
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    if context is not None and (max_length is None or max_length > context):
+        longer = sum(len(ids) > context for ids in encoded)
+        if longer:
+            kept = "last" if truncation_side == "left" else "first"
+            warnings.warn(f"{longer} of {len(encoded)} texts are longer than the model's context of {context} tokens "
+                          f"and were cut to their {kept} {context} (--max-length / max_length sets the cut)",
+                          QScopeWarning, stacklevel=3)
+        max_length = context
     if max_length is not None:
         encoded = [ids[-max_length:] if truncation_side == "left" else ids[:max_length] for ids in encoded]
     return encoded
@@ -173,7 +186,8 @@ def harvest(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, Q
     texts = list(texts)
     backend = as_backend(model)
     layers = sorted(backend.check_layers(saes))
-    encoded = tokenize(tokenizer, texts, max_length=max_length, truncation_side=truncation_side)
+    encoded = tokenize(tokenizer, texts, max_length=max_length, truncation_side=truncation_side,
+                       context=backend.context_length)
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if pooling == "last" and empty:
         raise EmptyInputError(f"{len(empty)} text(s) tokenize to nothing (first: {texts[empty[0]]!r}); every text "

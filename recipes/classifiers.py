@@ -38,7 +38,7 @@ import scipy.sparse as sp
 import torch
 
 from qscope_plugin.backends import as_backend
-from qscope_plugin.errors import QScopeError, QScopeWarning
+from qscope_plugin.errors import MalformedFileError, QScopeError, QScopeWarning
 from qscope_plugin.recipes._harvest import MaxActivations, check_texts, sharded_harvest
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -49,8 +49,18 @@ FORMAT = "qscope-or-rule/1"
 """Unchanged by the added keys: files written before them still load (their SAEs are then not checked)."""
 
 
+def _feature_id(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"feature id {value!r} is not an integer >= 0")
+    return value
+
+
 class ClassifierError(QScopeError, ValueError):
     """Labels, splits or saved classifiers that cannot be used."""
+
+
+class ClassifierFileError(ClassifierError, MalformedFileError):
+    """A saved classifier file that is truncated, damaged or not one (the message names the file)."""
 
 
 def _labels(labels: Sequence, n: int) -> np.ndarray:
@@ -188,20 +198,37 @@ class ORRuleClassifier:
     @classmethod
     def load(cls, path: str | Path, model: object, tokenizer, saes: Mapping[int, QwenScopeSAE]) -> ORRuleClassifier:
         """Restore a saved classifier onto ``model`` and ``saes``; refuses SAEs other than the saved ones."""
+        expected = f"the JSON ORRuleClassifier.save / `qscope classify fit` writes (format {FORMAT!r})"
         try:
-            state = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ClassifierError(f"{str(path)!r} is not a saved qscope OR-rule classifier ({e})") from None
+            state = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ClassifierFileError(f"{str(path)!r} is not a saved qscope OR-rule classifier ({e}); expected "
+                                      f"{expected}") from None
         if not isinstance(state, dict) or state.pop("format", None) != FORMAT:
-            raise ClassifierError(f"{str(path)!r} is not a saved qscope OR-rule classifier")
-        features = {int(layer): feats for layer, feats in state["features"].items()}
+            raise ClassifierFileError(f"{str(path)!r} is not a saved qscope OR-rule classifier; expected {expected}")
+        try:
+            features = {int(layer): [_feature_id(f) for f in feats] for layer, feats in state["features"].items()}
+            state["eps"] = float(state.get("eps", 0.0))
+            saved_saes = {int(layer): dict(saved) for layer, saved in state.get("saes", {}).items()}
+            per_layer = {int(layer): [float(t) for t in ts] for layer, ts in state.get("thresholds", {}).items()}
+            state["top1_diff"] = {int(layer): float(d) for layer, d in state.get("top1_diff", {}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ClassifierFileError(f"{str(path)!r} is a damaged classifier file ({type(e).__name__}: {e}); "
+                                      f"expected {expected}") from None
         missing = sorted(set(features) - set(saes))
         if missing:
             raise ClassifierError(f"the classifier uses layers {missing}; pass SAEs for them"
                                   + (f" (release {state['release']!r})" if state.get("release") else ""))
-        for layer, saved in state.get("saes", {}).items():
-            _check_sae(int(layer), saved, saes[int(layer)], state.get("release"))
-        for layer, thresholds in state.get("thresholds", {}).items():
+        for layer, feats in features.items():
+            if any(f >= saes[layer].cfg.d_sae for f in feats):
+                raise ClassifierFileError(f"{str(path)!r} uses feature {max(feats)} of layer {layer}, whose SAE has "
+                                          f"{saes[layer].cfg.d_sae} features; expected {expected}")
+        for layer, saved in saved_saes.items():
+            if layer not in saes:
+                raise ClassifierFileError(f"{str(path)!r} records an SAE for layer {layer}, which it uses no "
+                                          f"feature of; expected {expected}")
+            _check_sae(layer, saved, saes[layer], state.get("release"))
+        for layer, thresholds in per_layer.items():
             if any(t != state["eps"] for t in thresholds):
                 raise ClassifierError(f"layer {layer} has per-feature thresholds {thresholds}; this version applies "
                                       f"one threshold ε = {state['eps']} to every feature. Set them all to ε")
@@ -211,7 +238,7 @@ class ORRuleClassifier:
                           QScopeWarning, stacklevel=2)
         kept = {key: state[key] for key in SAVED_FIELDS if key in state}
         kept["features"] = features
-        kept["top1_diff"] = {int(layer): d for layer, d in state.get("top1_diff", {}).items()}
+        kept["top1_diff"] = state["top1_diff"]
         return cls(model, tokenizer, saes, **kept)
 
 

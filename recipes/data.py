@@ -108,6 +108,7 @@ def load_tables(source: Source, *, config: str | None = None,
             missing or unreachable.
     """
     import datasets
+    import pyarrow
 
     if not isinstance(source, str | Path):
         return _from_memory(source)
@@ -119,7 +120,9 @@ def load_tables(source: Source, *, config: str | None = None,
                 return {name: datasets.load_dataset(kind, data_files=file, split="train")
                         for name, file in files.items()}
         return dict(datasets.load_dataset(str(source), config, revision=revision))
-    except (OSError, datasets.exceptions.DatasetsError) as e:  # ConnectionError (offline) is an OSError
+    except (OSError, ValueError, TypeError, pyarrow.ArrowException, datasets.exceptions.DatasetsError) as e:
+        # ConnectionError (offline) is an OSError; a truncated or foreign file fails inside datasets or pyarrow
+        # with ValueError ("corresponds to no data"), ArrowInvalid or a builder error, none naming the file
         reason = str(e.__cause__ or e).splitlines()[0]
         if path.exists():
             raise DataError(f"cannot read {str(source)!r} ({reason}); expected valid json/jsonl/csv/parquet "

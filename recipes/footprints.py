@@ -31,7 +31,7 @@ import torch
 
 from qscope_plugin.backends import as_backend
 from qscope_plugin.distributed import checkpoints, rank_and_world, run_chunks
-from qscope_plugin.errors import QScopeError
+from qscope_plugin.errors import QScopeError, malformed_file
 from qscope_plugin.recipes._harvest import harvest
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -114,10 +114,29 @@ class Footprints:
         if "provenance" not in meta or "d_sae" not in meta:
             raise FootprintError(f"{str(path)!r} is a safetensors file but not a footprint file (no provenance); "
                                  "write one with `qscope footprints`")
-        widths = {int(n): d for n, d in json.loads(meta["d_sae"]).items()}
-        layers = {n: LayerFootprints(tensors[f"layer{n}.indptr"].numpy(), tensors[f"layer{n}.indices"].numpy(), d)
-                  for n, d in sorted(widths.items())}
-        return cls(layers, json.loads(meta["provenance"]))
+        try:
+            widths = {int(n): d for n, d in json.loads(meta["d_sae"]).items()}
+            layers = {n: _checked(tensors[f"layer{n}.indptr"].numpy(), tensors[f"layer{n}.indices"].numpy(), d, n)
+                      for n, d in sorted(widths.items())}
+            provenance = json.loads(meta["provenance"])
+            if not isinstance(provenance, dict):
+                raise TypeError(f"provenance is {type(provenance).__name__}, not an object")
+        except (ValueError, KeyError, TypeError, AttributeError, FootprintError) as e:
+            raise malformed_file(path, f"is not a valid footprint file ({type(e).__name__}: {e})",
+                                 "a file written by harvest_footprints / `qscope footprints`") from None
+        return cls(layers, provenance)
+
+
+def _checked(indptr: np.ndarray, indices: np.ndarray, d_sae: object, layer: int) -> LayerFootprints:
+    """One layer's CSR arrays as read from a file, checked to be one (a foreign or edited file can hold any)."""
+    if isinstance(d_sae, bool) or not isinstance(d_sae, int) or d_sae < 1:
+        raise ValueError(f"layer {layer}: d_sae {d_sae!r} is not a positive integer")
+    if indptr.ndim != 1 or indices.ndim != 1 or len(indptr) < 1 or indptr[0] != 0 \
+            or indptr[-1] != len(indices) or (np.diff(indptr) < 0).any():
+        raise ValueError(f"layer {layer}: indptr does not index its {len(indices)} feature ids")
+    if len(indices) and (indices.min() < 0 or indices.max() >= d_sae):
+        raise ValueError(f"layer {layer}: feature ids outside 0..{d_sae - 1}")
+    return LayerFootprints(indptr, indices, d_sae)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Path:

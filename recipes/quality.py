@@ -230,7 +230,7 @@ def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[i
     texts = check_texts(data)
     backend = as_backend(model)
     layers = sorted(backend.check_layers(saes))
-    encoded = tokenize(tokenizer, texts, max_length=max_length)
+    encoded = tokenize(tokenizer, texts, max_length=max_length, context=backend.context_length)
     if not any(len(ids) >= 2 for ids in encoded):
         raise QualityError(f"none of the {len(texts)} texts has two tokens, so there is no next token to predict; "
                            "pass longer texts")

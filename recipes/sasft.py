@@ -147,7 +147,8 @@ def mean_pre_activations(model: object, tokenizer, texts: Sequence[str], saes: M
     backend = as_backend(model)
     layers = backend.check_layers(features)
     rows = {n: saes[n].encoder_rows(list(features[n])) for n in layers}
-    encoded = [ids for ids in tokenize(tokenizer, check_texts(texts), max_length=max_length) if len(ids) > 1]
+    encoded = [ids for ids in tokenize(tokenizer, check_texts(texts), max_length=max_length,
+                                       context=backend.context_length) if len(ids) > 1]
     if not encoded:
         raise SASFTError("every text is a single token; thresholds need tokens past position 0")
     padding = pad_id(tokenizer)

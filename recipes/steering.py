@@ -16,7 +16,6 @@ several prompts.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 
 from qscope_plugin.backends import Backend, as_backend
 from qscope_plugin.errors import QScopeError
+from qscope_plugin.indices import MAX_NEW_TOKENS, check_count, parse_indices
 from qscope_plugin.recipes._harvest import check_texts
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -94,19 +94,24 @@ class SteeringSpec:
         return cls(terms=(Term(layer, feature, alpha),), **kwargs)
 
 
-def parse_positions(text: str) -> Positions:
-    """``"all"``, ``"prompt"``, ``"generated"`` or indices such as ``"0,1,5"``, ``"3-7"``, ``"0,4-6"``."""
-    text = text.strip()
-    if text in ("all", "prompt", "generated"):
-        return text
-    out: set[int] = set()
-    for part in text.split(","):
-        bounds = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if bounds is None or int(bounds[2] or bounds[1]) < int(bounds[1]):
-            raise SteeringError(f"positions {text!r} cannot be read; expected 'all', 'prompt', 'generated' or "
-                                "indices low-high such as '0,1,5', '3-7' or '0,4-6'")
-        out.update(range(int(bounds[1]), int(bounds[2] or bounds[1]) + 1))
-    return sorted(out)
+def parse_positions(text: str, n_positions: int, subject: str = "the model's context") -> Positions:
+    """``"all"``, ``"prompt"``, ``"generated"`` or indices such as ``"0,1,5"``, ``"3-7"``, ``"0,4-6"`` below
+    ``n_positions`` (the model's context, or the prompt's length for prompt positions), read by the one bounded
+    parser (``indices.parse_indices``): ``0-999999999`` is refused from its ends, never expanded."""
+    if isinstance(text, str) and text.strip() in ("all", "prompt", "generated"):
+        return text.strip()
+    return parse_indices(text, n_positions, what="position", subject=subject, option="positions", all_word=None)
+
+
+def check_generation(backend: Backend, n_prompt: int, max_new_tokens: int) -> None:
+    """Refuse a prompt plus new tokens longer than the model's context, before anything runs: cutting the prompt
+    would change what is steered, and positions past the context are ones the model never saw."""
+    check_count(max_new_tokens, "max_new_tokens", 0, MAX_NEW_TOKENS)
+    context = backend.context_length
+    if context is not None and n_prompt + max_new_tokens > context:
+        raise SteeringError(f"the prompt is {n_prompt} tokens and {max_new_tokens} new ones are asked for, "
+                            f"{n_prompt + max_new_tokens} in all, past the model's context of {context} positions; "
+                            "pass a shorter prompt or fewer new tokens (--max-new-tokens)")
 
 
 STRENGTH_PRESETS = {"Light": 5.0, "Medium": 20.0, "Strong": 100.0}
@@ -305,13 +310,15 @@ def generate(model: object, tokenizer, prompt: str, spec: SteeringSpec, saes: Ma
     (temperature 1), whichever way the tokens were chosen.
 
     Raises:
-        SteeringError: ``spec.prompt_positions`` reach past the prompt.
+        SteeringError: ``spec.prompt_positions`` reach past the prompt, or the prompt plus ``max_new_tokens`` past
+            the model's context.
     """
     (prompt,) = check_texts([prompt], "prompt")
     text = format_prompt(prompt, chat)
     backend = as_backend(model)
     prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(backend.device)
     n_prompt = prompt_ids.shape[1]
+    check_generation(backend, n_prompt, max_new_tokens)
     if spec.prompt_positions is not None and max(spec.prompt_positions) >= n_prompt:
         raise SteeringError(f"prompt position {max(spec.prompt_positions)} is past the prompt, which has {n_prompt} "
                             f"tokens (0..{n_prompt - 1}); pass positions inside it or 'all'")
@@ -358,6 +365,7 @@ def sweep(model: object, tokenizer, prompt: str, layer: int, feature: int, alpha
     text = format_prompt(prompt, chat)
     backend = as_backend(model)
     prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(backend.device)
+    check_generation(backend, prompt_ids.shape[1], max_new_tokens)
     rows = []
     for alpha, spec in zip(alphas, specs, strict=True):
         with steer(backend, spec, saes, prompt_length=prompt_ids.shape[1]):

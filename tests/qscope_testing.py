@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -135,3 +136,45 @@ def tiny_model(family: str, *, multimodal: bool = False, seed: int = 0, **kwargs
     torch.manual_seed(seed)
     cls = tf.AutoModelForImageTextToText if multimodal else tf.AutoModelForCausalLM
     return cls.from_config(cfg).eval()
+
+
+def _status_kib(field: str) -> int:
+    """A ``/proc/self/status`` size field (``VmSize``, ``VmRSS``, ``VmHWM``) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class ResourceBound:
+    """Run blocks under an address-space limit and measure their peak RSS growth (Linux).
+
+    ``with bound:`` sets ``RLIMIT_AS`` to the process's current size plus ``headroom`` bytes, so a runaway
+    allocation fails inside the block (``MemoryError`` or torch's allocation error) instead of the machine's
+    out-of-memory killer ending the run; the previous limit is restored afterwards. The peak RSS is reset on
+    entry (``/proc/self/clear_refs``), so ``growth`` is the block's own peak over its starting RSS, in bytes.
+    """
+
+    def __init__(self, headroom: int) -> None:
+        self.headroom = headroom
+        self.growth = 0
+
+    def __enter__(self) -> ResourceBound:
+        import resource
+
+        self._saved = resource.getrlimit(resource.RLIMIT_AS)
+        hard = self._saved[1]
+        limit = _status_kib("VmSize") * 1024 + self.headroom
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+        # "5" resets VmHWM to the current RSS; where that is not allowed VmHWM stays the all-time peak, and growth
+        # can only overstate the block
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+        self._start = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, self._saved)
+        self.growth = max(0, _status_kib("VmHWM") - self._start) * 1024

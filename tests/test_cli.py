@@ -49,7 +49,7 @@ def test_fetch_removes_a_corrupt_file(hub_cache, capsys):
     [
         (["info", "qwen-scope-nope"], "unknown Qwen-Scope release"),
         (["fetch", RELEASE, "--layers", "30"], r"layer 30 is out of range for release .*28 layers: 0\.\.27"),
-        (["fetch", RELEASE, "--layers", "a-b"], "bad --layers"),
+        (["fetch", RELEASE, "--layers", "a-b"], "--layers 'a-b' cannot be read"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(hub_cache, capsys, argv, message):
@@ -133,8 +133,9 @@ def test_parse_layers():
     assert parse_layers("3,5,7-9", 28) == [3, 5, 7, 8, 9]
     assert parse_layers("all", 3) == [0, 1, 2]
     assert parse_layers(" 2 - 4 ,9", 28) == [2, 3, 4, 9]
-    for bad, message in (("5-3", "reversed range"), ("3-", "bad --layers"), ("-3", "bad --layers"),
-                         ("1,,2", "bad --layers"),
+    for bad, message in (("5-3", "reversed range"), ("3-", "--layers '3-' cannot be read"),
+                         ("-3", "--layers '-3' cannot be read"), ("1,,2", "--layers '1,,2' cannot be read"),
+                         ("1" * 19, "more than 18 digits"),
                          ("28", r"layer 28 is out of range for this release \(28 layers: 0..27\)")):
         with pytest.raises(QScopeError, match=message):
             parse_layers(bad, 28)
@@ -284,3 +285,47 @@ def test_the_parser_and_the_catalogue_do_not_import_torch():
             "assert qs.load_sae.__module__ == 'qscope_plugin.store' and 'torch' in sys.modules")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv", [
+    ["steer", "hi", "--layer", "3", "--feature", "1", "--alpha", "1", "--max-new-tokens", "99999999999"],
+    ["steer", "hi", "--layer", "3", "--feature", "1", "--alpha", "nan"],
+    ["steer", "hi", "--layer", "3", "--feature", "1", "--alpha", "1", "--positions", "0-" + "9" * 40],
+    ["steer", "hi", "--layer", "99999999999999999999", "--feature", "1", "--alpha", "1"],
+    ["analyze", "hi", "--top", "1e308"],
+    ["analyze", "hi", "--layers", "0-999999999"],
+    ["compare", "--positive", "a", "--negative", "b", "--top-k", "-1"],
+    ["evaluate", "--data", "x.jsonl", "--batch-size", "999999999999"],
+    ["evaluate", "--data", "x.jsonl", "--limit", "0"],
+    ["dashboard", "--layer", "3", "--features", "0-99999999999", "--data", "x.jsonl", "--out", "d.html"],
+])
+def test_huge_numbers_and_ranges_are_refused_before_the_model_loads(argv, monkeypatch, capsys):
+    """Exit 2 and one line, from the option's text alone: no model is loaded, nothing is materialised."""
+    from qscope_plugin import models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError(f"the model loaded for {argv}")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse's own usage errors
+        status = e.code
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("prompt", "argv", "message"), [
+    ("今天早上", ["--positions", "0-999999999"],
+     r"position 999999999 is out of range for the model's context \(512 positions: 0..511\)"),
+    ("hi " * 400, ["--max-new-tokens", "32"],
+     r"the prompt is 801 tokens and 32 new ones are asked for, 833 in all, past the model's context of 512"),
+])
+def test_steer_past_the_models_context_is_refused(prompt, argv, message, capsys):
+    """A huge position range is checked from its ends against the demo's 512 positions; a prompt plus new tokens
+    past the context is refused, not cut (a cut prompt would steer another text)."""
+    import re
+
+    assert main(["steer", prompt, "--layer", "3", "--feature", "28", "--alpha", "5", *argv]) == 2
+    err = capsys.readouterr().err.strip()  # transformers' weight-loading bar may come first
+    assert err.count(": error: ") == 1 and re.search(message, err.splitlines()[-1]), err

@@ -4,6 +4,10 @@ Each run ends in success (exit 0) or exactly one line on stderr, ``qscope CMD: e
 never a traceback, and never an exception the CLI did not expect (those print "rerun with --debug", which would
 mean a crash was only caught by the last-resort handler). Commands are read from ``build_parser()``, so a new
 command is covered without touching this file.
+
+Every run is under resource limits: ``RLIMIT_AS`` of the current size plus ``HEADROOM`` (a runaway allocation
+fails in the test, not on the machine) and a bound on its peak RSS growth. Sizes of a job (``BOUNDED``) get small
+values or enormous ones, which must be refused (exit 2) from their text, before anything loads.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from qscope_testing import ResourceBound
 
 from qscope_plugin.cli import build_parser, main
 from qscope_plugin.store import DEMO_RELEASE
@@ -36,6 +41,11 @@ EXPLORE = int(os.environ.get("QSCOPE_CLI_EXAMPLES", "0"))
 HOSTILE = ["", " ", "0", "1", "2", "-1", "-99999999999999999999", "99999999999999999999", "1e308", "nan", "inf",
            "-inf", "1.5", "3-1", "0-1", "0,2", "all", "a,b", ",", "=", "x=", "漢字 🙂 \u202eevil", "%s{0}\\n"]
 SMALL = ["", "0", "1", "2", "-1", "nan", "inf", "1.5", "x"]
+ENORMOUS = ["99999999999", "1e9", "2147483648", "-99999999999999999999", "9" * 400]
+"""Sizes no option accepts: each is refused with exit 2 before a model or dataset loads."""
+HEADROOM = 2 << 30
+MEMORY_BOUND = 1536 << 20
+"""Peak RSS growth of one run: the demo model, its SAEs and a harvest of a few texts fit with room to spare."""
 
 
 def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
@@ -89,7 +99,7 @@ def _value(action: argparse.Action, files: list[str]) -> st.SearchStrategy[str]:
     if action.choices:
         return st.sampled_from([*action.choices, "", "bogus"])
     if any(o in BOUNDED for o in action.option_strings):
-        return st.sampled_from(SMALL)
+        return st.sampled_from(SMALL + ENORMOUS)
     return st.sampled_from([*HOSTILE, *files, DEMO_RELEASE, HUB_RELEASE])
 
 
@@ -121,11 +131,15 @@ def test_no_command_ever_prints_a_traceback(command, workdir, capsys):
     def run(data):
         argv = data.draw(_argv(command, _files(workdir)), label="argv")
         capsys.readouterr()
-        try:
-            status = main(argv)
-        except SystemExit as e:  # argparse: usage errors
-            status = e.code
+        with ResourceBound(HEADROOM) as used:
+            try:
+                status = main(argv)
+            except SystemExit as e:  # argparse: usage errors
+                status = e.code
         err = capsys.readouterr().err
+        assert used.growth <= MEMORY_BOUND, f"{argv} grew the peak RSS by {used.growth / 2**20:.0f} MiB"
+        if any(arg == value or arg.endswith(f"={value}") for arg in argv for value in ENORMOUS):
+            assert status == 2, f"{argv}: an enormous size was not refused ({status}): {err}"
         assert "Traceback" not in err and status in (0, 1, 2), err
         if status:
             lines = err.strip().splitlines()

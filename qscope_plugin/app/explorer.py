@@ -8,6 +8,12 @@ Every computation is a call into ``qscope_plugin.recipes``; this module checks w
 it needs (lazily, through the store's LRU) and turns results into HTML (``views``). Bad input comes back as a
 message in the status, never as an exception, so the page shows it and the server keeps serving. One lock
 serialises the model: a steering edit must never leak into another request's forward.
+
+Every request's work is bounded before the model runs, so no request costs more than a fixed multiple of a
+normal one: each text is measured in tokens and refused past ``max_tokens`` (default: the model's context,
+``qscope app --max-tokens``), Compare's layers × tokens past ``max_layer_tokens`` (4 × ``max_tokens``), Steer's
+prompt plus new tokens past the model's context, and every count and index range is read by the one bounded
+parser (``qscope_plugin.indices``) against what it indexes.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from html import escape
 
 from qscope_plugin.app.dashboard import card_html
 from qscope_plugin.app.views import analysis_html, comparison_html, completion_html
+from qscope_plugin.backends import as_backend
 from qscope_plugin.errors import QScopeError, feature_out_of_range, layer_out_of_range
+from qscope_plugin.indices import check_count, parse_indices
 from qscope_plugin.recipes.discovery import analyze, contrast
 from qscope_plugin.recipes.inspection import Corpus, cards_from_corpus, harvest_corpus
-from qscope_plugin.recipes.steering import Sampling, SteeringSpec, generate, parse_positions, strength_presets
+from qscope_plugin.recipes.steering import Sampling, SteeringSpec, generate, strength_presets
 from qscope_plugin.store import DEFAULT_CACHE, layer_count, load_sae
 
 Differences = dict[tuple[int, int], float]
@@ -35,6 +43,10 @@ TOP_CANDIDATES = 10
 MAX_NEW_TOKENS = 256
 SEARCH_RESULTS = 20
 """Features the search box lists at most."""
+DEFAULT_MAX_TOKENS = 2048
+"""Tokens per text when the model's config gives no context length."""
+LAYER_TOKENS_PER_TEXT = 4
+"""Compare's budget of layers × tokens, in texts of ``max_tokens``: four layers of a full-length text."""
 
 
 class AppInputError(QScopeError, ValueError):
@@ -72,13 +84,6 @@ def _whole(value: object, low: int, high: int) -> int | None:
     return None
 
 
-def _integer(value: object, what: str, low: int, high: int) -> int:
-    number = _whole(value, low, high)
-    if number is None:
-        raise AppInputError(f"{what} {value!r} cannot be used; pass a whole number in {low}..{high}")
-    return number
-
-
 def _real(value: object, what: str) -> float:
     """A number from a page field; NaN and infinities pass, for the recipe to refuse with its own message."""
     if not isinstance(value, int | float) or isinstance(value, bool):
@@ -112,7 +117,13 @@ class Explorer:
     texts: Sequence[str] = ()
     model_name: str = "a model"
     """How the page names the backbone."""
+    max_tokens: int | None = None
+    """Longest text (in tokens) any tab takes; None: the model's context (``max_position_embeddings``)."""
     n_layers: int = field(init=False)
+    max_layer_tokens: int = field(init=False)
+    """Compare's bound on layers × tokens of both texts."""
+    _max_token_chars: int = field(init=False, repr=False)
+    """The longest vocabulary entry: a text longer than ``max_tokens`` of them is refused without tokenizing."""
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _corpora: dict[int, Corpus] = field(default_factory=dict, init=False, repr=False)
     """The Feature tab's harvest of ``texts`` per layer: the texts are fixed, so each layer is harvested once."""
@@ -122,12 +133,21 @@ class Explorer:
 
     def __post_init__(self) -> None:
         self.n_layers = _layers_of(self.source)
+        context = as_backend(self.model).context_length or DEFAULT_MAX_TOKENS
+        if self.max_tokens is None:
+            self.max_tokens = context
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise AppInputError(f"max_tokens={self.max_tokens!r}; pass a whole number of tokens >= 1, e.g. {context}")
+        self.max_layer_tokens = LAYER_TOKENS_PER_TEXT * self.max_tokens
+        vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+        self._max_token_chars = max(map(len, vocab), default=64)
 
     @classmethod
     def load(cls, model: str | None = None, release: str | None = None, *, device: str | None = None,
-             texts: Sequence[str] = (), explanations: str | None = None) -> Explorer:
+             texts: Sequence[str] = (), max_tokens: int | None = None, explanations: str | None = None) -> Explorer:
         """Load a backbone folder or cached hub id on ``device``; defaults: the embedded demo model, its SAEs and
-        its sentences. ``explanations``: a ``qscope explain`` file for the search box (read before the model)."""
+        its sentences, and texts of at most the model's context. ``explanations``: a ``qscope explain`` file for
+        the search box (read before the model)."""
         from qscope_plugin.models import default_model, default_release, load_model
         from qscope_plugin.recipes.explain import ExplainError, read_explanations
 
@@ -141,7 +161,7 @@ class Explorer:
         backbone, tokenizer = load_model(model or default_model(), device=device)
         name = "the embedded demo model" if model in (None, default_model()) else model
         return cls(backbone, tokenizer, release or default_release(), texts or demo_texts(), model_name=name,
-                   explanations=explained)
+                   max_tokens=max_tokens, explanations=explained)
 
     # -- shared checks ---------------------------------------------------------------------------------------
     def _layer(self, value: object) -> int:
@@ -149,6 +169,28 @@ class Explorer:
         if layer is None:
             raise layer_out_of_range(value, self.n_layers, f"{self.source!r}")
         return layer
+
+    def _tokens(self, text: object, what: str) -> int:
+        """The token count of a page's text, refused past ``max_tokens`` before the model sees it.
+
+        A text longer than ``max_tokens`` of the vocabulary's longest entries cannot fit and is refused without
+        tokenizing it (tokenizing 100 MB is itself a denial of service); text that is not UTF-8 (an unpaired
+        surrogate from a JSON client) is refused with a message, not a tokenizer exception.
+        """
+        if not isinstance(text, str):
+            raise AppInputError(f"{what} is {type(text).__name__}, not text; type a text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise AppInputError(f"{what} holds a character that is not valid Unicode text ({e.reason} at character "
+                                f"{e.start}); remove it") from None
+        limit = f"the app takes at most {self.max_tokens} tokens per text (`qscope app --max-tokens` changes it)"
+        if len(text) > self.max_tokens * self._max_token_chars:
+            raise AppInputError(f"{what} is {len(text)} characters, more than {self.max_tokens} tokens; {limit}")
+        n_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n_tokens > self.max_tokens:
+            raise AppInputError(f"{what} is {n_tokens} tokens; {limit}; shorten it")
+        return n_tokens
 
     def _saes(self, layers: Sequence[int]) -> dict:
         return {n: load_sae(self.source, n) for n in layers}
@@ -164,7 +206,8 @@ class Explorer:
     @shows_errors(blank=1)
     def analyze(self, text: str, layer: object, top_n: object = 5) -> tuple[str, str]:
         """Analyze: the ``top_n`` strongest features of every token of ``text`` at ``layer``."""
-        layer, top_n = self._layer(layer), _integer(top_n, "top features per token", 1, 64)
+        layer, top_n = self._layer(layer), check_count(top_n, "top features per token", 1, 64)
+        self._tokens(text, "the text")
         saes = self._saes([layer])
         with self._lock:
             rows = analyze(self.model, self.tokenizer, text, saes, top_n=top_n)
@@ -178,7 +221,9 @@ class Explorer:
         by |A − B|. The differences go to the page's state, where they calibrate the Steer presets; bad input
         keeps the previous ones."""
         try:
+            n_tokens = 0
             for name, text in (("A", text_a), ("B", text_b)):
+                n_tokens += self._tokens(text, f"text {name}")
                 if not text.strip():
                     raise AppInputError(f"text {name} is empty; type a text on both sides to compare them")
             first, last = self._layer(first_layer), self._layer(last_layer)
@@ -187,7 +232,12 @@ class Explorer:
             if last - first + 1 > DEFAULT_CACHE.max_layers:
                 raise AppInputError(f"layers {first}..{last} are {last - first + 1} SAEs; Compare loads at most "
                                     f"{DEFAULT_CACHE.max_layers} at once (the SAE cache); narrow the range")
-            top_k = _integer(top_k, "top-K", 1, 100)
+            n_layers = last - first + 1
+            if n_layers * n_tokens > self.max_layer_tokens:
+                raise AppInputError(f"{n_layers} layers × {n_tokens} tokens is more work than one Compare does "
+                                    f"({self.max_layer_tokens} layer-tokens: {LAYER_TOKENS_PER_TEXT} × --max-tokens); "
+                                    "narrow the layer range or shorten the texts")
+            top_k = check_count(top_k, "top-K", 1, 100)
             saes = self._saes(range(first, last + 1))
             with self._lock:
                 ranking = contrast(self.model, self.tokenizer, [text_a], [text_b], saes, method=method,
@@ -215,14 +265,15 @@ class Explorer:
         the top candidates."""
         layer = self._layer(layer)
         feature = self._feature(feature, layer)
+        n_prompt = self._tokens(prompt, "the prompt")
         alpha = self._strength(layer, feature, preset, custom_alpha, differences or {})
         spec = SteeringSpec.single(layer, feature, alpha, direction_norm=direction_norm,
-                                   **self._positions(positions, steer_generated))
+                                   **self._positions(positions, steer_generated, n_prompt))
         if decoding not in ("greedy", "sampled"):
             raise AppInputError(f"decoding {decoding!r}; expected 'greedy' or 'sampled'")
         sampling = None if decoding == "greedy" else Sampling(
-            _real(temperature, "temperature"), _real(top_p, "top-p"), _integer(seed, "seed", 0, 2**31 - 1))
-        n_new = _integer(max_new_tokens, "new tokens", 1, MAX_NEW_TOKENS)
+            _real(temperature, "temperature"), _real(top_p, "top-p"), check_count(seed, "seed", 0, 2**31 - 1))
+        n_new = check_count(max_new_tokens, "new tokens", 1, MAX_NEW_TOKENS)
         saes = self._saes([layer])
         with self._lock:
             result = generate(self.model, self.tokenizer, prompt, spec, saes, max_new_tokens=n_new,
@@ -272,13 +323,17 @@ class Explorer:
                  f"{layer}:{feature}") for _, layer, feature, row in found[:limit]]
 
     @staticmethod
-    def _positions(text: str, steer_generated: bool) -> Mapping[str, object]:
+    def _positions(text: object, steer_generated: bool, n_prompt: int) -> Mapping[str, object]:
         """The app's positions box (``all`` or prompt indices like ``0,1,5`` / ``3-7``) and its "steer generated
-        tokens" box, as ``SteeringSpec`` arguments. The box names prompt positions only: the words ``prompt`` and
-        ``generated`` are refused, as the checkbox alone says whether generated tokens are steered."""
-        where = parse_positions(text or "")
-        if where in ("prompt", "generated"):
-            raise AppInputError(f"positions {where!r}: the box takes 'all' or prompt indices such as '0,1,5'; tick or "
-                                "untick 'steer generated tokens' to steer the generated tokens or not")
+        tokens" box, as ``SteeringSpec`` arguments. The box names prompt positions only, read by the one bounded
+        parser against the prompt's ``n_prompt`` tokens: the words ``prompt`` and ``generated`` are refused, as
+        the checkbox alone says whether generated tokens are steered."""
+        if isinstance(text, str) and text.strip() in ("prompt", "generated"):
+            raise AppInputError(f"positions {text.strip()!r}: the box takes 'all' or prompt indices such as '0,1,5'; "
+                                "tick or untick 'steer generated tokens' to steer the generated tokens or not")
         mode = "all" if steer_generated else "prompt"
-        return {"positions": mode} if isinstance(where, str) else {"positions": mode, "prompt_positions": where}
+        if isinstance(text, str) and text.strip() == "all":
+            return {"positions": mode}
+        where = parse_indices(text, n_prompt, what="prompt position", subject="the prompt",
+                              option="positions", all_word=None)
+        return {"positions": mode, "prompt_positions": where}

@@ -7,6 +7,11 @@
 Presentation only: the layout and its wiring; every callback is an ``Explorer`` method. The page works with no
 internet: analytics and Gradio's update check are off, the theme uses system fonts (the default theme's web fonts
 would be fetched), and nothing is shared. Gradio is imported here only, and only ``qscope app`` imports this module.
+
+Requests are bounded here as well as in the ``Explorer``: every callback that runs the model shares one Gradio
+concurrency group of size 1 (there is one model), the queue holds at most ``queue_size`` waiting requests (a
+request past that is answered at once with Gradio's "Queue is full" error, HTTP 503, instead of waiting behind
+the others), and uploads are refused past ``MAX_FILE_SIZE`` (the app takes no files).
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ EXAMPLE_PROMPT = "今天早上"
 PAGE_CSS = APP_CSS + CARD_CSS + """
 #analyze-out [data-feature], #compare-out [data-feature] { cursor: pointer; text-decoration: underline dotted; }
 """
+QUEUE_SIZE = 16
+"""Requests waiting for the model at most; one more is refused at once ("Queue is full"), never left to wait."""
+MAX_FILE_SIZE = "1mb"
+"""The app takes no files; anything posted to Gradio's upload route past this is refused."""
+MODEL = "model"
+"""The one concurrency group of every callback that runs the model: one request at a time, as there is one model."""
 SYSTEM_FONTS = (["ui-sans-serif", "system-ui", "sans-serif"], ["ui-monospace", "Consolas", "monospace"])
 
 
@@ -46,8 +57,9 @@ def _layer_box(explorer: Explorer, label: str, elem_id: str, value: int | None =
 
 
 def _run(button: gr.Button, fn: Callable, inputs: list, outputs: list, *submits: gr.Textbox) -> None:
-    """One callback on the button and on Enter in the given text boxes."""
-    gr.on([button.click, *(box.submit for box in submits)], fn, inputs, outputs)
+    """One callback on the button and on Enter in the given text boxes, in the model's concurrency group."""
+    gr.on([button.click, *(box.submit for box in submits)], fn, inputs, outputs, concurrency_limit=1,
+          concurrency_id=MODEL)
 
 
 def _analyze_tab(explorer: Explorer) -> None:
@@ -199,15 +211,16 @@ def build_app(explorer: Explorer) -> gr.Blocks:
 
 
 def serve(explorer: Explorer, *, host: str = "127.0.0.1", port: int = 7860,
-          announce: Callable[[str], None] = print, block: bool = True) -> gr.Blocks:
+          announce: Callable[[str], None] = print, block: bool = True, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
     """Serve the app on ``host:port`` (this machine only by default) and ``announce`` its URL once it answers.
 
-    ``block=False`` returns the running app (``app.close()`` stops it), for tests and notebooks.
+    At most ``queue_size`` requests wait for the model; more are refused at once. ``block=False`` returns the
+    running app (``app.close()`` stops it), for tests and notebooks.
     """
-    app = build_app(explorer)
+    app = build_app(explorer).queue(max_size=queue_size, default_concurrency_limit=1)
     try:
         app.launch(server_name=host, server_port=port, share=False, quiet=True, prevent_thread_lock=True,
-                   theme=_theme(), css=PAGE_CSS, footer_links=[])
+                   theme=_theme(), css=PAGE_CSS, footer_links=[], max_file_size=MAX_FILE_SIZE)
     except OSError as e:  # the port is taken, or the host is not an address of this machine
         raise QScopeError(f"cannot serve on {host}:{port} ({e}); pass a free --port, e.g. --port 7861") from None
     announce(app.local_url)

@@ -6,42 +6,68 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from qscope_plugin.errors import QScopeError, feature_out_of_range, layer_out_of_range
+from qscope_plugin.errors import QScopeError
+from qscope_plugin.indices import parse_indices
 
 
 class UsageError(QScopeError, ValueError):
     """A command-line argument that cannot be used."""
 
 
+MAX_INDEX = 1 << 20
+"""Largest layer or feature id an option reads (the widest Qwen-Scope SAE has 128K features); each is checked
+against its release or SAE once that is known."""
+MAX_POSITIONS = 1 << 20
+"""Largest token count or position an option reads (``--max-length``, positions), when the model says none."""
+MAX_BATCH = 4096
+"""Largest ``--batch-size``: texts in one forward."""
+MAX_ITEMS = 10_000_000
+"""Largest count of texts, samples or draws (``--limit``, ``--n-test``, ``--n-draws``, ``--budget``)."""
+MAX_TOP = 1 << 17
+"""Largest top-k / number of features per layer (the widest SAE's d_sae)."""
+MAX_SEED = 2**32 - 1
+
+
+def count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number in ``low..high``, refused (exit 2) before anything loads.
+
+    Huge numbers are the cheapest way to exhaust a machine (a batch, top-k or new-token count allocates with
+    them), so every numeric option has a ceiling, checked here from the text, never after a model has loaded.
+    """
+    def parse(text: str) -> int:
+        value = text.strip()
+        if not re.fullmatch(r"[+-]?[0-9]{1,19}", value) or not low <= int(value) <= high:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number in {low}..{high}")
+        return int(value)
+
+    parse.__name__ = "count"  # argparse names the type in its message
+    return parse
+
+
+def finite(text: str) -> float:
+    """An argparse ``type``: a finite number (NaN and infinities are refused, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a finite number")
+    return value
+
+
 def parse_layers(spec: str, n_layers: int, option: str = "--layers", subject: str = "this release") -> list[int]:
     """``"10-14"``, ``"3,5,7-9"`` or ``"all"`` to a sorted list of indices below ``n_layers``, each checked.
 
-    An index past the end raises the plugin's one error for it: ``LayerOutOfRangeError`` for ``--layers``,
-    ``FeatureOutOfRangeError`` for ``--features`` (``subject`` names what holds them).
+    The option's wording over ``indices.parse_indices``, the one bounded parser: ``--features`` reads feature ids
+    (``FeatureOutOfRangeError`` past ``d_sae``), every other option layers (``LayerOutOfRangeError``).
     """
-    if spec.strip() == "all":
-        return list(range(n_layers))
-    out: set[int] = set()
-    for part in spec.split(","):
-        bounds = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if bounds is None:
-            raise UsageError(f"bad {option} {spec!r}: expected e.g. '14', '10-14', '3,5,7-9' or 'all'")
-        first, last = int(bounds[1]), int(bounds[2] or bounds[1])
-        if first > last:
-            raise UsageError(f"{option} {part.strip()!r} is a reversed range; write it low-high, e.g. "
-                             f"'{last}-{first}'")
-        if last >= n_layers:
-            if option == "--layers":
-                raise layer_out_of_range(last, n_layers, subject)
-            if option == "--features":
-                raise feature_out_of_range(last, n_layers, subject)
-            raise UsageError(f"{option} {part.strip()!r} is outside 0..{n_layers - 1}")
-        out.update(range(first, last + 1))
-    return sorted(out)
+    what = "feature" if option == "--features" else "layer"
+    return parse_indices(spec, n_layers, what=what, subject=subject, option=option)
 
 
 def names(spec: str) -> list[str]:
@@ -70,7 +96,7 @@ def add_data_options(p: argparse.ArgumentParser, *, required: bool = True, what:
     p.add_argument("--config", default=None, help="dataset configuration (hub datasets)")
     p.add_argument("--split", default=None, help="dataset split, e.g. test (needed if it has several)")
     p.add_argument("--revision", default=None, help="dataset revision to pin")
-    p.add_argument("--limit", type=int, default=None, help="only the first N texts")
+    p.add_argument("--limit", type=count(1, MAX_ITEMS), default=None, help="only the first N texts")
 
 
 def data_texts(args: argparse.Namespace) -> list[str]:
@@ -121,9 +147,17 @@ def distributed_run(args: argparse.Namespace) -> Iterator[int]:
 
 def load_saes(source: str, layers: str) -> dict:
     """``{layer: QwenScopeSAE}`` for ``--layers`` of a release name or SAE folder."""
-    from qscope_plugin.store import layer_count, load_sae
+    from qscope_plugin.store import load_sae
 
-    return {n: load_sae(source, n) for n in parse_layers(layers, layer_count(source), subject=f"{source!r}")}
+    return {n: load_sae(source, n) for n in release_layers(layers, source)}
+
+
+def release_layers(spec: str, source: str, option: str = "--layers") -> list[int]:
+    """An option's layers (``"1,2"``, ``"0-3"``), each checked against the layers of ``source`` (release or
+    folder)."""
+    from qscope_plugin.store import layer_count
+
+    return parse_layers(spec, layer_count(source), option=option, subject=f"{source!r}")
 
 
 def load_backbone(args: argparse.Namespace):

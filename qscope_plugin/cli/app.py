@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from importlib.util import find_spec
 
-from qscope_plugin.cli._options import UsageError, add_data_options, add_model_options, data_texts
+from qscope_plugin.cli._options import (
+    MAX_POSITIONS,
+    UsageError,
+    add_data_options,
+    add_model_options,
+    count,
+    data_texts,
+)
 
 
 def cmd_app(args: argparse.Namespace) -> None:
@@ -17,9 +24,9 @@ def cmd_app(args: argparse.Namespace) -> None:
     from qscope_plugin.app.web import serve
 
     texts = data_texts(args) if args.data else ()
-    explorer = Explorer.load(args.model, args.release, device=args.device, texts=texts,
+    explorer = Explorer.load(args.model, args.release, device=args.device, texts=texts, max_tokens=args.max_tokens,
                              explanations=args.explanations)
-    serve(explorer, host=args.host, port=args.port,
+    serve(explorer, host=args.host, port=args.port, queue_size=args.queue_size,
           announce=lambda url: print(f"qscope app: serving on {url} (Ctrl+C to stop)", flush=True))
 
 
@@ -34,6 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_options(app, layers=False, json_output=False)
     app.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     app.add_argument("--port", type=_port, default=7860, help="port to listen on (default 7860)")
+    app.add_argument("--max-tokens", type=count(1, MAX_POSITIONS), default=None,
+                     help="longest text any tab takes, in tokens; longer ones are refused in the page before the "
+                     "model runs (default: the model's context, max_position_embeddings)")
+    app.add_argument("--queue-size", type=count(1, 1000), default=16,
+                     help="requests that may wait for the model; more are answered 'Queue is full' at once "
+                     "(default 16)")
     add_data_options(app, required=False, what="texts of the Feature tab's cards (default: the demo's sentences)")
     app.add_argument("--explanations", default=None, help="a `qscope explain` file: the search box finds features by "
                      "their explanation, and cards show it with its scores")

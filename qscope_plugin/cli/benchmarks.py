@@ -5,7 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qscope_plugin.cli._options import UsageError, add_model_options, emit, load_backbone, load_saes
+from qscope_plugin.cli._options import (
+    MAX_BATCH,
+    MAX_INDEX,
+    MAX_ITEMS,
+    MAX_POSITIONS,
+    MAX_SEED,
+    UsageError,
+    add_model_options,
+    count,
+    emit,
+    finite,
+    load_backbone,
+    load_saes,
+)
 
 
 def cmd_footprints(args: argparse.Namespace) -> None:
@@ -136,16 +149,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     footprints.add_argument("--column", default=None, help="column holding the prompt text")
     footprints.add_argument("--template", default=None, help="prompt built from columns, e.g. 'Q: {question}\\nA:'")
     footprints.add_argument("--name", default=None, help="benchmark name in reports (default: the file name)")
-    footprints.add_argument("--limit", type=int, default=None, help="only the first N samples")
-    footprints.add_argument("--batch-size", type=int, default=16)
-    footprints.add_argument("--max-length", type=int, default=2048, help="keep the last N tokens of longer prompts")
-    footprints.add_argument("--chunk-size", type=int, default=1024, help="samples per checkpoint (default 1024)")
+    footprints.add_argument("--limit", type=count(1, MAX_ITEMS), default=None, help="only the first N samples")
+    footprints.add_argument("--batch-size", type=count(1, MAX_BATCH), default=16)
+    footprints.add_argument("--max-length", type=count(1, MAX_POSITIONS), default=2048,
+                            help="keep the last N tokens of longer prompts")
+    footprints.add_argument("--chunk-size", type=count(1, MAX_ITEMS), default=1024,
+                            help="samples per checkpoint (default 1024)")
     footprints.add_argument("--out", required=True, help="footprint file (.safetensors); resumes if interrupted")
     task = footprints.add_argument_group("lm-eval task (install qscope-plugin[eval])")
     task.add_argument("--lm-eval-task", default=None, metavar="TASK",
                       help="harvest an lm-evaluation-harness task's documents on the contexts lm-eval builds")
-    task.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's own)")
-    task.add_argument("--fewshot-seed", type=int, default=1234, help="few-shot sampler seed (lm-eval's default 1234)")
+    task.add_argument("--num-fewshot", type=count(0, 1000), default=None,
+                      help="few-shot examples (default: the task's own)")
+    task.add_argument("--fewshot-seed", type=count(0, MAX_SEED), default=1234,
+                      help="few-shot sampler seed (lm-eval's default 1234)")
     task.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
     task.add_argument("--apply-chat-template", action="store_true", help="wrap contexts in the model's chat template")
     add_model_options(footprints)
@@ -154,7 +171,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     redundancy = sub.add_parser("redundancy", help="coverage, R_hat, R, overlaps and correlations of benchmarks "
                                 "from their footprints (report §4)")
     redundancy.add_argument("footprints", nargs="+", help="footprint files written by `qscope footprints`")
-    redundancy.add_argument("--layer", type=int, default=None, help="layer to compare (needed if files hold several)")
+    redundancy.add_argument("--layer", type=count(0, MAX_INDEX), default=None,
+                            help="layer to compare (needed if files hold several)")
     redundancy.add_argument("--correctness", action="append", metavar="NAME=CSV",
                             help="per-sample scores of a benchmark: models as rows, samples as columns (repeatable)")
     redundancy.add_argument("--scores", default=None, help="CSV of accuracies: models as rows, benchmarks as columns "
@@ -166,11 +184,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             help="per-sample metric of a task, e.g. gsm8k=exact_match,strict-match (default acc, "
                             "else exact_match)")
     redundancy.add_argument("--reference", default="MMLU", help="benchmark to control for in partial correlations")
-    redundancy.add_argument("--n-draws", type=int, default=200, help="Monte-Carlo subsets per n for tau_n")
-    redundancy.add_argument("--seed", type=int, default=0)
+    redundancy.add_argument("--n-draws", type=count(1, MAX_ITEMS), default=200,
+                            help="Monte-Carlo subsets per n for tau_n")
+    redundancy.add_argument("--seed", type=count(0, MAX_SEED), default=0)
     redundancy.add_argument("--kendall", choices=["a", "b"], default="b", help="Kendall tau variant (default b)")
-    redundancy.add_argument("--drop-threshold", type=float, default=0.6)
-    redundancy.add_argument("--distinct-threshold", type=float, default=0.2)
+    redundancy.add_argument("--drop-threshold", type=finite, default=0.6)
+    redundancy.add_argument("--distinct-threshold", type=finite, default=0.2)
     redundancy.add_argument("--out", required=True, help="report folder")
     redundancy.add_argument("--json", action="store_true", help="print the report JSON instead of a table")
     redundancy.set_defaults(func=cmd_redundancy)

@@ -7,10 +7,16 @@ import json
 from pathlib import Path
 
 from qscope_plugin.cli._options import (
+    MAX_INDEX,
+    MAX_ITEMS,
+    MAX_SEED,
+    MAX_TOP,
     UsageError,
     add_distributed_options,
     add_model_options,
+    count,
     distributed_run,
+    finite,
     load_backbone,
     load_saes,
     read_texts,
@@ -92,13 +98,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--languages", default=None, help="comma-separated, e.g. en,ru (default: all)")
         p.add_argument("--text-column", default="text")
         p.add_argument("--label-column", default="toxic")
-        p.add_argument("--n-discovery", type=int, default=4000)
-        p.add_argument("--n-test", type=int, default=1000)
-        p.add_argument("--split-seed", type=int, default=0)
-        p.add_argument("--eps", type=float, default=0.0, help="firing threshold ε (default 0)")
-        p.add_argument("--m-layers", type=int, default=1 if verb == "fit" else 3)
+        p.add_argument("--n-discovery", type=count(0, MAX_ITEMS), default=4000)
+        p.add_argument("--n-test", type=count(0, MAX_ITEMS), default=1000)
+        p.add_argument("--split-seed", type=count(0, MAX_SEED), default=0)
+        p.add_argument("--eps", type=finite, default=0.0, help="firing threshold ε (default 0)")
+        p.add_argument("--m-layers", type=count(1, MAX_INDEX), default=1 if verb == "fit" else 3)
         if verb == "fit":
-            p.add_argument("--k", type=int, default=5, help="features of the selected layer (default 5)")
+            p.add_argument("--k", type=count(1, MAX_TOP), default=5, help="features of the selected layer (default 5)")
         p.add_argument("--out", required=True, help="classifier JSON (fit) or report folder (eval)")
         add_distributed_options(p)
         add_model_options(p)

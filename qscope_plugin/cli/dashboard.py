@@ -11,11 +11,15 @@ import json
 from pathlib import Path
 
 from qscope_plugin.cli._options import (
+    MAX_BATCH,
+    MAX_INDEX,
+    MAX_POSITIONS,
     UsageError,
     add_data_options,
     add_distributed_options,
     add_first_token_options,
     add_model_options,
+    count,
     data_texts,
     distributed_run,
     emit,
@@ -89,7 +93,7 @@ def _top(text: str) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dashboard", help="feature cards of one layer as one self-contained HTML file")
-    p.add_argument("--layer", type=int, required=True, help="the SAE layer")
+    p.add_argument("--layer", type=count(0, MAX_INDEX), required=True, help="the SAE layer")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--features", default=None, help="feature ids, e.g. 12,40-45")
     which.add_argument("--top", type=_top, default=None, help="the N features of highest firing density (default "
@@ -98,10 +102,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_first_token_options(p, default=True)
     p.add_argument("--explanations", default=None, help='JSON {"feature": "explanation"}, `qscope safety '
                    "targets` JSON lines or a `qscope explain` file (explanations and their scores)")
-    p.add_argument("--n-contexts", type=int, default=10, help="top-activating contexts per card (default 10)")
-    p.add_argument("--window", type=int, default=10, help="tokens shown each side of a context's peak (default 10)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=512, help="tokens read per text (default 512)")
+    p.add_argument("--n-contexts", type=count(0, 1000), default=10,
+                   help="top-activating contexts per card (default 10)")
+    p.add_argument("--window", type=count(0, 1000), default=10,
+                   help="tokens shown each side of a context's peak (default 10)")
+    p.add_argument("--batch-size", type=count(1, MAX_BATCH), default=16)
+    p.add_argument("--max-length", type=count(1, MAX_POSITIONS), default=512, help="tokens read per text (default 512)")
     p.add_argument("--out", required=True, help="the HTML file to write")
     add_distributed_options(p)
     add_model_options(p, layers=False)

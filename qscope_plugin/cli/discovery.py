@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 
 from qscope_plugin.cli._options import (
+    MAX_TOP,
     add_first_token_options,
     add_model_options,
+    count,
     emit,
     load_backbone,
     load_saes,
@@ -52,7 +54,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     analyze = sub.add_parser("analyze", help="top SAE features of every token of a text, per layer")
     analyze.add_argument("text")
-    analyze.add_argument("--top", type=int, default=5, help="features per token (default 5)")
+    analyze.add_argument("--top", type=count(1, MAX_TOP), default=5, help="features per token (default 5)")
     add_model_options(analyze)
     analyze.set_defaults(func=cmd_analyze)
 
@@ -64,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          help="mean activation difference (report R1) or firing-rate difference (official app)")
     compare.add_argument("--pool", choices=["mean", "max"], default="mean", help="token pooling for --method mean")
     compare.add_argument("--rank-by", choices=["signed", "abs"], default="signed")
-    compare.add_argument("--top-k", type=int, default=5, help="features per layer (default 5)")
+    compare.add_argument("--top-k", type=count(1, MAX_TOP), default=5, help="features per layer (default 5)")
     add_first_token_options(compare, default=True)
     add_model_options(compare)
     compare.set_defaults(func=cmd_compare)

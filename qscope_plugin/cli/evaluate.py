@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 
 from qscope_plugin.cli._options import (
+    MAX_BATCH,
+    MAX_POSITIONS,
     add_data_options,
     add_distributed_options,
     add_first_token_options,
     add_model_options,
+    count,
     data_texts,
     distributed_run,
     emit,
+    finite,
     load_backbone,
     load_saes,
 )
@@ -45,9 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "CE and KL with the reconstruction spliced in (CE loss recovered)")
     p.add_argument("layers", help="e.g. 3, 0-3, 1,3 or all")
     add_data_options(p)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512, help="keep the first N tokens of each text")
-    p.add_argument("--dense-threshold", type=float, default=0.1,
+    p.add_argument("--batch-size", type=count(1, MAX_BATCH), default=8)
+    p.add_argument("--max-length", type=count(1, MAX_POSITIONS), default=512,
+                   help="keep the first N tokens of each text")
+    p.add_argument("--dense-threshold", type=finite, default=0.1,
                    help="a feature firing on more than this fraction of tokens is dense (default 0.1)")
     add_first_token_options(p, default=False)
     p.add_argument("--out", required=True, help="report folder: report.json, report.md, quality.png")

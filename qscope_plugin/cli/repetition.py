@@ -12,16 +12,21 @@ import math
 from pathlib import Path
 
 from qscope_plugin.cli._options import (
+    MAX_SEED,
+    MAX_TOP,
     UsageError,
     add_distributed_options,
     add_model_options,
+    count,
     distributed_run,
     emit,
     load_backbone,
     load_saes,
     names,
     read_texts,
+    release_layers,
 )
+from qscope_plugin.indices import MAX_NEW_TOKENS
 
 
 def cmd_features(args: argparse.Namespace) -> None:
@@ -67,10 +72,7 @@ def cmd_check(args: argparse.Namespace) -> None:
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise UsageError(f"cannot read --features {args.features!r} ({e}); pass the JSON of "
                          "`qscope repetition features`") from None
-    try:
-        layers = None if args.steer_layers is None else [int(n) for n in names(args.steer_layers)]
-    except ValueError:
-        raise UsageError(f"--steer-layers {args.steer_layers!r}; expected layer numbers, e.g. 1,2") from None
+    layers = None if args.steer_layers is None else release_layers(args.steer_layers, args.release, "--steer-layers")
     spec = repetition_spec(found, 1.0, layers=layers, n_features=args.n_features, direction_norm=args.direction_norm)
     saes = load_saes(args.release, "all")
     model, tok = load_backbone(args)
@@ -92,9 +94,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     f = cmds.add_parser("features", help="repetition features (R32) of texts that loop, to JSON")
     f.add_argument("text", nargs="*", help="texts (or --texts FILE)")
     f.add_argument("--texts", default=None, help="file with one text per line")
-    f.add_argument("--max-new-tokens", type=int, default=0,
+    f.add_argument("--max-new-tokens", type=count(0, MAX_NEW_TOKENS), default=0,
                    help="first extend each text by this many greedy tokens (the model's own loops); 0: as given")
-    f.add_argument("--n-features", type=int, default=8, help="features kept per layer")
+    f.add_argument("--n-features", type=count(1, MAX_TOP), default=8, help="features kept per layer")
     f.add_argument("--rep-agg", choices=["mean", "pooled"], default="mean",
                    help="mean per text then texts (default), or one mean over all repeated tokens")
     f.add_argument("--out", required=True, help="where to write the features JSON")
@@ -108,9 +110,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--features", required=True, help="JSON from `qscope repetition features`")
     c.add_argument("--alphas", default="-8,0,8", help="strengths, e.g. --alphas=-8,0,8 (negative suppresses)")
     c.add_argument("--steer-layers", default=None, help="e.g. 1,2 (default: every layer in the JSON)")
-    c.add_argument("--n-features", type=int, default=1, help="top features per layer to steer")
+    c.add_argument("--n-features", type=count(1, MAX_TOP), default=1, help="top features per layer to steer")
     c.add_argument("--direction-norm", choices=["raw", "unit"], default="unit", help="unit: alpha in residual units")
-    c.add_argument("--max-new-tokens", type=int, default=32)
-    c.add_argument("--seed", type=int, default=0, help="seed of the random direction")
+    c.add_argument("--max-new-tokens", type=count(0, MAX_NEW_TOKENS), default=32)
+    c.add_argument("--seed", type=count(0, MAX_SEED), default=0, help="seed of the random direction")
     add_model_options(c, layers=False)
     c.set_defaults(func=cmd_check)

@@ -6,17 +6,22 @@ import argparse
 import re
 
 from qscope_plugin.cli._options import (
+    MAX_ITEMS,
+    MAX_SEED,
     UsageError,
     add_distributed_options,
     add_model_options,
+    count,
     distributed_run,
     emit,
+    finite,
     load_backbone,
     load_saes,
     names,
     parse_layers,
     read_texts,
 )
+from qscope_plugin.indices import MAX_NEW_TOKENS
 
 
 def _chat(args: argparse.Namespace, model, tok):
@@ -137,7 +142,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     targets = verbs.add_parser("targets", help="explain and score candidate features; keep s >= tau")
     targets.add_argument("--features", required=True, help="feature ids per layer, e.g. 0-99 or 5,17,301")
     targets.add_argument("--corpus", required=True, help="file of texts (one per line) to find top contexts in")
-    targets.add_argument("--tau", type=float, default=0.5, help="relevance threshold τ (default 0.5)")
+    targets.add_argument("--tau", type=finite, default=0.5, help="relevance threshold τ (default 0.5)")
     targets.add_argument("--categories", default="", help="comma-separated risk categories the chat model picks "
                                                           "from (default: RISK_CATEGORIES, 'benign' included)")
     targets.add_argument("--out", required=True, help="targets JSONL")
@@ -151,12 +156,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     synth = verbs.add_parser("synthesize", help="generate, verify through the SAE and save examples")
     synth.add_argument("targets", help="targets JSONL")
     synth.add_argument("--seed-prompts", help="file of existing prompts (their coverage decides the order)")
-    synth.add_argument("--budget", type=int, default=100,
+    synth.add_argument("--budget", type=count(0, MAX_ITEMS), default=100,
                        help="total prompts generated into --out, earlier runs on the same file included (default 100)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=count(0, MAX_SEED), default=0)
     synth.add_argument("--attack-styles", default=None, help="comma-separated adversarial rewrite styles "
                        "(default: the recipe's ATTACK_STYLES: role-play, hypothetical framing, ...)")
-    synth.add_argument("--n-adversarial", type=int, default=2, help="rewrites per target (default 2)")
+    synth.add_argument("--n-adversarial", type=count(0, 1000), default=2, help="rewrites per target (default 2)")
     synth.add_argument("--out", required=True, help="JSONL of every attempt; resumes if it exists")
     synth.add_argument("--curve", help="also write a coverage-vs-budget PNG against the two baselines (needs --pool)")
     synth.add_argument("--pool", help="pool of natural prompts for the sampling baseline")
@@ -164,12 +169,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="comma-separated target categories answered helpfully (default: benign); "
                             "every other category gets a refusal")
     for p in (coverage, synth):
-        p.add_argument("--weak-support", type=int, default=3,
+        p.add_argument("--weak-support", type=count(0, MAX_ITEMS), default=3,
                        help="a covered target with fewer firing prompts is weakly covered (default 3)")
     for p, func in ((targets, cmd_safety_targets), (coverage, cmd_safety_coverage), (synth, cmd_safety_synthesize)):
         p.add_argument("--chat-model", default=None, help="chat model for explainer/judge/generators: a local "
                        "model folder / hub id, or an OpenAI-compatible URL http://host:port/v1 (default: the backbone)")
-        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--max-new-tokens", type=count(0, MAX_NEW_TOKENS), default=64)
         p.add_argument("--thinking", action="store_true", help="render the chat template with enable_thinking "
                                                                "(Qwen3); <think> blocks are stripped from answers")
         p.add_argument("--no-chat-template", action="store_true", help="give the chat model raw text")

@@ -13,16 +13,25 @@ import json
 from pathlib import Path
 
 from qscope_plugin.cli._options import (
+    MAX_BATCH,
+    MAX_INDEX,
+    MAX_ITEMS,
+    MAX_SEED,
+    MAX_TOP,
     UsageError,
     add_distributed_options,
     add_model_options,
+    count,
     distributed_run,
     emit,
+    finite,
     load_backbone,
     load_saes,
     names,
     read_texts,
+    release_layers,
 )
+from qscope_plugin.indices import MAX_NEW_TOKENS
 
 
 def _read_json(path: str, what: str) -> object:
@@ -67,7 +76,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not isinstance(rows, list) or not all(isinstance(r, dict) and {"prompt", "response", "language"} <= set(r)
                                              for r in rows):
         raise UsageError(f"--data {args.data!r} must be JSON lines with prompt, response and language")
-    layers = None if args.penalty_layers is None else [int(n) for n in names(args.penalty_layers)]
+    layers = None if args.penalty_layers is None else release_layers(args.penalty_layers, args.release,
+                                                                      "--penalty-layers")
     saes = load_saes(args.release, "all")
     model, tok = load_backbone(args)
     feats = LanguageFeatures.load(args.features, saes)
@@ -122,7 +132,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     f = cmds.add_parser("features", help="language features S_L (monolinguality) and thresholds alpha, to JSON")
     f.add_argument("--texts", required=True, help="JSON object {language: [lines]} (two languages or more)")
     f.add_argument("--target", required=True, help="the unwanted language L whose features are penalised")
-    f.add_argument("--top-n", type=int, default=2, help="features per layer (official default 2)")
+    f.add_argument("--top-n", type=count(1, MAX_TOP), default=2, help="features per layer (official default 2)")
     f.add_argument("--out", required=True, help="where to write the features JSON")
     add_distributed_options(f)
     add_model_options(f)
@@ -132,7 +142,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--features", required=True, help="JSON from `qscope sasft features`")
     t.add_argument("--data", required=True, help="JSON lines with prompt, response, language")
     t.add_argument("--out", required=True, help="folder for the fine-tuned model")
-    t.add_argument("--lam", type=float, default=1e-3, help="lambda (0 = plain SFT)")
+    t.add_argument("--lam", type=finite, default=1e-3, help="lambda (0 = plain SFT)")
     t.add_argument("--variant", choices=["mean", "zero"], default="mean", help="alpha from data, or alpha = 0")
     t.add_argument("--normalize", choices=["all_response_tokens", "penalised_tokens"], default="all_response_tokens",
                    help="L_reduce's denominator: |S| x every response token + 1 (official script) or |S| x the "
@@ -140,10 +150,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on a GPU that has it, fp32 on CPU; recorded in OUT/sasft.json")
     t.add_argument("--penalty-layers", default=None, help="e.g. 2,3 (default: the last two)")
-    t.add_argument("--max-steps", type=int, default=100)
-    t.add_argument("--lr", type=float, default=5e-5)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-steps", type=count(0, MAX_ITEMS), default=100)
+    t.add_argument("--lr", type=finite, default=5e-5)
+    t.add_argument("--batch-size", type=count(1, MAX_BATCH), default=8)
+    t.add_argument("--seed", type=count(0, MAX_SEED), default=0)
     add_model_options(t, layers=False)
     t.set_defaults(func=cmd_train)
 
@@ -151,9 +161,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("prompt", nargs="*", help="prompts (or --prompts FILE)")
     e.add_argument("--prompts", default=None, help="file with one prompt per line")
     e.add_argument("--languages", required=True, help="unwanted languages to detect, e.g. zh or zh,ru")
-    e.add_argument("--max-new-tokens", type=int, default=32)
-    e.add_argument("--ablate-feature", type=int, default=None, help="a language feature to ablate at the final layer")
-    e.add_argument("--control-feature", type=int, default=0, help="an unrelated feature, ablated the same way")
-    e.add_argument("--strength", type=float, default=8.0, help="lambda_abl of E6")
+    e.add_argument("--max-new-tokens", type=count(0, MAX_NEW_TOKENS), default=32)
+    e.add_argument("--ablate-feature", type=count(0, MAX_INDEX), default=None,
+                   help="a language feature to ablate at the final layer")
+    e.add_argument("--control-feature", type=count(0, MAX_INDEX), default=0,
+                   help="an unrelated feature, ablated the same way")
+    e.add_argument("--strength", type=finite, default=8.0, help="lambda_abl of E6")
     add_model_options(e, layers=False)
     e.set_defaults(func=cmd_eval)

@@ -170,6 +170,25 @@ def test_unknown_task_and_groups_are_clear_errors(manager):
         task_prompts("toy_arc", apply_chat_template=True, manager=manager)
 
 
+def test_a_builtin_group_is_refused_from_the_task_index_before_any_data_loads(monkeypatch, tmp_path, capsys):
+    """Offline, loading ``mmlu`` used to fail with the hub's ConnectionError (online: every subset downloaded)."""
+    import datasets
+
+    from qscope_plugin import models
+    from qscope_plugin.cli import main
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("a dataset was loaded")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_data)
+    monkeypatch.setattr(models, "load_model", no_data)
+    with pytest.raises(LmEvalError, match=r"'mmlu' is an lm-eval group of tasks \(mmlu_humanities, .*\), not one"):
+        task_prompts("mmlu")
+    assert main(["footprints", "--lm-eval-task", "mmlu", "--out", str(tmp_path / "fp.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'mmlu' is an lm-eval group of tasks" in err
+
+
 def test_parse_steer():
     terms = parse_steer("2:5:6; 3:17:-1.5e1")
     assert [(t.layer, t.feature, t.alpha) for t in terms] == [(2, 5, 6.0), (3, 17, -15.0)]

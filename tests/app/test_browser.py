@@ -245,7 +245,31 @@ def test_bad_input_shows_a_message_and_the_app_keeps_answering(page, tmp_path):
     _tab(page, "Steer")
     _type(page, "#steer-positions textarea", "7-3")
     _click_and_wait(page, "steer-run", lambda d: _status(d, "steer"))
-    assert "positions '7-3' cannot be read" in _status(page, "steer")
+    assert "positions '7-3' is a reversed range" in _status(page, "steer")
+
+
+def _set_value(driver, css: str, text: str) -> None:
+    """Put a long text in a field at once (typing 200,000 characters would take minutes) and tell Gradio."""
+    field = driver.find_element(By.CSS_SELECTOR, css)
+    driver.execute_script("arguments[0].value = arguments[1];"
+                          "arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", field, text)
+
+
+def test_a_hostile_request_is_refused_and_the_next_one_answered(page, tmp_path):
+    """``0-999999999`` positions on a 200,000-character prompt once took the server down (23 GiB, then 13 minutes of
+    generation); now the page says what was too large and the next, normal request is answered."""
+    _tab(page, "Steer")
+    _set_value(page, "#steer-prompt textarea", "今天早上" * 50_000)
+    _type(page, "#steer-positions textarea", "0-999999999")
+    _click_and_wait(page, "steer-run", lambda d: _status(d, "steer"))
+    assert "the app takes at most 512 tokens per text" in _status(page, "steer")
+    page.save_screenshot(str(tmp_path / "hostile.png"))
+    _set_value(page, "#steer-prompt textarea", "今天早上")
+    _click_and_wait(page, "steer-run", lambda d: "prompt position 999999999 is out of range" in _status(d, "steer"))
+    _type(page, "#steer-positions textarea", "all")
+    _type(page, "#steer-new-tokens input", "4")
+    _click_and_wait(page, "steer-run", lambda d: d.find_elements(By.CSS_SELECTOR, "#steer-unsteered tbody tr"))
+    assert _status(page, "steer") == "" and len(_rows(page, "#steer-unsteered")) <= 4
 
 
 def test_open_a_feature_card(page, tmp_path):

@@ -15,6 +15,7 @@ import torch
 from qscope_plugin.app.dashboard import card_html
 from qscope_plugin.app.explorer import AppInputError, Explorer, demo_texts
 from qscope_plugin.app.views import completion_html
+from qscope_plugin.errors import IndexOutOfRangeError
 from qscope_plugin.hooks import capture_residual
 from qscope_plugin.models import DEMO_MODEL_DIR
 from qscope_plugin.recipes.inspection import feature_cards
@@ -117,7 +118,14 @@ def test_positions_and_sampling_reach_the_recipe(explorer):
     (" 3-5 ", False, {"positions": "prompt", "prompt_positions": [3, 4, 5]}),
 ])
 def test_positions_box(text, generated, expected):
-    assert Explorer._positions(text, generated) == expected
+    assert Explorer._positions(text, generated, n_prompt=6) == expected
+
+
+def test_positions_box_is_bounded_by_the_prompt_before_it_is_expanded():
+    """``0-999999999`` against a 12-token prompt used to allocate ~23 GiB; it is refused from its ends."""
+    with pytest.raises(IndexOutOfRangeError, match=r"prompt position 999999999 is out of range for the prompt "
+                                                   r"\(12 prompt positions: 0..11\)"):
+        Explorer._positions("0-999999999", True, n_prompt=12)
 
 
 @pytest.mark.parametrize("word", ["prompt", "generated", " generated "])
@@ -125,7 +133,7 @@ def test_positions_box(text, generated, expected):
 def test_positions_box_refuses_the_words_the_checkbox_decides(word, generated):
     """'prompt' with the box ticked used to steer everything; the checkbox alone decides generated tokens."""
     with pytest.raises(AppInputError, match=f"positions '{word.strip()}': the box takes 'all' or prompt indices"):
-        Explorer._positions(word, generated)
+        Explorer._positions(word, generated, n_prompt=6)
 
 
 def test_feature_card_equals_the_card_recipe(explorer):
@@ -163,8 +171,17 @@ def test_feature_cards_of_one_layer_share_one_harvest(explorer, monkeypatch):
     (lambda e: e.steer("hi", 3, 5, "Custom", float("inf")), "alpha=inf .* not a finite number"),
     (lambda e: e.steer("hi", 3, 5, "Custom", None), "custom strength None is not a number"),
     (lambda e: e.steer("hi", 3, 5, "Huge"), "strength preset 'Huge'; expected one of Light"),
-    (lambda e: e.steer("hi", 3, 5, positions="7-3"), "positions '7-3' cannot be read"),
-    (lambda e: e.steer("hi", 3, 5, positions="0,9"), "prompt position 9 is past the prompt"),
+    (lambda e: e.steer("hi", 3, 5, positions="7-3"), "positions '7-3' is a reversed range"),
+    (lambda e: e.steer("hi", 3, 5, positions="x"), "positions 'x' cannot be read"),
+    (lambda e: e.steer("hi", 3, 5, positions="0,9"),
+     r"prompt position 9 is out of range for the prompt \(2 prompt positions: 0..1\)"),
+    (lambda e: e.steer("hi", 3, 5, positions="0-999999999"), "prompt position 999999999 is out of range"),
+    (lambda e: e.steer("hi " * 600, 3, 5), r"the prompt is 1201 tokens; the app takes at most 512 tokens per text"),
+    (lambda e: e.steer("x" * 10**7, 3, 5), "the prompt is 10000000 characters, more than 512 tokens"),
+    (lambda e: e.analyze("hi " * 600, 3), "the text is 1201 tokens; .*--max-tokens"),
+    (lambda e: e.analyze("a\ud800b", 3), "not valid Unicode text"),
+    (lambda e: e.analyze(None, 3), "the text is NoneType, not text"),
+    (lambda e: e.steer("hi " * 150, 3, 5, max_new_tokens=256), "past the model's context of 512 positions"),
     (lambda e: e.steer("hi", 3, 5, positions="generated", steer_generated=False), "tick or untick"),
     (lambda e: e.steer("hi", 3, 5, decoding="beam"), "decoding 'beam'"),
     (lambda e: e.steer("hi", 3, 5, decoding="sampled", temperature=0.0), "temperature=0.0"),

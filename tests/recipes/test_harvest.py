@@ -120,3 +120,22 @@ def test_empty_texts_and_bad_arguments(tok):
     with pytest.raises(ValueError, match="pooling='mean'"):
         harvest(model, tok, ["hello"], saes, pooling="mean")
     assert isinstance(harvest(model, tok, ["hello"], saes, pooling="last")[3][0], np.ndarray)
+
+
+def test_texts_longer_than_the_context_are_cut_to_it_with_one_warning(tok):
+    """A position past ``max_position_embeddings`` is one the model never saw: such texts are cut to the context
+    (whatever ``max_length`` says), once warned, and their codes equal those of the cut text alone."""
+    from qscope_plugin.errors import QScopeWarning
+
+    model = tiny_model("qwen3")
+    model.config.max_position_embeddings = 16  # what the backend reads as the context
+    saes = {n: sae for n, sae in tiny_saes(model, d_sae=96, k=8).items() if n in LAYERS}
+    long_text, short_text = "one two three four five six seven eight nine ten " * 3, "short"
+    with pytest.warns(QScopeWarning, match=r"1 of 2 texts are longer than the model.s context of 16 tokens .*"
+                                           r"--max-length") as caught:
+        codes = harvest(model, tok, [long_text, short_text], saes, max_length=512)
+    assert len(caught) == 1 and len(codes[0].token_ids) == 16 and len(codes[1].token_ids) < 16
+    cut = tok.decode(tok(long_text, add_special_tokens=False)["input_ids"][:16])
+    reference = alone(model, tok, cut, saes)
+    for n in saes:
+        assert torch.allclose(dense_codes(codes[0], n, 96), reference[n], atol=1e-5)

@@ -7,6 +7,7 @@ import torch
 from qscope_testing import FAMILIES, qwen3_tokenizer, tiny_model, tiny_qwen3, tiny_saes
 
 from qscope_plugin.backends import as_backend
+from qscope_plugin.errors import IndexOutOfRangeError, IndexSpecError
 from qscope_plugin.hooks import _replace_residual, _residual, add_to_residual, capture_residual, resolve_layers
 from qscope_plugin.recipes.steering import (
     Sampling,
@@ -129,13 +130,21 @@ def test_prompt_positions_past_the_prompt_are_refused(setup):
 @pytest.mark.parametrize(("text", "expected"), [("all", "all"), (" generated ", "generated"), ("0,1,5", [0, 1, 5]),
                                                 ("3-7", [3, 4, 5, 6, 7]), ("5, 0-2,1", [0, 1, 2, 5])])
 def test_parse_positions(text, expected):
-    assert parse_positions(text) == expected
+    assert parse_positions(text, 8) == expected
 
 
-@pytest.mark.parametrize("text", ["", "middle", "1,,2", "7-3", "-1", "1.5"])
+@pytest.mark.parametrize("text", ["", "middle", "1,,2", "-1", "1.5"])
 def test_unreadable_positions(text):
-    with pytest.raises(SteeringError, match="cannot be read; expected 'all'"):
-        parse_positions(text)
+    with pytest.raises(IndexSpecError, match="positions .* cannot be read; expected indices such as"):
+        parse_positions(text, 8)
+
+
+def test_positions_are_bounded_before_they_are_expanded():
+    """``0-999999999`` used to be expanded (23 GiB) before anything checked it; now its end is checked first."""
+    with pytest.raises(IndexOutOfRangeError, match=r"position 999999999 is out of range .*\(512 positions: 0..511\)"):
+        parse_positions("0-999999999", 512)
+    with pytest.raises(IndexSpecError, match="reversed range"):
+        parse_positions("7-3", 512)
 
 
 def test_sampled_generation_equals_seeded_transformers_sampling(setup):
