@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from qscope_plugin.errors import QScopeError
 from qscope_plugin.recipes._harvest import TextCodes, check_texts, dense_codes, harvest
 from qscope_plugin.sae import QwenScopeSAE
+from qscope_plugin.tokens import token_texts
 
 
 class ContrastError(QScopeError, ValueError):
@@ -35,6 +36,7 @@ class TokenFeatures(NamedTuple):
 
     position: int
     token: str
+    """The token as text (``qscope_plugin.tokens``)."""
     layer: int
     features: list[tuple[int, float]]
 
@@ -52,12 +54,13 @@ def analyze(model: object, tokenizer, text: str, saes: Mapping[int, QwenScopeSAE
     """Per-token table: the ``top_n`` strongest features of every token at every layer in ``saes``."""
     (codes,) = harvest(model, tokenizer, check_texts([text]), saes)
     rows = []
+    tokens = token_texts(tokenizer, codes.token_ids.tolist())
     for layer in sorted(saes):
         values, indices = codes.values[layer], codes.indices[layer]
         order = values.argsort(dim=-1, descending=True)[:, :top_n]
         for pos in range(values.shape[0]):
             feats = [(int(indices[pos, j]), float(values[pos, j])) for j in order[pos] if values[pos, j] > 0]
-            rows.append(TokenFeatures(pos, tokenizer.decode(codes.token_ids[pos : pos + 1]), layer, feats))
+            rows.append(TokenFeatures(pos, tokens[pos], layer, feats))
     return rows
 
 
@@ -182,7 +185,8 @@ class Context(NamedTuple):
     text_index: int
     position: int
     snippet: str
-    """The text around the token, with the token itself in [[double brackets]]."""
+    """The text around the token, with the token itself in [[double brackets]] (tokens as ``qscope_plugin.tokens``
+    shows them)."""
 
 
 def top_contexts(model: object, tokenizer, texts: Iterable[str], saes: Mapping[int, QwenScopeSAE],
@@ -211,9 +215,10 @@ def top_contexts(model: object, tokenizer, texts: Iterable[str], saes: Mapping[i
                         continue
                     act = float(codes.values[layer][pos][hits[pos]].max())
                     if len(heap) < n_top or act > heap[0][0]:
-                        left = tokenizer.decode(ids[max(0, pos - window) : pos])
-                        right = tokenizer.decode(ids[pos + 1 : pos + 1 + window])
-                        snippet = f"{left}[[{tokenizer.decode(ids[pos : pos + 1])}]]{right}"
+                        start = max(0, pos - window)
+                        shown = token_texts(tokenizer, ids[start : pos + 1 + window].tolist())
+                        peak = pos - start
+                        snippet = f"{''.join(shown[:peak])}[[{shown[peak]}]]{''.join(shown[peak + 1:])}"
                         item = (act, seen + offset, pos, snippet)
                         (heapq.heappushpop if len(heap) >= n_top else heapq.heappush)(heap, item)
         seen += len(buffer)

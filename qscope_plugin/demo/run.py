@@ -201,6 +201,15 @@ def _classifier_step(model, tok, saes) -> dict:
             "precision": scores.precision, "recall": scores.recall, "f1": scores.f1}
 
 
+def describe_features(features: dict[str, list[int]]) -> str:
+    """``{"3": [197, 631]}`` as "layer 3 features 197 and 631": how the demo's outputs name a classifier's rule."""
+    def listed(ids: list[int]) -> str:
+        return str(ids[0]) if len(ids) == 1 else f"{', '.join(map(str, ids[:-1]))} and {ids[-1]}"
+
+    return "; ".join(f"layer {layer} feature{'s' if len(ids) > 1 else ''} {listed(ids)}"
+                     for layer, ids in features.items())
+
+
 def _redundancy_step(model, tok, sae, out: Path) -> dict:
     """Footprints of a toy suite at the last layer; zh_half is a subset of zh, so it must be a drop candidate."""
     from qscope_plugin.recipes.footprints import harvest_footprints
@@ -242,8 +251,8 @@ def _markdown(summary: dict, rows, images: list[str]) -> str:
         lines += [f"- **{name}**: " + " / ".join(repr(e) for e in ex)]
     clf = summary["classifier"]
     lines += ["", "## OR-rule classifier, Chinese vs English (report §5)", "",
-              f"Features {clf['features']}; held-out precision {clf['precision']:.2f}, recall {clf['recall']:.2f}, "
-              f"F1 {clf['f1']:.2f}."]
+              f"A text is Chinese when any of {describe_features(clf['features'])} fires on it; held-out "
+              f"precision {clf['precision']:.2f}, recall {clf['recall']:.2f}, F1 {clf['f1']:.2f}."]
     red = summary["redundancy"]
     lines += ["", f"## Benchmark redundancy of a toy suite, layer {red['layer']} (report §4)", "",
               "| set | N | \\|F(D)\\| | R̂(D) |", "|---|---:|---:|---:|"]
