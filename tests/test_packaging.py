@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("builds")  # one process: every build writes the tree's build/ and egg-info
 
 
 @pytest.fixture(scope="module")

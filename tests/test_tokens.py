@@ -80,18 +80,18 @@ def test_a_tokenizer_that_is_not_byte_level_decodes_each_token():
     assert token_texts(tokenizer, [0, 1, 2]) == ["hello", "wörld", "[UNK]"]
 
 
-def test_every_view_shows_the_completed_character(tmp_path):
+@pytest.mark.slow
+def test_every_view_shows_the_completed_character(demo_model, tmp_path):
     """The per-token table, feature cards, the static dashboard and a steered completion of the demo, on text with
     characters split into byte tokens: none of them shows "�"."""
     from qscope_plugin.app.dashboard import write_dashboard
     from qscope_plugin.app.views import analysis_html, completion_html
-    from qscope_plugin.models import default_model, load_model
     from qscope_plugin.recipes.discovery import analyze
     from qscope_plugin.recipes.inspection import feature_cards
     from qscope_plugin.recipes.steering import SteeringSpec, generate
     from qscope_plugin.store import DEMO_RELEASE, load_sae
 
-    model, tokenizer = load_model(default_model())
+    model, tokenizer = demo_model
     sae = load_sae(DEMO_RELEASE, 3)
     rows = analyze(model, tokenizer, MIXED, {3: sae}, top_n=2)
     assert [r.token for r in rows] == token_texts(tokenizer, tokenizer(MIXED).input_ids)

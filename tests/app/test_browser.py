@@ -30,6 +30,7 @@ CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-de
                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
                 "--window-size=1400,1100")
 START_TIMEOUT, ANSWER_TIMEOUT = 180, 60
+pytestmark = pytest.mark.xdist_group("browser")  # one server and one browser for the module, in one process
 
 
 def _missing() -> str | None:
