@@ -28,6 +28,7 @@ from qscope_plugin.recipes._harvest import harvest, pad, tokenize
 from qscope_plugin.recipes.discovery import ContrastOptions, analyze, contrast_codes
 from qscope_plugin.recipes.steering import SteeringSpec, steer
 from qscope_plugin.store import DEMO_RELEASE, load_sae, local_layers
+from qscope_plugin.tokens import token_texts
 
 DEMO_ASSETS = DEMO_MODEL_DIR.parent
 PROMPTS = json.loads((Path(__file__).parent / "prompts.json").read_text(encoding="utf-8"))
@@ -166,7 +167,7 @@ def run_demo(out_dir: str | Path = "qscope-demo-report", *, assets: Path = DEMO_
     # (1) per-token analysis of the mixed sentence, and the discovered features over its tokens
     rows = analyze(backend, tok, PROMPTS["mixed"], saes, top_n=3)
     (mixed,) = harvest(backend, tok, [PROMPTS["mixed"]], saes)
-    tokens = [tok.decode(mixed.token_ids[i : i + 1]) for i in range(len(mixed.token_ids))]
+    tokens = token_texts(tok, mixed.token_ids.tolist())
     heat = torch.stack([((mixed.indices[r.layer] == r.feature) * mixed.values[r.layer]).sum(-1) for r in results])
     images = _plots(out, results, tokens, heat)
 
