@@ -10,15 +10,20 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: install demo test lint bench bench-real-size
+.PHONY: install demo test test-fast lint bench bench-real-size
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/qscope demo
 
+# Every test, spread over the CPUs; a module's tests that share one server or build stay in one process.
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadgroup
+
+# The fast loop: pure math, parsing, files and errors (tests/conftest.py lists the modules), in one process.
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

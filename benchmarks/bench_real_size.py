@@ -23,12 +23,13 @@ import platform
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # _timing; real_size (the configurations, shared with CI)
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # _timing, _memory; real_size (configurations shared with CI)
+
+from _memory import PeakMemory  # noqa: E402  (found through the line above)
 
 BACKBONES = {
     "1.7b": ("Qwen/Qwen3-1.7B-Base", "qwen-scope-3-1.7b-base-w32k-l50"),
@@ -37,37 +38,6 @@ BACKBONES = {
 }
 N_TEXTS, TEXT_TOKENS, BATCH, PROMPT_TOKENS, NEW_TOKENS, STEER_LAYER = 8, 16, 4, 8, 8, 10
 """Small on purpose: a 1.7B forward of 128 tokens takes about a minute on 2 shared AVX2 cores."""
-
-
-# ------------------------------------------------------------------------------------------------ memory
-
-
-def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
-
-
-class PeakMemory:
-    """Peak ``VmHWM`` (kernel) and sampled peak ``RssAnon`` from entering the block on, in MiB."""
-
-    def __enter__(self) -> PeakMemory:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        self.base_rss, self.base_anon = _status_mib("VmRSS:"), _status_mib("RssAnon:")
-        self.peak_anon, self._done = self.base_anon, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._done.wait(0.005):
-            self.peak_anon = max(self.peak_anon, _status_mib("RssAnon:"))
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-        self.peak_anon = max(self.peak_anon, _status_mib("RssAnon:"))
-        self.peak_rss = _status_mib("VmHWM:")
 
 
 # ------------------------------------------------------------------------------------------- worker side

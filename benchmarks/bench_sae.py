@@ -23,28 +23,29 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # qscope_testing: the hub cache layout the tests use
+
 RELEASE, REPO, LAYER = "qwen-scope-3-1.7b-base-w32k-l50", "Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50", 0
 D_MODEL, D_SAE, K = 2048, 32768, 50
 
 # Each snippet runs in a fresh interpreter and prints JSON {load_s, peak_delta_mib, after_delta_mib}. Before the
 # timed load it warms the hub client (one hf_hub_download of a small cached file: a once-per-process cost both
-# loaders share) and resets the kernel's peak-RSS mark (VmHWM), so the peak is the load's own.
+# loaders share); the peak is the load's own (_memory.PeakMemory resets the kernel's peak-RSS mark), read without
+# a sampling thread, which would share the interpreter with the timed load.
 _MEASURE = """
-import json, time
-def status_mib(key):
-    with open('/proc/self/status') as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+import json, sys, time
+sys.path.insert(0, {benchmarks!r})
+from _memory import PeakMemory, status_mib
 {imports}
 from huggingface_hub import hf_hub_download
 hf_hub_download({repo!r}, 'README.md')
-with open('/proc/self/clear_refs', 'w') as f:
-    f.write('5')
-base = status_mib('VmRSS:')
-t = time.perf_counter()
-{load}
-load_s = time.perf_counter() - t
-print(json.dumps(dict(load_s=load_s, peak_delta_mib=status_mib('VmHWM:') - base,
-                      after_delta_mib=status_mib('VmRSS:') - base)))
+with PeakMemory(sample_s=None) as mem:
+    t = time.perf_counter()
+    {load}
+    load_s = time.perf_counter() - t
+print(json.dumps(dict(load_s=load_s, peak_delta_mib=mem.peak_rss - mem.base_rss,
+                      after_delta_mib=status_mib('VmRSS:') - mem.base_rss)))
 """
 
 LOADERS = {
@@ -66,11 +67,10 @@ LOADERS = {
 
 
 def write_layer(cache: Path) -> Path:
-    repo = cache / f"models--{REPO.replace('/', '--')}"
-    snap = repo / "snapshots" / ("0" * 40)
-    snap.mkdir(parents=True, exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text("0" * 40)
+    """One random layer of real size in a Hugging Face cache under ``cache``, as hf_hub_download stores it."""
+    from qscope_testing import FakeHubCache
+
+    hub = FakeHubCache(cache)
     g = torch.Generator().manual_seed(0)
     tensors = {
         "W_enc": torch.randn(D_SAE, D_MODEL, generator=g) / D_MODEL**0.5,
@@ -78,17 +78,17 @@ def write_layer(cache: Path) -> Path:
         "b_enc": torch.randn(D_SAE, generator=g) * 0.01 - 0.05,
         "b_dec": torch.randn(D_MODEL, generator=g),
     }
-    (snap / "README.md").write_text("synthetic Qwen-Scope layer for benchmarks\n")
-    path = snap / f"layer{LAYER}.sae.pt"
-    torch.save(tensors, path)
-    return path
+    hub.add_file(REPO, "README.md", b"synthetic Qwen-Scope layer for benchmarks\n")
+    staging = cache / "staging.pt"
+    torch.save(tensors, staging)
+    return hub.add_file(REPO, f"layer{LAYER}.sae.pt", staging)
 
 
 def measure_load(name: str, env: dict[str, str], repeats: int) -> dict[str, float]:
     imports, load = LOADERS[name]
     runs = []
     for _ in range(repeats):
-        code = _MEASURE.format(imports=imports, load=load, repo=REPO)
+        code = _MEASURE.format(imports=imports, load=load, repo=REPO, benchmarks=str(HERE))
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     best = min(runs, key=lambda r: r["load_s"])

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from _timing import best_of_interleaved
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # qscope_testing: the tests' hub cache layout
+
 RELEASE, REPO, LAYER = "qwen-scope-3-1.7b-base-w32k-l50", "Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50", 0
 D_MODEL, D_SAE = 2048, 32768
 
@@ -29,22 +31,13 @@ D_MODEL, D_SAE = 2048, 32768
 def write_layer(cache: Path) -> Path:
     """A real Qwen-Scope-format layer file, stored as an LFS blob named by its SHA-256; returns the blob."""
     import torch
+    from qscope_testing import FakeHubCache
 
-    repo = cache / f"models--{REPO.replace('/', '--')}"
     g = torch.Generator().manual_seed(0)
     staging = cache / "staging.pt"
     torch.save({"W_enc": torch.randn(D_SAE, D_MODEL, generator=g), "W_dec": torch.randn(D_MODEL, D_SAE, generator=g),
                 "b_enc": torch.randn(D_SAE, generator=g), "b_dec": torch.randn(D_MODEL, generator=g)}, staging)
-    with open(staging, "rb") as f:
-        blob = repo / "blobs" / hashlib.file_digest(f, "sha256").hexdigest()
-    blob.parent.mkdir(parents=True)
-    staging.replace(blob)
-    link = repo / "snapshots" / ("0" * 40) / f"layer{LAYER}.sae.pt"
-    link.parent.mkdir(parents=True)
-    link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
-    return blob
+    return FakeHubCache(cache).add_file(REPO, f"layer{LAYER}.sae.pt", staging).resolve()
 
 
 def file_digest(path: Path) -> str:

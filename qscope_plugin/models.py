@@ -6,6 +6,8 @@ text-only ``*ForCausalLM``, which is what the SAEs read (docs/method.md §2.2).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +53,33 @@ def default_release() -> str:
     return DEMO_RELEASE
 
 
+@contextlib.contextmanager
+def quiet_weight_loading() -> Iterator[None]:
+    """transformers' "Loading weights" bar, silenced inside the block.
+
+    ``from_pretrained`` draws it for every model, the demo's included (46 tensors in a few milliseconds), so it
+    stood in front of every command's output. Other bars (downloads, the plugin's own on long work) are untouched.
+    transformers versions without ``set_tqdm_hook`` keep the bar.
+    """
+    from transformers.utils import logging
+
+    set_hook = getattr(logging, "set_tqdm_hook", None)
+    if set_hook is None:
+        yield
+        return
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") == "Loading weights":
+            kwargs = {**kwargs, "disable": True}
+        return previous(factory, args, kwargs) if previous else factory(*args, **kwargs)
+
+    previous = set_hook(hook)
+    try:
+        yield
+    finally:
+        set_hook(previous)
+
+
 def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | None = None):
     """``(model, tokenizer)`` in eval mode; a clear error instead of a deep traceback when it cannot load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,7 +92,8 @@ def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | No
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
-        hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or "auto").eval()
+        with quiet_weight_loading():
+            hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or "auto").eval()
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"cannot load model {model!r} ({str(e).splitlines()[0]}); pass a local folder saved with "

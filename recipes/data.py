@@ -4,7 +4,7 @@
     >>> by_language = load_tables("toxicity/")                           # {"de": Dataset, "en": Dataset} by file stem
     >>> load_table("gsm8k.jsonl")                                        # a file is one table, named by its stem
     >>> load_table(["a prompt", "another"])                              # strings become a ``text`` column
-    >>> texts = load_texts("texts.jsonl", column="body", limit=200)      # one column as checked strings
+    >>> texts = load_texts("texts.jsonl", column="body", limit=200)      # a column's non-blank strings
 
 Local files are .json / .jsonl / .csv / .parquet, read through ``datasets`` without progress bars (they load at
 once). Every failure, from a bad suffix to an unreachable hub, is one ``DataError`` saying what to pass instead.
@@ -13,11 +13,12 @@ once). Every failure, from a bad suffix to an unreachable hub, is one ``DataErro
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qscope_plugin.errors import QScopeError
+from qscope_plugin.errors import QScopeError, QScopeWarning
 
 if TYPE_CHECKING:
     import datasets
@@ -155,21 +156,39 @@ def load_table(source: Source, *, config: str | None = None, split: str | None =
 
 def load_texts(source: Source, *, column: str = "text", config: str | None = None, split: str | None = None,
                revision: str | None = None, limit: int | None = None) -> list[str]:
-    """The strings of ``column`` of one split of ``source`` (``load_table``), checked before any model loads.
+    """The non-blank strings of ``column`` of one split of ``source`` (``load_table``), checked before any model
+    loads; ``limit`` keeps the first ``limit`` of them.
 
-    Blank rows are kept (wikitext has many; the recipes skip them), but a column of nothing but blanks is refused.
+    Blank rows (wikitext has many: the empty lines between its paragraphs) are dropped, with one ``QScopeWarning``
+    saying how many: a blank text has no token to read, and would count against ``limit`` and in every average.
+    The column is read in batches and only until ``limit`` texts are found, so a trial run of a large table reads
+    little of it.
 
     Raises:
         DataError: as ``load_table``; no such column; a value that is not a string; or only blank strings.
     """
-    table = load_table(source, config=config, split=split, revision=revision, limit=limit)
+    if limit is not None and limit < 1:
+        raise DataError(f"limit={limit}; give a positive number of texts, or None for all")
+    table = load_table(source, config=config, split=split, revision=revision)
     if column not in table.column_names:
         raise DataError(f"dataset {_name(source)} has no column {column!r}; pass one of {table.column_names}")
-    texts = table[column]
-    for row, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise DataError(f"column {column!r} of {_name(source)} holds {type(text).__name__} {text!r} in row "
-                            f"{row}, not text; name a column of strings, or fill that row")
-    if not any(t.strip() for t in texts):
+    texts: list[str] = []
+    row = 0
+    for batch in table.select_columns([column]).iter(batch_size=1024):
+        for text in batch[column]:
+            if not isinstance(text, str):
+                raise DataError(f"column {column!r} of {_name(source)} holds {type(text).__name__} {text!r} in row "
+                                f"{row}, not text; name a column of strings, or fill that row")
+            row += 1
+            if text.strip():
+                texts.append(text)
+                if len(texts) == limit:
+                    break
+        if len(texts) == limit:
+            break
+    if not texts:
         raise DataError(f"column {column!r} of {_name(source)} holds no text, only blank strings; pass texts")
+    if len(texts) < row:
+        warnings.warn(f"dropped {row - len(texts)} blank of the {row} rows read from column {column!r} of "
+                      f"{_name(source)} (a blank text has no tokens); kept {len(texts)}", QScopeWarning, stacklevel=2)
     return texts

@@ -32,6 +32,7 @@ from qscope_plugin.recipes._harvest import (
     sharded_harvest,
 )
 from qscope_plugin.sae import QwenScopeSAE
+from qscope_plugin.tokens import token_texts
 
 
 class ContrastError(QScopeError, ValueError):
@@ -43,6 +44,7 @@ class TokenFeatures(NamedTuple):
 
     position: int
     token: str
+    """The token as text (``qscope_plugin.tokens``)."""
     layer: int
     features: list[tuple[int, float]]
 
@@ -60,12 +62,13 @@ def analyze(model: object, tokenizer, text: str, saes: Mapping[int, QwenScopeSAE
     """Per-token table: the ``top_n`` strongest features of every token at every layer in ``saes``."""
     (codes,) = harvest(model, tokenizer, check_texts([text]), saes)
     rows = []
+    tokens = token_texts(tokenizer, codes.token_ids.tolist())
     for layer in sorted(saes):
         values, indices = codes.values[layer], codes.indices[layer]
         order = values.argsort(dim=-1, descending=True)[:, :top_n]
         for pos in range(values.shape[0]):
             feats = [(int(indices[pos, j]), float(values[pos, j])) for j in order[pos] if values[pos, j] > 0]
-            rows.append(TokenFeatures(pos, tokenizer.decode(codes.token_ids[pos : pos + 1]), layer, feats))
+            rows.append(TokenFeatures(pos, tokens[pos], layer, feats))
     return rows
 
 
@@ -190,7 +193,8 @@ class Context(NamedTuple):
     text_index: int
     position: int
     snippet: str
-    """The text around the token, with the token itself in [[double brackets]]."""
+    """The text around the token, with the token itself in [[double brackets]] (tokens as ``qscope_plugin.tokens``
+    shows them)."""
 
 
 def top_contexts(model: object, tokenizer, texts: Iterable[str], saes: Mapping[int, QwenScopeSAE],
@@ -217,9 +221,10 @@ def top_contexts(model: object, tokenizer, texts: Iterable[str], saes: Mapping[i
                         continue
                     act = float(codes.values[layer][pos][hits[pos]].max())
                     if len(heap) < n_top or act > heap[0][0]:
-                        left = tokenizer.decode(ids[max(0, pos - window) : pos])
-                        right = tokenizer.decode(ids[pos + 1 : pos + 1 + window])
-                        snippet = f"{left}[[{tokenizer.decode(ids[pos : pos + 1])}]]{right}"
+                        first = max(0, pos - window)
+                        pieces = token_texts(tokenizer, ids[first : pos + 1 + window].tolist())
+                        peak = pos - first
+                        snippet = f"{''.join(pieces[:peak])}[[{pieces[peak]}]]{''.join(pieces[peak + 1:])}"
                         _offer(heap, (act, start + offset, pos, snippet), n_top)
         return _heaps_to_tensors([heaps[key] for key in keys])
 

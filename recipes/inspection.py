@@ -27,6 +27,7 @@ from qscope_plugin.backends import as_backend
 from qscope_plugin.errors import feature_out_of_range
 from qscope_plugin.recipes._harvest import EmptyInputError, HarvestError, TextCodes, check_texts, sharded_harvest
 from qscope_plugin.sae import QwenScopeSAE
+from qscope_plugin.tokens import Piece, pieces_text, token_pieces
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class Context:
     peak: int
     """Index in ``tokens`` of the peak token."""
     tokens: list[str]
-    """The window's tokens, each decoded alone."""
+    """The window's tokens as text (``qscope_plugin.tokens``: a character split into byte tokens is shown whole on
+    the token that completes it)."""
     activations: list[float]
     """The feature's activation on each token of the window (0 where it does not fire)."""
 
@@ -268,7 +270,7 @@ def cards_from_corpus(model: object, tokenizer, corpus: Corpus, sae: QwenScopeSA
     windows = [_window(corpus, f, _peaks(corpus.text, rows, values, n_contexts), window)
                for f, (rows, values) in zip(chosen, firing, strict=True)]
     promoted, suppressed = _logit_effects(as_backend(model), sae, chosen, n_logits)
-    names = _token_names(tokenizer, np.concatenate([corpus.token_ids[rows[inside]] for _, rows, inside, _ in windows]
+    pieces = _token_pieces(tokenizer, np.concatenate([corpus.token_ids[rows[inside]] for _, rows, inside, _ in windows]
                                                    + [promoted.indices.flatten(), suppressed.indices.flatten()]))
     cofiring = _cofiring(corpus, chosen, counts, n_cofiring)
 
@@ -281,10 +283,10 @@ def cards_from_corpus(model: object, tokenizer, corpus: Corpus, sae: QwenScopeSA
             n_firing=len(values), density=len(values) / max(n_tokens, 1),
             max_activation=float(values.max()) if len(values) else 0.0,
             mean_activation=float(values.mean()) if len(values) else 0.0,
-            contexts=_contexts(corpus, windows[i], names),
+            contexts=_contexts(corpus, windows[i], pieces),
             histogram=Histogram(edges=edges.tolist(), counts=heights.tolist()),
-            logit_effects=LogitEffects(_effects(promoted.values[i], promoted.indices[i], names),
-                                       _effects(-suppressed.values[i], suppressed.indices[i], names)),
+            logit_effects=LogitEffects(_effects(promoted.values[i], promoted.indices[i], pieces),
+                                       _effects(-suppressed.values[i], suppressed.indices[i], pieces)),
             cofiring=cofiring[i]))
     return cards
 
@@ -322,13 +324,13 @@ def _window(corpus: Corpus, feature: int, peaks: np.ndarray, window: int) -> tup
     return peaks, rows, inside, acts
 
 
-def _contexts(corpus: Corpus, window: tuple[np.ndarray, ...], names: dict[int, str]) -> list[Context]:
+def _contexts(corpus: Corpus, window: tuple[np.ndarray, ...], pieces: dict[int, Piece]) -> list[Context]:
     contexts = []
     for peak, rows, inside, acts in zip(*window, strict=True):
         rows, acts = rows[inside], acts[inside]
         text = int(corpus.text[peak])
         contexts.append(Context(text=text, start=int(rows[0] - corpus.starts[text]), peak=int(peak - rows[0]),
-                                tokens=[names[t] for t in corpus.token_ids[rows].tolist()],
+                                tokens=pieces_text([pieces[t] for t in corpus.token_ids[rows].tolist()]),
                                 activations=acts.tolist()))
     return contexts
 
@@ -340,8 +342,9 @@ def _logit_effects(backend, sae: QwenScopeSAE, features: list[int], n_logits: in
     return logits.topk(n, dim=-1), (-logits).topk(n, dim=-1)
 
 
-def _effects(values: torch.Tensor, ids: torch.Tensor, names: dict[int, str]) -> list[TokenEffect]:
-    return [TokenEffect(names[i], i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+def _effects(values: torch.Tensor, ids: torch.Tensor, pieces: dict[int, Piece]) -> list[TokenEffect]:
+    """Each promoted / suppressed token shown alone (a one-token sequence)."""
+    return [TokenEffect(pieces_text([pieces[i]])[0], i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
 
 
 def _cofiring(corpus: Corpus, features: list[int], counts: np.ndarray, n: int) -> list[list[Cofiring]]:
@@ -369,7 +372,7 @@ def _cofiring(corpus: Corpus, features: list[int], counts: np.ndarray, n: int) -
     return out
 
 
-def _token_names(tokenizer, ids: np.ndarray) -> dict[int, str]:
-    """Each distinct token id decoded alone (one batch call)."""
+def _token_pieces(tokenizer, ids: np.ndarray) -> dict[int, Piece]:
+    """Each distinct token id's content (one tokenizer call), shown per context by ``pieces_text``."""
     unique = np.unique(ids).tolist()
-    return dict(zip(unique, tokenizer.batch_decode([[i] for i in unique]), strict=True))
+    return dict(zip(unique, token_pieces(tokenizer, unique), strict=True))

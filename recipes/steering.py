@@ -28,6 +28,7 @@ from qscope_plugin.errors import QScopeError
 from qscope_plugin.indices import MAX_NEW_TOKENS, check_count, parse_indices
 from qscope_plugin.recipes._harvest import check_texts
 from qscope_plugin.sae import QwenScopeSAE
+from qscope_plugin.tokens import lone_token_texts, token_texts
 
 Positions = Literal["all", "prompt", "generated"] | Sequence[int]
 
@@ -220,9 +221,10 @@ def steer(model: object, spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE], *
 
 class TokenChoice(NamedTuple):
     token: str
+    """The generated token as text, in its sequence (``qscope_plugin.tokens``)."""
     prob: float
     alternatives: list[tuple[str, float]]
-    """The most likely other tokens at that step, with their probabilities."""
+    """The most likely other tokens at that step (each shown alone), with their probabilities."""
 
 
 class Completion(NamedTuple):
@@ -255,11 +257,12 @@ def _score(backend: Backend, tokenizer, prompt_ids: torch.Tensor, new_ids: list[
     logits = backend.logits(ids, last=len(new_ids) + 1)[0, :-1].float()  # the positions that predict new_ids
     probs = logits.softmax(-1)
     choices = []
-    for step, tok in enumerate(new_ids):
+    for step, (tok, shown) in enumerate(zip(new_ids, token_texts(tokenizer, new_ids), strict=True)):
         top = probs[step].topk(n_alt + 1)
-        alts = [(tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices, strict=True)
-                if int(i) != tok][:n_alt]
-        choices.append(TokenChoice(tokenizer.decode([tok]), float(probs[step, tok]), alts))
+        alts = [(int(i), float(p)) for p, i in zip(top.values, top.indices, strict=True) if int(i) != tok][:n_alt]
+        texts = lone_token_texts(tokenizer, [i for i, _ in alts])
+        choices.append(TokenChoice(shown, float(probs[step, tok]),
+                                   [(text, p) for text, (_, p) in zip(texts, alts, strict=True)]))
     return choices
 
 

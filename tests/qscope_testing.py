@@ -30,29 +30,68 @@ def write_sae_file(path: Path, **kwargs) -> dict[str, torch.Tensor]:
 
 
 class FakeHubCache:
-    """A Hugging Face hub cache directory laid out exactly as huggingface_hub writes it."""
+    """A Hugging Face hub cache folder laid out exactly as huggingface_hub writes it, so that ``hf_hub_download``
+    (and so the plugin) reads from it offline: ``models--org--name/blobs/<sha256>``, ``snapshots/<revision>/<file>``
+    symlinks to those blobs, and ``refs/main`` naming the revision.
 
-    def __init__(self, root: Path) -> None:
+    The one writer of that layout for the tests (the ``hub_cache`` fixture), ``tests/real_size.py`` and the
+    benchmarks (which put this folder on ``sys.path``).
+
+        >>> cache = FakeHubCache(tmp_path / "hub")
+        >>> cache.add_sae("Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50", 14, d_model=16, d_sae=64)
+        >>> blob = cache.add_blob(repo_id, big_file)            # a file written elsewhere, moved (never read whole)
+        >>> cache.link(repo_id, "layer3.sae.pt", blob)          # several files may share one content-addressed blob
+    """
+
+    def __init__(self, root: Path, revision: str = "a" * 40) -> None:
         self.root = root
+        self.revision = revision
 
-    def add_file(self, repo_id: str, filename: str, data: bytes, revision: str = "a" * 40) -> Path:
-        repo = self.root / f"models--{repo_id.replace('/', '--')}"
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = repo / "snapshots" / revision / filename
+    def repo(self, repo_id: str) -> Path:
+        """The repo's folder (``models--org--name``), named by huggingface_hub's own rule."""
+        from huggingface_hub.file_download import repo_folder_name
+
+        return self.root / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+    def snapshot(self, repo_id: str, revision: str | None = None) -> Path:
+        return self.repo(repo_id) / "snapshots" / (revision or self.revision)
+
+    def add_blob(self, repo_id: str, data: bytes | Path) -> Path:
+        """``data`` stored as a blob named by its SHA-256: bytes are written; a file is hashed in chunks and moved
+        (real-size SAE files never sit in memory)."""
+        blobs = self.repo(repo_id) / "blobs"
+        blobs.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes):
+            blob = blobs / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            return blob
+        from qscope_plugin.store import sha256_file
+
+        blob = blobs / sha256_file(data)
+        Path(data).replace(blob)
+        return blob
+
+    def link(self, repo_id: str, filename: str, blob: Path, revision: str | None = None) -> Path:
+        """``snapshots/<revision>/<filename>`` pointing at ``blob`` (relative, as huggingface_hub links), and
+        ``refs/main`` naming ``revision``."""
+        revision = revision or self.revision
+        link = self.snapshot(repo_id, revision) / filename
         link.parent.mkdir(parents=True, exist_ok=True)
         link.unlink(missing_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / "main").write_text(revision)
+        (self.repo(repo_id) / "refs").mkdir(exist_ok=True)
+        (self.repo(repo_id) / "refs" / "main").write_text(revision)
         return link
 
+    def add_file(self, repo_id: str, filename: str, data: bytes | Path, revision: str | None = None) -> Path:
+        """``data`` (bytes, or a file that is moved) as ``filename`` of ``repo_id``; returns the snapshot link."""
+        return self.link(repo_id, filename, self.add_blob(repo_id, data), revision)
+
     def add_sae(self, repo_id: str, layer: int, **kwargs) -> dict[str, torch.Tensor]:
-        tmp = self.root / ".staging.pt"
-        tensors = write_sae_file(tmp, **kwargs)
-        self.add_file(repo_id, f"layer{layer}.sae.pt", tmp.read_bytes())
-        tmp.unlink()
+        """A random ``layer{layer}.sae.pt`` in the Qwen-Scope format (``make_sae_tensors``); returns its tensors."""
+        staging = self.root / f".staging-{layer}.pt"
+        tensors = write_sae_file(staging, **kwargs)
+        self.add_file(repo_id, f"layer{layer}.sae.pt", staging)
         return tensors
 
 

@@ -21,7 +21,6 @@ SAE catalogue.
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import torch
@@ -161,31 +160,26 @@ def write_sae_blob(path: Path, d_model: int, d_sae: int, *, seed: int = 0) -> Pa
 def write_release_saes(hub_root: Path, release_name: str, *, layers: list[int] | None = None,
                        distinct: bool = False) -> list[Path]:
     """Every layer of a release in a Hugging Face hub cache under ``hub_root``, exactly as ``hf_hub_download``
-    lays it out (``blobs/<sha256>``, ``snapshots/<rev>/layer{n}.sae.pt`` symlinks, ``refs/main``).
+    lays it out (``qscope_testing.FakeHubCache``); existing layers are kept, so a later run reuses them.
 
     By default all layers hold the same random tensors: the hub cache is content-addressed, so they share one
     blob (512 MiB on disk for 28 layers instead of 14 GiB) and the store's integrity check (blob name =
     SHA-256) still holds. ``distinct`` writes one blob per layer (different seeds) for page-cache-realistic runs.
     """
+    from qscope_testing import FakeHubCache
+
     from qscope_plugin.catalogue import release
-    from qscope_plugin.store import sha256_file
 
     rel = release(release_name)
-    repo = hub_root / f"models--{rel.repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(SNAPSHOT)
-    blobs, snapshot = repo / "blobs", repo / "snapshots" / SNAPSHOT
-    blobs.mkdir(exist_ok=True)
-    snapshot.mkdir(parents=True, exist_ok=True)
+    cache = FakeHubCache(hub_root, revision=SNAPSHOT)
     links, shared = [], None
     for n in range(rel.n_layers) if layers is None else layers:
-        link = snapshot / f"layer{n}.sae.pt"
+        link = cache.snapshot(rel.repo_id) / f"layer{n}.sae.pt"
         if not link.exists():
             if shared is None or distinct:
-                staging = blobs / f"staging-{n}.pt"
+                staging = hub_root / f"staging-{n}.pt"
                 write_sae_blob(staging, rel.d_model, rel.d_sae, seed=n if distinct else 0)
-                shared = blobs / sha256_file(staging)
-                staging.replace(shared)
-            link.symlink_to(os.path.relpath(shared, snapshot))
+                shared = cache.add_blob(rel.repo_id, staging)
+            cache.link(rel.repo_id, link.name, shared)
         links.append(link)
     return links

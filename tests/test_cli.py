@@ -177,7 +177,7 @@ def _corrupt(path) -> None:
 def test_verify_command_names_the_corrupted_layer_and_the_repair(hub_cache, capsys):
     for n in (0, 1, 2):
         hub_cache.add_sae(REPO, n, d_model=8, d_sae=64, seed=n)
-    snapshot = hub_cache.root / f"models--{REPO.replace('/', '--')}" / "snapshots" / ("a" * 40)
+    snapshot = hub_cache.snapshot(REPO)
     assert main(["verify", RELEASE, "--layers", "0-3"]) == 0
     assert [line.split()[:3] for line in capsys.readouterr().out.splitlines()] == [
         ["layer", "0", "OK"], ["layer", "1", "OK"], ["layer", "2", "OK"], ["layer", "3", "not"]]
@@ -212,28 +212,20 @@ def test_checksum_then_verify_a_folder(tmp_path, capsys):
 def test_fetch_of_a_corrupted_download_leaves_nothing_behind(hub_cache, monkeypatch, capsys):
     """The transfer delivers bytes that do not match the SHA-256 the blob is named by (as huggingface_hub names
     LFS blobs by the server's hash): fetch must not report success, and must not keep the blob."""
-    import hashlib
-    import os
-
     import huggingface_hub
     from qscope_testing import write_sae_file
 
     staging = hub_cache.root / "s.pt"
     write_sae_file(staging, d_model=8, d_sae=64)
     good = staging.read_bytes()
-    repo = hub_cache.root / f"models--{REPO.replace('/', '--')}"
+    repo = hub_cache.repo(REPO)
     calls = []
 
     def corrupted_download(repo_id, filename, **kwargs):
         calls.append(kwargs)
-        blob = repo / "blobs" / hashlib.sha256(good).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob = hub_cache.add_blob(repo_id, good)
         blob.write_bytes(good[:-100] + bytes(100))  # the last block overwritten in transit
-        link = repo / "snapshots" / ("a" * 40) / filename
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.unlink(missing_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-        return str(link)
+        return str(hub_cache.link(repo_id, filename, blob))
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", corrupted_download)
     assert main(["fetch", RELEASE, "--layers", "4", "--force-download"]) == 2

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("builds")  # one process: every build writes the tree's build/ and egg-info
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +55,21 @@ def test_installed_names():
 
     assert Path(qscope_plugin.adapters.__file__).parent == ROOT / "adapters"
     assert Path(qscope_plugin.recipes.__file__).parent == ROOT / "recipes"
+
+
+def test_the_editable_install_maps_the_package_quietly(tmp_path):
+    """``pip install -e .`` builds its wheel with the project's backend: the finder maps the three folders into
+    qscope_plugin, and setuptools' notice about same-named folders in the working directory is gone."""
+    code = ("import sys; sys.path.insert(0, 'scripts'); import qscope_build; "
+            f"print(qscope_build.build_editable({str(tmp_path)!r}))")
+    build = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=ROOT, capture_output=True, text=True,
+                           check=True)
+    log = build.stdout + build.stderr
+    assert "working directory" not in log and "Editable installation" not in log, log[-2000:]
+    wheel = zipfile.ZipFile(tmp_path / build.stdout.strip().splitlines()[-1])
+    (finder,) = [n for n in wheel.namelist() if n.endswith("_finder.py")]
+    mapping = wheel.read(finder).decode()
+    for package, folder in (("qscope_plugin", "qscope_plugin"), ("qscope_plugin.adapters", "adapters"),
+                            ("qscope_plugin.recipes", "recipes")):
+        assert f"{package!r}: {str(ROOT / folder)!r}" in mapping
+    assert "'adapters'" not in mapping.replace("qscope_plugin.adapters", "")  # no top-level `adapters`

@@ -128,10 +128,13 @@ def test_to_copies_once_into_a_feature_major_decoder(sae_and_tensors, monkeypatc
         assert torch.allclose(decoder.decode_sparse(values, idx), expected, atol=1e-5)
         assert torch.allclose(decoder.decode_sparse(values, idx.to(torch.int16)), expected, atol=1e-5)
         assert torch.equal(decoder.decode_sparse(values[..., :0], idx[..., :0]), t["b_dec"].expand(3, 4, 16))
-    # bf16 on CPU keeps the file layout: a feature-major bf16 GEMM is ~80x slower on AVX2 (docs/upstream.md §1.4)
-    half = sae.to(dtype=torch.bfloat16)
-    assert half.W_dec.stride() == (64, 1)
-    assert torch.allclose(half.decode_sparse(values, idx).float(), expected, atol=0.05, rtol=0.02)
+    # bf16 on CPU: AVX2 keeps the file layout (a feature-major bf16 GEMM is ~80x slower there, docs/upstream.md
+    # §1.4), AVX-512 takes SAELens' feature-major one; each capability is fixed so both run on any CPU
+    for capability, stride in (("AVX2", (64, 1)), ("AVX512", (1, 16))):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        half = sae.to(dtype=torch.bfloat16)
+        assert half.W_dec.stride() == stride, capability
+        assert torch.allclose(half.decode_sparse(values, idx).float(), expected, atol=0.05, rtol=0.02), capability
 
 
 @pytest.mark.parametrize("capability", ["AVX2", "AVX512"])

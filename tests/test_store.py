@@ -235,7 +235,7 @@ def test_hub_errors_are_one_clear_error_and_leave_nothing(hub_cache, monkeypatch
     from qscope_plugin.store import DEFAULT_CACHE
 
     exc, message = _hub_exceptions()[case]
-    blobs = hub_cache.root / f"models--{REPO.replace('/', '--')}" / "blobs"
+    blobs = hub_cache.repo(REPO) / "blobs"
 
     def failing_download(repo_id, filename, **kwargs):
         blobs.mkdir(parents=True, exist_ok=True)
@@ -256,8 +256,8 @@ def test_partial_download_being_written_by_another_process_is_kept(hub_cache, mo
 
     from qscope_plugin.errors import HubUnreachableError
 
-    folder = f"models--{REPO.replace('/', '--')}"
-    blobs = hub_cache.root / folder / "blobs"
+    folder = hub_cache.repo(REPO).name
+    blobs = hub_cache.repo(REPO) / "blobs"
     mine, theirs = blobs / "aaa.1.incomplete", blobs / "bbb.2.incomplete"
 
     def failing_download(repo_id, filename, **kwargs):
@@ -346,7 +346,7 @@ def test_verify_reports_exactly_the_corrupted_layer(hub_cache):
 
     for n in (2, 3, 4):
         hub_cache.add_sae(REPO, n, d_model=8, d_sae=64, seed=n)
-    snapshot = hub_cache.root / f"models--{REPO.replace('/', '--')}" / "snapshots" / ("a" * 40)
+    snapshot = hub_cache.snapshot(REPO)
     blob = (snapshot / "layer3.sae.pt").resolve()
     before = load_sae(RELEASE, 3, cache=None)
     before = (before.W_enc.clone(), before.W_dec.clone())
@@ -365,7 +365,7 @@ def test_load_sae_verify_refuses_a_corrupted_file_and_drops_it(hub_cache):
     from qscope_plugin.store import DEFAULT_CACHE
 
     hub_cache.add_sae(REPO, 5, d_model=8, d_sae=64)
-    path = hub_cache.root / f"models--{REPO.replace('/', '--')}" / "snapshots" / ("a" * 40) / "layer5.sae.pt"
+    path = hub_cache.snapshot(REPO) / "layer5.sae.pt"
     blob = path.resolve()
     assert load_sae(RELEASE, 5, verify=True).cfg.layer == 5  # an intact file loads
     _flip_float_byte(blob)

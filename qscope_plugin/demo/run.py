@@ -28,6 +28,7 @@ from qscope_plugin.recipes._harvest import harvest, pad, tokenize
 from qscope_plugin.recipes.discovery import ContrastOptions, analyze, contrast_codes
 from qscope_plugin.recipes.steering import SteeringSpec, steer
 from qscope_plugin.store import DEMO_RELEASE, load_sae, local_layers
+from qscope_plugin.tokens import token_texts
 
 DEMO_ASSETS = DEMO_MODEL_DIR.parent
 PROMPTS = json.loads((Path(__file__).parent / "prompts.json").read_text(encoding="utf-8"))
@@ -166,7 +167,7 @@ def run_demo(out_dir: str | Path = "qscope-demo-report", *, assets: Path = DEMO_
     # (1) per-token analysis of the mixed sentence, and the discovered features over its tokens
     rows = analyze(backend, tok, PROMPTS["mixed"], saes, top_n=3)
     (mixed,) = harvest(backend, tok, [PROMPTS["mixed"]], saes)
-    tokens = [tok.decode(mixed.token_ids[i : i + 1]) for i in range(len(mixed.token_ids))]
+    tokens = token_texts(tok, mixed.token_ids.tolist())
     heat = torch.stack([((mixed.indices[r.layer] == r.feature) * mixed.values[r.layer]).sum(-1) for r in results])
     images = _plots(out, results, tokens, heat)
 
@@ -199,6 +200,15 @@ def _classifier_step(model, tok, saes) -> dict:
     scores = clf.score(zh[1::2] + en[1::2], [1] * len(zh[1::2]) + [0] * len(en[1::2]))
     return {"features": {str(layer): feats for layer, feats in clf.features.items()},
             "precision": scores.precision, "recall": scores.recall, "f1": scores.f1}
+
+
+def describe_features(features: dict[str, list[int]]) -> str:
+    """``{"3": [197, 631]}`` as "layer 3 features 197 and 631": how the demo's outputs name a classifier's rule."""
+    def listed(ids: list[int]) -> str:
+        return str(ids[0]) if len(ids) == 1 else f"{', '.join(map(str, ids[:-1]))} and {ids[-1]}"
+
+    return "; ".join(f"layer {layer} feature{'s' if len(ids) > 1 else ''} {listed(ids)}"
+                     for layer, ids in features.items())
 
 
 def _redundancy_step(model, tok, sae, out: Path) -> dict:
@@ -242,8 +252,8 @@ def _markdown(summary: dict, rows, images: list[str]) -> str:
         lines += [f"- **{name}**: " + " / ".join(repr(e) for e in ex)]
     clf = summary["classifier"]
     lines += ["", "## OR-rule classifier, Chinese vs English (report §5)", "",
-              f"Features {clf['features']}; held-out precision {clf['precision']:.2f}, recall {clf['recall']:.2f}, "
-              f"F1 {clf['f1']:.2f}."]
+              f"A text is Chinese when any of {describe_features(clf['features'])} fires on it; held-out "
+              f"precision {clf['precision']:.2f}, recall {clf['recall']:.2f}, F1 {clf['f1']:.2f}."]
     red = summary["redundancy"]
     lines += ["", f"## Benchmark redundancy of a toy suite, layer {red['layer']} (report §4)", "",
               "| set | N | \\|F(D)\\| | R̂(D) |", "|---|---:|---:|---:|"]

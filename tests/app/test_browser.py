@@ -30,6 +30,7 @@ CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-de
                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
                 "--window-size=1400,1100")
 START_TIMEOUT, ANSWER_TIMEOUT = 180, 60
+pytestmark = pytest.mark.xdist_group("browser")  # one server and one browser for the module, in one process
 
 
 def _missing() -> str | None:
@@ -323,3 +324,34 @@ def test_static_dashboard_from_disk_finds_a_feature(browser, dashboard, tmp_path
     _type(browser, "#feature-search", "")
     WebDriverWait(browser, ANSWER_TIMEOUT).until(lambda d: len(shown("#feature-list [data-feature]")) == len(features))
     _assert_clean(browser)
+
+
+INK = """
+const han = /[\\u3400-\\u9fff]/;
+const tokens = [...document.querySelectorAll('.qs-token')].filter(e => han.test(e.textContent));
+const chars = [...new Set(tokens.flatMap(e => [...e.textContent].filter(c => han.test(c))))];
+const family = getComputedStyle(tokens[0]).fontFamily;
+const ink = text => {
+  const canvas = document.createElement('canvas');
+  canvas.width = canvas.height = 48;
+  const context = canvas.getContext('2d');
+  context.font = `32px ${family}`;
+  context.fillText(text, 4, 38);
+  return canvas.toDataURL();
+};
+return [chars.slice(0, 2), ink(chars[0]), ink(chars[1]), ink(String.fromCodePoint(0x10FFFD))];
+"""
+"""Draws two Chinese characters of the page's tokens, in the tokens' font, and a code point no font has (U+10FFFD,
+drawn as the missing-glyph box): without a CJK font all three come out as the same box."""
+
+
+def test_chinese_text_is_drawn_in_a_cjk_font(browser, dashboard):
+    """The machine that runs the browser tests has a font for Chinese (.ci/run installs one): the Chinese tokens
+    of the cards are drawn as their glyphs, not as boxes, so the screenshots show what a reader sees."""
+    browser.get(dashboard[0])
+    WebDriverWait(browser, ANSWER_TIMEOUT).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".qs-token"))
+    chars, first, second, missing = browser.execute_script(INK)
+    assert len(chars) == 2, "the dashboard shows no Chinese tokens"
+    assert first != missing and second != missing, f"{chars} are drawn as missing-glyph boxes: install a CJK font " \
+                                                    "(Debian: apt-get install fonts-wqy-microhei)"
+    assert first != second, f"{chars} are drawn alike"

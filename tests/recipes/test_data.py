@@ -8,6 +8,7 @@ import datasets
 import pandas as pd
 import pytest
 
+from qscope_plugin.errors import QScopeWarning
 from qscope_plugin.recipes.data import DataError, load_table, load_tables, load_texts
 
 ROWS = [{"question": f"q{i}", "answer": i} for i in range(5)]
@@ -134,8 +135,16 @@ def test_texts_of_a_column_are_checked_strings(tmp_path):
     path = tmp_path / "t.jsonl"
     rows = [{"body": "one", "n": 1}, {"body": "", "n": 2}, {"body": "three", "n": 3}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    assert load_texts(str(path), column="body") == ["one", "", "three"]  # a blank row is the recipes' to skip
+    with pytest.warns(QScopeWarning, match=r"dropped 1 blank of the 3 rows read from column 'body' of '.*t\.jsonl' "
+                                            r"\(a blank text has no tokens\); kept 2"):
+        assert load_texts(str(path), column="body") == ["one", "three"]
     assert load_texts(str(path), column="body", limit=1) == ["one"]
+    with pytest.warns(QScopeWarning, match="dropped 1 blank of the 3 rows"):
+        assert load_texts(str(path), column="body", limit=2) == ["one", "three"]  # limit counts texts, not rows
+    with pytest.warns(QScopeWarning, match=r"dropped 2 blank of the 3 rows .* the list of examples .* kept 1"):
+        assert load_texts([" ", "x", "\n\t"]) == ["x"]
+    with pytest.raises(DataError, match="limit=0; give a positive number of texts"):
+        load_texts(["a"], limit=0)
     assert load_texts(["a", "b"]) == ["a", "b"]
     with pytest.raises(DataError, match=r"has no column 'text'; pass one of \['body', 'n'\]"):
         load_texts(str(path))

@@ -15,6 +15,7 @@ from qscope_plugin.models import DEMO_MODEL_DIR, load_model
 from qscope_plugin.recipes import FeatureCard, feature_cards
 from qscope_plugin.recipes._harvest import EmptyInputError, HarvestError
 from qscope_plugin.store import DEMO_SAE_DIR, load_sae
+from qscope_plugin.tokens import lone_token_texts, token_texts
 
 pytestmark = pytest.mark.skipif(not DEMO_MODEL_DIR.is_dir(), reason="demo assets not built")
 
@@ -95,7 +96,7 @@ def test_contexts_are_each_texts_peak_with_its_window(cards, dense, demo):
             ids, codes = dense[t]
             lo, hi = max(0, position - WINDOW), min(len(ids), position + WINDOW + 1)
             assert (context.start, context.peak) == (lo, position - lo)
-            assert context.tokens == [tok.decode([i]) for i in ids[lo:hi].tolist()]
+            assert context.tokens == token_texts(tok, ids[lo:hi].tolist())  # the window as its own sequence
             assert np.allclose(context.activations, codes[lo:hi, card.feature].numpy(), rtol=1e-4, atol=1e-4)
             assert context.activations[context.peak] == pytest.approx(value, rel=1e-4)
 
@@ -124,7 +125,7 @@ def test_logit_effects_are_the_unembedded_normed_decoder_direction(demo):
     assert [e.token_id for e in card.logit_effects.suppressed] == down.indices.tolist()
     assert np.allclose([e.value for e in card.logit_effects.promoted], up.values.detach(), atol=1e-4)
     assert np.allclose([e.value for e in card.logit_effects.suppressed], -down.values.detach(), atol=1e-4)
-    assert card.logit_effects.promoted[0].token == tok.decode([int(up.indices[0])])
+    assert [e.token for e in card.logit_effects.promoted] == lone_token_texts(tok, up.indices.tolist())
 
 
 def test_asked_features_keep_their_order_and_explanations_and_survive_json(demo):
