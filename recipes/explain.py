@@ -36,8 +36,9 @@ import numpy as np
 
 from qscope_plugin.errors import QScopeError, feature_out_of_range
 from qscope_plugin.llm import LLM, strip_thinking
-from qscope_plugin.recipes.inspection import Context, Corpus, _logit_effects, _peaks, _token_names, _window
+from qscope_plugin.recipes.inspection import Context, Corpus, _logit_effects, _peaks, _token_pieces, _window
 from qscope_plugin.recipes.inspection import _contexts as _card_contexts
+from qscope_plugin.tokens import Piece, lone_token_texts
 
 __all__ = ["ExplainError", "FeatureExplanation", "Sampling", "Score", "balanced_accuracy", "densest_features",
            "detection_prompt",
@@ -319,9 +320,10 @@ class _Plan:
     max_activation: float
 
 
-def _contexts(corpus: Corpus, feature: int, rows: np.ndarray, window: int, names: dict[int, str]) -> list[Context]:
-    """Contexts around ``rows`` built as the cards build theirs."""
-    return _card_contexts(corpus, _window(corpus, feature, rows, window), names) if len(rows) else []
+def _contexts(corpus: Corpus, feature: int, rows: np.ndarray, window: int, pieces: dict[int, Piece]
+              ) -> list[Context]:
+    """Contexts around ``rows`` built as the cards build theirs (tokens shown as ``qscope_plugin.tokens`` does)."""
+    return _card_contexts(corpus, _window(corpus, feature, rows, window), pieces) if len(rows) else []
 
 
 def _plans(corpus: Corpus, tokenizer, features: Sequence[int], sampling: Sampling, promoted: list[list[str]]
@@ -338,10 +340,10 @@ def _plans(corpus: Corpus, tokenizer, features: Sequence[int], sampling: Samplin
     ids = np.concatenate([corpus.token_ids[np.clip(w[:, None] + np.arange(-sampling.window, sampling.window + 1), 0,
                                                    len(corpus.token_ids) - 1)].ravel() for w in windows]
                          + [np.zeros(0, dtype=np.int64)])
-    names = _token_names(tokenizer, ids)
-    return [_Plan(f, n, _contexts(corpus, f, train, sampling.window, names),
-                  _contexts(corpus, f, test, sampling.window, names),
-                  _contexts(corpus, f, silent, sampling.window, names), promoted[i], top)
+    pieces = _token_pieces(tokenizer, ids)
+    return [_Plan(f, n, _contexts(corpus, f, train, sampling.window, pieces),
+                  _contexts(corpus, f, test, sampling.window, pieces),
+                  _contexts(corpus, f, silent, sampling.window, pieces), promoted[i], top)
             for i, (f, n, train, test, silent, top) in enumerate(chosen)]
 
 
@@ -402,8 +404,7 @@ def explain_features(llm: LLM, corpus: Corpus, tokenizer, features: Sequence[int
         from qscope_plugin.backends import as_backend
 
         top, _ = _logit_effects(as_backend(model), sae, features, sampling.n_promoted)
-        names = _token_names(tokenizer, top.indices.flatten().numpy())
-        promoted = [[names[i] for i in row] for row in top.indices.tolist()]
+        promoted = [lone_token_texts(tokenizer, row) for row in top.indices.tolist()]
     plans = _plans(corpus, tokenizer, features, sampling, promoted)
     layer = corpus.layer
     explained = [p for p in plans if p.train]

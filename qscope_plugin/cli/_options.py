@@ -122,7 +122,7 @@ def add_distributed_options(p: argparse.ArgumentParser) -> None:
     """``--chunk-size``: texts per checkpointed chunk (``distributed_run``); the same output for any rank count."""
     from qscope_plugin.distributed import DEFAULT_CHUNK_SIZE
 
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+    p.add_argument("--chunk-size", type=count(1, MAX_ITEMS), default=DEFAULT_CHUNK_SIZE,
                    help=f"texts per chunk: the unit of resume and of the split between torchrun ranks (default "
                    f"{DEFAULT_CHUNK_SIZE}); finished chunks are kept in <--out>.partial until the command succeeds")
 
@@ -136,9 +136,9 @@ def distributed_run(args: argparse.Namespace) -> Iterator[int]:
     """
     from qscope_plugin.distributed import checkpoints, torchrun_group
 
-    if args.chunk_size < 1:
-        raise UsageError(f"--chunk-size {args.chunk_size}; expected a number of texts >= 1, e.g. 1024")
     out = Path(args.out)
+    if not out.name:
+        raise UsageError(f"--out {args.out!r} names no file; pass the file to write, e.g. --out result.json")
     with torchrun_group(args.device) as (rank, device), checkpoints(out.with_name(out.name + ".partial"),
                                                                     chunk_size=args.chunk_size):
         args.device = device
