@@ -44,8 +44,11 @@ class WordTokenizer:
 
     vocab = FILLER + ANIMALS + DIGITS
 
+    def decode(self, ids):
+        return " " + self.vocab[ids[0]]
+
     def batch_decode(self, ids):
-        return [" " + self.vocab[i[0]] for i in ids]
+        return [self.decode(i) for i in ids]
 
 
 def planted_corpus(n_texts: int = 300, seed: int = 0) -> Corpus:
@@ -299,7 +302,7 @@ def test_cli_explain_usage_errors_exit_2_and_verify_flags_a_bad_file(tmp_path, c
     assert "line 1 is not an explanation record" in capsys.readouterr().err
 
 
-def test_app_search_ranks_by_detection_and_refuses_another_releases_file(tmp_path, capsys):
+def test_app_search_ranks_by_detection_and_refuses_another_releases_file(tmp_path, capsys, demo_model):
     pytest.importorskip("gradio")
     from qscope_plugin.app.explorer import Explorer
     from qscope_plugin.cli import main
@@ -311,7 +314,7 @@ def test_app_search_ranks_by_detection_and_refuses_another_releases_file(tmp_pat
                                   "x", "x")
 
     rows = [row(3, 28, "Chinese characters", 0.6), row(3, 5, "Chinese punctuation", 0.9), row(2, 7, "the word the", 1)]
-    explorer = Explorer(None, None, DEMO_RELEASE, explanations={(r.layer, r.feature): r for r in rows})
+    explorer = Explorer(*demo_model, DEMO_RELEASE, explanations={(r.layer, r.feature): r for r in rows})
     assert [value for _, value in explorer.search("CHINESE")] == ["3:5", "3:28"]
     assert [value for _, value in explorer.search("chinese characters")] == ["3:28"]
     assert [value for _, value in explorer.search("7")] == ["2:7"] and explorer.search("  ") == []
