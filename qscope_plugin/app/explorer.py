@@ -22,6 +22,7 @@ from html import escape
 from qscope_plugin.app.dashboard import card_html
 from qscope_plugin.app.views import analysis_html, comparison_html, completion_html
 from qscope_plugin.errors import QScopeError, feature_out_of_range, layer_out_of_range
+from qscope_plugin.placement import pin
 from qscope_plugin.recipes.discovery import analyze, contrast
 from qscope_plugin.recipes.inspection import Corpus, cards_from_corpus, harvest_corpus
 from qscope_plugin.recipes.steering import Sampling, SteeringSpec, generate, parse_positions, strength_presets
@@ -110,6 +111,8 @@ class Explorer:
     texts: Sequence[str] = ()
     model_name: str = "a model"
     """How the page names the backbone."""
+    sae_device: str | None = None
+    """Where the SAEs encode (``--sae-device``); None: beside each layer (``qscope_plugin.placement``)."""
     n_layers: int = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _corpora: dict[int, Corpus] = field(default_factory=dict, init=False, repr=False)
@@ -120,15 +123,17 @@ class Explorer:
 
     @classmethod
     def load(cls, model: str | None = None, release: str | None = None, *, device: str | None = None,
-             texts: Sequence[str] = ()) -> Explorer:
+             texts: Sequence[str] = (), sae_device: str | None = None) -> Explorer:
         """Load a backbone folder or cached hub id on ``device``; defaults: the embedded demo model, its SAEs and
         its sentences."""
-        from qscope_plugin.models import default_model, default_release, load_model
+        from qscope_plugin.models import check_device, default_model, default_release, load_model
 
         _layers_of(release or default_release())  # a bad release fails before the (slow) model load
+        check_device(sae_device)
         backbone, tokenizer = load_model(model or default_model(), device=device)
         name = "the embedded demo model" if model in (None, default_model()) else model
-        return cls(backbone, tokenizer, release or default_release(), texts or demo_texts(), model_name=name)
+        return cls(backbone, tokenizer, release or default_release(), texts or demo_texts(), model_name=name,
+                   sae_device=sae_device)
 
     # -- shared checks ---------------------------------------------------------------------------------------
     def _layer(self, value: object) -> int:
@@ -138,7 +143,7 @@ class Explorer:
         return layer
 
     def _saes(self, layers: Sequence[int]) -> dict:
-        return {n: load_sae(self.source, n) for n in layers}
+        return pin({n: load_sae(self.source, n) for n in layers}, self.sae_device)
 
     def _feature(self, value: object, layer: int) -> int:
         d_sae = self._saes([layer])[layer].cfg.d_sae

@@ -57,6 +57,8 @@ def add_model_options(p: argparse.ArgumentParser, layers: bool = True, json_outp
     if layers:
         p.add_argument("--layers", default="all", help="e.g. 14, 10-14 or all (default)")
     p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
+    p.add_argument("--sae-device", default=None, help="encode with the SAEs on this device (e.g. cpu to save GPU "
+                   "memory); default: each layer's own device, in the model's dtype (docs/placement.md)")
     if json_output:
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -91,11 +93,15 @@ def add_first_token_options(p: argparse.ArgumentParser, *, default: bool) -> Non
                        help="count position 0 like any token" + ("" if default else " (default)"))
 
 
-def load_saes(source: str, layers: str) -> dict:
-    """``{layer: QwenScopeSAE}`` for ``--layers`` of a release name or SAE folder."""
+def load_saes(source: str, layers: str, sae_device: str | None = None) -> dict:
+    """``{layer: QwenScopeSAE}`` for ``--layers`` of a release name or SAE folder, pinned to ``--sae-device`` when
+    given (``placement.pin``: every recipe then encodes there)."""
+    from qscope_plugin.models import check_device
+    from qscope_plugin.placement import pin
     from qscope_plugin.store import layer_count, load_sae
 
-    return {n: load_sae(source, n) for n in parse_layers(layers, layer_count(source), subject=f"{source!r}")}
+    saes = {n: load_sae(source, n) for n in parse_layers(layers, layer_count(source), subject=f"{source!r}")}
+    return pin(saes, check_device(sae_device))
 
 
 def load_backbone(args: argparse.Namespace):

@@ -17,7 +17,8 @@ def cmd_app(args: argparse.Namespace) -> None:
     from qscope_plugin.app.web import serve
 
     texts = data_texts(args) if args.data else ()
-    explorer = Explorer.load(args.model, args.release, device=args.device, texts=texts)
+    explorer = Explorer.load(args.model, args.release, device=args.device, texts=texts,
+                               sae_device=args.sae_device)
     serve(explorer, host=args.host, port=args.port,
           announce=lambda url: print(f"qscope app: serving on {url} (Ctrl+C to stop)", flush=True))
 

@@ -25,7 +25,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.reports import quality_table, write_report
 
     texts = data_texts(args)
-    saes = load_saes(args.release, args.layers)
+    saes = load_saes(args.release, args.layers, args.sae_device)
     check_options(saes, args.batch_size, args.max_length, args.dense_threshold)  # before the (slow) model load
     model, tok = load_backbone(args)
     report = evaluate_saes(model, tok, texts, saes, batch_size=args.batch_size, max_length=args.max_length,

@@ -10,7 +10,7 @@ from qscope_plugin.cli._options import add_model_options, emit, load_backbone, l
 def cmd_steer(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.steering import parse_positions, sweep
 
-    saes = load_saes(args.release, str(args.layer))  # a bad --layer or --positions fails before the model loads
+    saes = load_saes(args.release, str(args.layer), args.sae_device)  # bad --layer, --positions: refused before loading
     positions = parse_positions(args.positions)
     model, tok = load_backbone(args)
     result = sweep(model, tok, args.prompt, args.layer, args.feature, args.alpha, saes,
