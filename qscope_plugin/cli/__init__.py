@@ -28,6 +28,7 @@ from qscope_plugin.cli import (
     discovery,
     evaluate,
     hub,
+    plan,
     repetition,
     safety,
     sasft,
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in (hub, verify, demo, discovery, evaluate, steering, classify, benchmarks, safety, sasft, repetition,
-                  dashboard, app):
+                  dashboard, app, plan):
         group.add_parser(sub)
     return parser
 
