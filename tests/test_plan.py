@@ -73,3 +73,21 @@ def test_cli_prints_json_per_device_and_exits_2_when_it_cannot_fit(tmp_path, cap
     assert plan["dtype"] == "bfloat16" and plan["batch_size"] >= 1
     assert main([*args, "--memory", "2GiB"]) == 2
     assert "does not fit" in capsys.readouterr().out
+
+
+def test_a_command_refuses_a_cuda_run_that_cannot_fit_before_loading(tmp_path, monkeypatch):
+    import argparse
+
+    from qscope_plugin import plan
+    from qscope_plugin.cli._options import UsageError, refuse_if_too_big
+
+    folder = tmp_path / "qwen3-8b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(CONFIGS["Qwen/Qwen3-8B-Base"]))
+    monkeypatch.setattr(plan, "device_memory", lambda device: 16 * GIB)  # a 16 GiB GPU, whatever this machine has
+    args = argparse.Namespace(model=str(folder), release="qwen-scope-3-8b-base-w64k-l50", layers="all",
+                              device="cuda:0", sae_device=None, batch_size=None)
+    with pytest.raises(UsageError, match="--device"):  # 8B in bf16 alone takes 15+ GiB
+        refuse_if_too_big(args)
+    args.device = "cpu"
+    refuse_if_too_big(args)  # host runs are not refused

@@ -105,10 +105,38 @@ def load_saes(source: str, layers: str, sae_device: str | None = None) -> dict:
 
 
 def load_backbone(args: argparse.Namespace):
-    """``(model, tokenizer)`` of ``--model`` on ``--device``."""
+    """``(model, tokenizer)`` of ``--model`` on ``--device``, refused first when ``qscope plan`` says the run cannot
+    fit that device."""
     from qscope_plugin.models import load_model
 
+    refuse_if_too_big(args)
     return load_model(args.model, device=args.device)
+
+
+def refuse_if_too_big(args: argparse.Namespace) -> None:
+    """On a CUDA ``--device``: the plan of this command's run (backbone, its ``--layers``' SAEs unless
+    ``--sae-device`` keeps them elsewhere, ``--batch-size``) from configs alone; a ``UsageError`` naming the option
+    to change when it cannot fit. Host runs are not checked (memory-mapped SAEs take no private memory, and swap
+    and the page cache make "fits" a matter of speed there). A model without a readable config is left to the load.
+    """
+    from qscope_plugin.plan import PlanError, device_memory, make_plan, read_config
+
+    if not args.device or not str(args.device).startswith("cuda"):
+        return
+    from qscope_plugin.cli.plan import sae_dims
+
+    try:
+        config = read_config(args.model)
+    except PlanError:
+        return
+    dims = sae_dims(args.release)
+    layers = parse_layers(getattr(args, "layers", None) or "all", dims.n_layers, subject=f"{args.release!r}")
+    if getattr(args, "sae_device", None) and args.sae_device != args.device:
+        layers = []  # the SAEs sit elsewhere: only the backbone and its activations count here
+    plan = make_plan(config, dims, layers=layers, devices=[args.device], memory=[device_memory(args.device)],
+                     batch_size=getattr(args, "batch_size", None), model=args.model)
+    if not plan.fits:
+        raise UsageError(f"{plan.advice} (`qscope plan` shows the memory per device)")
 
 
 def read_texts(literal: list[str] | None, path: str | None, what: str) -> list[str]:
