@@ -10,7 +10,8 @@ Each SAE goes where its layer is, in the model's dtype (``qscope_plugin.placemen
 - the backbone's share: the parameter bytes of the modules placed there, counted on a meta-device copy of the
   model (every shape exact, no memory);
 - SAEs: ``2 · d_sae · d_model + d_sae + d_model`` values per layer held there (fewer when ``layers_per_pass``
-  bounds them);
+  bounds them), in the model's dtype on an accelerator and as the float32 file on the host (its mapped pages,
+  resident once read but not private: the kernel can drop them);
 - activations per batch of ``batch × seq`` tokens, at the one block computing at a time: the residual stream and
   its norm, q / k / v / attention output, the MLP's gate / up / product (experts: the routed tokens), the
   attention scores when the kernel materialises them, and one SAE encode's pre-activations (chunked by
@@ -217,7 +218,8 @@ def make_plan(config: dict, sae: SAEDims, *, layers: Iterable[int], devices: Seq
                                                                                  else 0)
         plan.devices.append(DevicePlan(
             device=device, memory=mem, layers=blocks, backbone_bytes=params * nbytes,
-            sae_bytes_per_layer=sae_layer_bytes, sae_layers=[n for n in blocks if n in layers],
+            sae_bytes_per_layer=sae.values_per_layer() * 4 if device == "cpu" else sae_layer_bytes,
+            sae_layers=[n for n in blocks if n in layers],
             activation_bytes_per_row=activation_bytes_per_row(config, seq, nbytes, sae,
                                                               sdpa_scores=not device.startswith("cuda"))))
     _fit(plan, batch_size, layers_per_pass)
