@@ -134,3 +134,17 @@ def test_a_model_split_over_two_gpus_encodes_each_layer_on_its_own_gpu(tiny):
     assert [c.device for c in resident(saes[0])] == [torch.device("cuda:0")]
     assert [c.device for c in resident(saes[2])] == [torch.device("cuda:1")]
     release(saes.values())
+
+
+def test_every_model_command_takes_sae_device(capsys):
+    """``--sae-device`` comes with the model options of every command; an unknown device is a usage error."""
+    from qscope_plugin.cli import build_parser, main
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    with_model = [name for name, p in commands.items() if any("--model" in a.option_strings for a in p._actions)]
+    without = [name for name in with_model if name != "plan" and not any(
+        "--sae-device" in a.option_strings for a in commands[name]._actions)]
+    assert with_model and not without, without
+    assert main(["analyze", "我今天很开心 but tired", "--layers", "3", "--sae-device", "cpu", "--json"]) == 0
+    assert main(["analyze", "text", "--layers", "3", "--sae-device", "nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err
