@@ -113,17 +113,27 @@ class Plan:
 def read_config(model: str) -> dict:
     """The ``config.json`` of a model folder, or of a hub id from the local cache (offline: no download)."""
     folder = Path(model)
-    if (folder / "config.json").is_file():
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if folder.exists():
-        raise PlanError(f"{model!r} has no config.json; pass a model folder saved with save_pretrained")
-    from huggingface_hub import try_to_load_from_cache
+    path: Path | None = folder / "config.json" if (folder / "config.json").is_file() else None
+    if path is None and not folder.exists():
+        from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(model, "config.json")
-    if isinstance(cached, str):
-        return json.loads(Path(cached).read_text(encoding="utf-8"))
-    raise PlanError(f"no config.json for {model!r} here: not a folder, and not in the Hugging Face cache; pass a "
-                    "model folder or run `huggingface-cli download {model} config.json` once")
+        try:
+            cached = try_to_load_from_cache(model, "config.json")
+        except ValueError:  # not a valid repo id either
+            cached = None
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None:
+        raise PlanError(f"no config.json for {model!r}: not a model folder, and not in the Hugging Face cache; pass "
+                        f"a folder saved with save_pretrained or fetch the config once (`huggingface-cli download "
+                        f"{model} config.json`)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlanError(f"{str(path)!r} is not a readable config.json ({e}); pass a folder saved with "
+                        "save_pretrained") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise PlanError(f"{str(path)!r} has no model_type; expected a transformers config.json")
+    return config
 
 
 def _text(config: dict) -> dict:
@@ -270,10 +280,12 @@ def gib(n: float) -> str:
 def device_memory(device: str) -> int:
     """Bytes this machine has for ``device``: a CUDA device's total memory, or the host's available memory
     (psutil's figure when it is installed, else all physical memory)."""
-    import torch
+    from qscope_plugin.models import check_device
 
-    dev = torch.device(device)
-    if dev.type == "cuda":
+    dev = check_device(device)  # refused when this machine cannot use it: pass --memory to plan for another one
+    if dev is not None and dev.type == "cuda":
+        import torch
+
         return torch.cuda.get_device_properties(dev).total_memory
     try:
         import psutil

@@ -119,9 +119,11 @@ def refuse_if_too_big(args: argparse.Namespace) -> None:
     to change when it cannot fit. Host runs are not checked (memory-mapped SAEs take no private memory, and swap
     and the page cache make "fits" a matter of speed there). A model without a readable config is left to the load.
     """
+    from qscope_plugin.models import check_device
     from qscope_plugin.plan import PlanError, device_memory, make_plan, read_config
 
-    if not args.device or not str(args.device).startswith("cuda"):
+    device = check_device(args.device)
+    if device is None or device.type != "cuda":
         return
     from qscope_plugin.cli.plan import sae_dims
 

@@ -4,6 +4,7 @@ configs alone (``qscope_plugin.plan``)."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from qscope_plugin.cli._options import UsageError, emit, names, parse_layers
@@ -27,6 +28,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from qscope_plugin.plan import device_memory, make_plan, parse_bytes, read_config, render
 
     devices = names(args.device or "cpu")
+    for device in devices:
+        if re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", device) is None:
+            raise UsageError(f"--device {device!r}; expected devices like cpu, cuda, cuda:1, separated by commas")
     if args.memory:
         sizes = [parse_bytes(m) for m in names(args.memory)]
         if len(sizes) == 1:
