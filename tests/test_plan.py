@@ -84,7 +84,12 @@ def test_a_command_refuses_a_cuda_run_that_cannot_fit_before_loading(tmp_path, m
     folder = tmp_path / "qwen3-8b"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(CONFIGS["Qwen/Qwen3-8B-Base"]))
+    import torch
+
+    from qscope_plugin import models
+
     monkeypatch.setattr(plan, "device_memory", lambda device: 16 * GIB)  # a 16 GiB GPU, whatever this machine has
+    monkeypatch.setattr(models, "check_device", lambda device: torch.device(device) if device else None)
     args = argparse.Namespace(model=str(folder), release="qwen-scope-3-8b-base-w64k-l50", layers="all",
                               device="cuda:0", sae_device=None, batch_size=None)
     with pytest.raises(UsageError, match="--device"):  # 8B in bf16 alone takes 15+ GiB
