@@ -55,7 +55,7 @@ def worker_evaluate() -> dict:
     model = AutoModelForCausalLM.from_config(cfg).eval()
     sae = load_sae(default_release(), 3)
     texts = _texts(tok, TEXTS, TOKENS)
-    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    encoded = [tok(t, add_special_tokens=False)["input_ids"][:TOKENS] for t in texts]  # as evaluate_saes cuts
     with PeakMemory() as mem:
         report = evaluate_saes(model, tok, texts, {3: sae}, batch_size=TEXTS, max_length=TOKENS, progress=False)
     q = report.layers[3]

@@ -13,9 +13,9 @@ Each SAE goes where its layer is, in the model's dtype (``qscope_plugin.placemen
   bounds them), in the model's dtype on an accelerator and as the float32 file on the host (its mapped pages,
   resident once read but not private: the kernel can drop them);
 - activations per batch of ``batch × seq`` tokens, at the one block computing at a time: the residual stream and
-  its norm, q / k / v / attention output, the MLP's gate / up / product (experts: the routed tokens), the
-  attention scores when the kernel materialises them, and one SAE encode's pre-activations (chunked by
-  ``sae.ENCODE_BUDGET_BYTES``).
+  the block output its hook holds, plus the larger of the block's intermediates (norm, q / k / v / attention
+  output, the MLP's gate / up / product; experts: the routed tokens' share) and one SAE encode's
+  pre-activations (chunked by ``sae.ENCODE_BUDGET_BYTES``).
 
 The largest batch size whose peak fits every device is chosen; when even a batch of one cannot sit beside all
 layers' SAEs, the layers are split into passes (``layers_per_pass``). A plan that cannot fit says which option to
@@ -165,9 +165,14 @@ def meta_parameters(config: dict) -> tuple[int, list[int], int]:
     return embed, per_block, head + rest
 
 
-def activation_bytes_per_row(config: dict, seq: int, dtype_bytes: int, sae: SAEDims | None,
-                             sdpa_scores: bool = True) -> int:
-    """Peak bytes per batch row of ``seq`` tokens while one block computes (see the module docstring)."""
+def activation_bytes_per_row(config: dict, seq: int, dtype_bytes: int, sae: SAEDims | None) -> int:
+    """Peak bytes per batch row of ``seq`` tokens while one block computes (see the module docstring).
+
+    The block's intermediates and the SAE encode in its hook are not alive at once (the hook runs on the block's
+    output, after its intermediates are freed), so the peak is the larger of the two, over the residual stream
+    and the block output the hook holds. Attention scores are not counted: SDPA's fused kernels (flash /
+    memory-efficient on CUDA, flash on CPU) do not materialise them.
+    """
     text = _text(config)
     d, heads = text["hidden_size"], text["num_attention_heads"]
     head_dim = text.get("head_dim") or d // heads
@@ -177,14 +182,13 @@ def activation_bytes_per_row(config: dict, seq: int, dtype_bytes: int, sae: SAED
         inter += text.get("shared_expert_intermediate_size", 0)
     else:
         inter = text["intermediate_size"]
-    per_token = (4 * d + 2 * heads * head_dim + 2 * kv * head_dim + 3 * inter) * dtype_bytes
-    scores = heads * seq * seq * 4 if sdpa_scores else 0  # float32 scores when the math kernel runs (CPU)
+    block = (2 * d + 2 * heads * head_dim + 2 * kv * head_dim + 3 * inter) * dtype_bytes * seq
     encode = 0
     if sae is not None:
         from qscope_plugin.sae import ENCODE_BUDGET_BYTES
 
         encode = min(seq * sae.d_sae * dtype_bytes, ENCODE_BUDGET_BYTES)
-    return per_token * seq + scores + encode
+    return max(block, encode) + 2 * d * dtype_bytes * seq
 
 
 def split_layers(embed: int, per_block: Sequence[int], head: int, budgets: Sequence[float]) -> list[list[int]]:
@@ -230,8 +234,7 @@ def make_plan(config: dict, sae: SAEDims, *, layers: Iterable[int], devices: Seq
             device=device, memory=mem, layers=blocks, backbone_bytes=params * nbytes,
             sae_bytes_per_layer=sae.values_per_layer() * 4 if device == "cpu" else sae_layer_bytes,
             sae_layers=[n for n in blocks if n in layers],
-            activation_bytes_per_row=activation_bytes_per_row(config, seq, nbytes, sae,
-                                                              sdpa_scores=not device.startswith("cuda"))))
+            activation_bytes_per_row=activation_bytes_per_row(config, seq, nbytes, sae)))
     _fit(plan, batch_size, layers_per_pass)
     return plan
 
