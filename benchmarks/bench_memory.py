@@ -24,7 +24,15 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 GIB = 1 << 30
 VOCAB, TEXTS, TOKENS = 151_936, 8, 513
-NOT_MEASURED = ("Not measured here (issue 26's other figures): the all-layer footprints at Qwen3-1.7B size with `layers_per_pass` (bench_real_size.py needs ~8 GiB and minutes of 2 shared cores, which were not free before this change was due; on CPU the SAEs stay memory-mapped, so they add file pages but no private memory, and `layers_per_pass` bounds the copies held on accelerators) and steered generation at that size (unchanged for additive steering, whose vector was already moved to the layer's device once; clamp terms now encode with the placed copy). `benchmarks/gpu_check.sh` measures the CUDA side.")
+NOT_MEASURED = (
+    "Not measured here (issue 26's other figures): the all-layer footprints at Qwen3-1.7B size with "
+    '`layers_per_pass` (bench_real_size.py needs ~8 GiB and minutes of 2 shared cores, which were not '
+    'free before this change was due; on CPU the SAEs stay memory-mapped, so they add file pages but no '
+    'private memory, and `layers_per_pass` bounds the copies held on accelerators) and steered generation'
+    " at that size (unchanged for additive steering, whose vector was already moved to the layer's device"
+    ' once; clamp terms now encode with the placed copy). `benchmarks/gpu_check.sh` measures the CUDA '
+    'side.')
+"""The issue's figures this script does not measure, and why (printed under its tables)."""
 
 
 def _texts(tok, n: int, n_tokens: int) -> list[str]:
