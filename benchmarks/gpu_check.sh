@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The real-size measurements on CUDA in bf16, plus SAE encode throughput against the memory-bandwidth limit of
-# reading W_enc once per batch. For a machine with an accelerator; nothing here runs in CI.
+# On CUDA in bf16: SAE placement (each SAE on its layer's device, no activation copied to the host, counted with
+# torch.profiler), an all-layer harvest at Qwen3-1.7B size, evaluate_saes' memory at Qwen's vocabulary, qscope
+# plan's predicted peak (benchmarks/gpu_placement.py); SAE encode throughput against the memory-bandwidth limit of
+# reading W_enc once per batch; then the real-size measurements (bench_real_size.py).
 #
 #   bash benchmarks/gpu_check.sh              # Qwen3-1.7B-Base size; results in $OUT (default /tmp/qscope-gpu-check)
-#   BACKBONES="1.7b 2b 8b" bash benchmarks/gpu_check.sh
-#   DRY=1 bash benchmarks/gpu_check.sh        # on CPU, tiny sizes: checks that the script itself runs
+#   REAL_SIZE=1 BACKBONES="1.7b 2b 8b" bash benchmarks/gpu_check.sh
+#   REAL_SIZE=1 bash benchmarks/gpu_check.sh  # + bench_real_size.py on CUDA (default: placement and encode only)
+#   DRY=1 bash benchmarks/gpu_check.sh        # on CPU, tiny sizes: the same code paths (CI runs this)
 #
-# Writes $OUT/gpu_encode.md (the bandwidth table) and $OUT/benchmarks_real_size_cuda.md (bench_real_size.py's
-# tables for CUDA); copy them into docs/ by hand once read.
+# Prints one PASS / FAIL line per check and exits 1 if any failed. Writes $OUT/gpu_placement.md (+ .json),
+# $OUT/gpu_encode.md (the bandwidth table) and $OUT/benchmarks_real_size_cuda.md (bench_real_size.py's tables for
+# CUDA); copy them into docs/ by hand once read.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -15,6 +19,13 @@ OUT=${OUT:-/tmp/qscope-gpu-check}
 BACKBONES=${BACKBONES:-1.7b}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1
+status=0
+
+if [[ "${DRY:-0}" == "1" ]]; then
+    "$PY" benchmarks/gpu_placement.py --dry --out "$OUT" || status=1
+else
+    "$PY" benchmarks/gpu_placement.py --out "$OUT" || status=1
+fi
 
 "$PY" - "$OUT" "${DRY:-0}" <<'EOF'
 """SAE encode at full width on one device: achieved bytes/s of reading W_enc vs the device's peak bandwidth."""
@@ -86,11 +97,12 @@ open(f"{out}/gpu_encode.md", "w").write(text)
 print(text)
 EOF
 
-if [[ "${DRY:-0}" == "1" ]]; then
+if [[ "${DRY:-0}" == "1" || "${REAL_SIZE:-0}" != "1" ]]; then
     "$PY" benchmarks/bench_real_size.py --help > /dev/null
-    echo "dry run done: $OUT/gpu_encode.md"
-    exit 0
+    echo "done: $OUT/gpu_placement.md $OUT/gpu_encode.md"
+    exit $status
 fi
 # shellcheck disable=SC2086
 "$PY" benchmarks/bench_real_size.py --backbones $BACKBONES --device cuda --dtype bfloat16 --repeats 3 \
     --root "$OUT/real-size" --out "$OUT/benchmarks_real_size_cuda.md"
+exit $status

@@ -12,7 +12,11 @@ Rules, the same for every pooling and every backend (plain transformers, Transfo
 - each row gets the positions it would have alone (``position_ids`` count real tokens only), so a text's codes do
   not depend on its batch, on the padding side or on the batch size;
 - the forward stops after the deepest layer asked for, and each layer is pooled inside its hook, so memory holds
-  one batch of one layer's activations, never all layers of a long batch.
+  one batch of one layer's activations, never all layers of a long batch;
+- each SAE encodes where its layer's activations are (``qscope_plugin.placement``: the layer's device, the model's
+  dtype; ``sae_device`` overrides), so only the pooled results, never activations, come back to the host;
+- ``layers_per_pass`` bounds how many layers' SAEs are held on the devices at once: the corpus is run once per
+  group of that many layers (results identical to one pass, each layer's copies freed after its pass).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tqdm.auto import tqdm
 
 from qscope_plugin.backends import as_backend
 from qscope_plugin.errors import QScopeError, QScopeWarning
+from qscope_plugin.placement import SAEDevice, placed, release
 from qscope_plugin.sae import QwenScopeSAE
 
 Pooling = Literal["tokens", "max", "last"]
@@ -168,7 +173,8 @@ def harvest(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, Q
 def harvest(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, QwenScopeSAE], *,
             pooling: Pooling = "tokens", batch_size: int = 16, max_length: int | None = 512,
             truncation_side: Side = "right", padding_side: Side = "right", exclude_first_token: bool = False,
-            progress: bool = False, desc: str = "harvest"):
+            progress: bool = False, desc: str = "harvest", sae_device: SAEDevice = None,
+            layers_per_pass: int | None = None):
     """SAE codes of every text at every layer in ``saes``, pooled as asked (see the module docstring).
 
     Args:
@@ -176,6 +182,8 @@ def harvest(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, Q
         pooling: ``tokens`` -> ``list[TextCodes]``; ``max`` -> ``MaxActivations``; ``last`` -> ``LastFeatures``.
         exclude_first_token: for ``max``, leave each text's first token out of the max (position 0 carries
             massive-norm outliers on Qwen3).
+        sae_device: encode every layer on this device instead of the layer's own (``placement.pin``).
+        layers_per_pass: at most this many layers' SAEs held at once (None: all); more layers run in passes.
     """
     if pooling not in POOLERS:
         raise HarvestError(f"pooling={pooling!r}; expected one of {sorted(POOLERS)}")
@@ -183,6 +191,10 @@ def harvest(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, Q
         raise HarvestError("no SAEs given; pass {layer: QwenScopeSAE} for at least one layer")
     if batch_size < 1:
         raise HarvestError(f"batch_size={batch_size}; expected an integer >= 1")
+    if layers_per_pass is not None and (isinstance(layers_per_pass, bool) or not isinstance(layers_per_pass, int)
+                                        or layers_per_pass < 1):
+        raise HarvestError(f"layers_per_pass={layers_per_pass!r}; expected None (all layers in one pass) or an "
+                           "integer >= 1")
     texts = list(texts)
     backend = as_backend(model)
     layers = sorted(backend.check_layers(saes))
@@ -194,15 +206,21 @@ def harvest(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, Q
                               "needs at least one token for its last-token features")
     pooled: dict[int, list] = {n: [None] * len(texts) for n in layers}
     pool, finish = POOLERS[pooling]
-    for rows in tqdm(length_batches(encoded, batch_size), disable=not progress, desc=desc, unit="batch"):
-        ids, mask, positions = pad([encoded[i] for i in rows], pad_id(tokenizer), padding_side)
-        found = backend.capture(ids, mask, layers=layers, position_ids=positions,
-                                reduce=_pooling(pool, saes, mask.bool(), exclude_first_token))
-        if finish is not None:
-            found = {n: finish(saes[n], kept) for n, kept in found.items()}
-        for n, per_row in found.items():
-            for i, result in zip(rows, per_row, strict=True):
-                pooled[n][i] = result
+    step = layers_per_pass or len(layers)
+    groups = [layers[start : start + step] for start in range(0, len(layers), step)]
+    batches = length_batches(encoded, batch_size)
+    for group in groups:
+        for rows in tqdm(batches, disable=not progress, desc=desc, unit="batch"):
+            ids, mask, positions = pad([encoded[i] for i in rows], pad_id(tokenizer), padding_side)
+            found = backend.capture(ids, mask, layers=group, position_ids=positions,
+                                    reduce=_pooling(pool, saes, mask.bool(), exclude_first_token, sae_device))
+            if finish is not None:
+                found = {n: finish(placed(saes[n], kept, sae_device), kept) for n, kept in found.items()}
+            for n, per_row in found.items():
+                for i, result in zip(rows, per_row, strict=True):
+                    pooled[n][i] = result
+        if len(groups) > 1:
+            release(saes[n] for n in group)
     if pooling == "last":
         return pooled
     if pooling == "max":
@@ -213,11 +231,15 @@ def harvest(model: object, tokenizer, texts: Sequence[str], saes: Mapping[int, Q
                       indices={n: (pooled[n][i] or nothing[n])[1] for n in layers}) for i in range(len(texts))]
 
 
-def _pooling(pool, saes: Mapping[int, QwenScopeSAE], mask: torch.Tensor, skip_first: bool):
-    """The capture's ``reduce``: pool block n's batch with its SAE, the mask moved to the block's device."""
+def _pooling(pool, saes: Mapping[int, QwenScopeSAE], mask: torch.Tensor, skip_first: bool, device: SAEDevice):
+    """The capture's ``reduce``: pool block n's batch with its SAE placed beside it (``placement.placed``); the
+    mask follows the activations (which move only when ``device`` or a pin sends the SAE elsewhere)."""
 
     def reduce(hidden: torch.Tensor, n: int):
-        return pool(saes[n], hidden, mask.to(hidden.device), skip_first)
+        sae = placed(saes[n], hidden, device)
+        if sae.device != hidden.device:
+            hidden = hidden.to(sae.device)
+        return pool(sae, hidden, mask.to(hidden.device), skip_first)
 
     return reduce
 
@@ -239,7 +261,9 @@ def harvest_settings(model: object, tokenizer, saes: Mapping[int, QwenScopeSAE],
     """What a checkpointed harvest's results depend on besides the texts: a work dir of other settings is refused."""
     return {"model": as_backend(model).name, "tokenizer": getattr(tokenizer, "name_or_path", None),
             "saes": {str(n): [s.cfg.release, s.cfg.d_model, s.cfg.d_sae, s.cfg.k, str(s.dtype)]
-                     for n, s in sorted(saes.items())}, **options}
+                     for n, s in sorted(saes.items())},
+            **{key: str(value) if key == "sae_device" and value is not None else value  # a torch.device too
+               for key, value in options.items()}}
 
 
 def sharded_harvest(model: object, tokenizer, texts: Iterable[str], saes: Mapping[int, QwenScopeSAE], *,

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from qscope_plugin.backends import Backend, KwargsEdit, as_backend
 from qscope_plugin.distributed import rank_and_world, run_chunks, sum_chunks
 from qscope_plugin.errors import QScopeError
+from qscope_plugin.placement import SAEDevice, placed, release
 from qscope_plugin.recipes._harvest import check_texts, harvest_settings, length_batches, pad, pad_id, tokenize
 from qscope_plugin.recipes._json import finite_json
 from qscope_plugin.sae import QwenScopeSAE
@@ -106,8 +107,9 @@ class _Tally:
     """Running sums of one layer's reconstruction and firing over real tokens (float64: the variance is a
     difference of two large sums when activations have a large mean)."""
 
-    def __init__(self, sae: QwenScopeSAE) -> None:
+    def __init__(self, sae: QwenScopeSAE, device: SAEDevice) -> None:
         self.sae = sae
+        self.device = device
         self.n = 0
         self.sum_x = torch.zeros(sae.cfg.d_model, dtype=torch.float64)
         self.sum_x2 = 0.0
@@ -116,10 +118,12 @@ class _Tally:
         self.fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
 
     def add(self, x: torch.Tensor) -> None:
-        """``x`` ``(tokens, d_model)``: the block outputs of real tokens."""
-        values, indices = self.sae.encode_sparse(x)
+        """``x`` ``(tokens, d_model)``: the block outputs of real tokens, encoded beside them (``placed``)."""
+        sae = placed(self.sae, x, self.device)
+        x = x.to(sae.device)
+        values, indices = sae.encode_sparse(x)
         x = x.float()
-        err = x - self.sae.decode_sparse(values, indices).float().to(x.device)
+        err = x - sae.decode_sparse(values, indices).float()
         on = values > 0
         self.n += x.shape[0]
         self.sum_x += x.sum(0).double().cpu()
@@ -140,6 +144,13 @@ def _fvu(n: int, sum_x: torch.Tensor, sum_x2: float, sum_err: float) -> float:
     return sum_err / total if total > 0 else math.nan
 
 
+LOGIT_BUDGET_BYTES = 64 << 20
+"""Most bytes of float32 vocab-sized values one step of the CE / KL sums holds per forward (clean and edited
+log-probabilities of one chunk of positions): at Qwen's 151,936-token vocabulary, 110 positions. The final hidden
+states of a batch (``positions × d_model``) are kept instead, and the LM head is applied chunk by chunk, so
+peak memory does not grow with positions × vocabulary."""
+
+
 class Clean(NamedTuple):
     """The clean forward of one batch at the positions with a real next token."""
 
@@ -147,36 +158,65 @@ class Clean(NamedTuple):
     """``(batch, seq − 1)`` bool: position t is real and so is t + 1."""
     targets: torch.Tensor
     """``(n,)`` the next tokens."""
-    logp: torch.Tensor
-    """``(n, vocab)`` float32 log-probabilities."""
+    final: torch.Tensor
+    """``(n, d_model)`` the last block's output at those positions (the LM head's input, before the final norm)."""
+    chunk: int
+    """Positions per step of the CE / KL sums (``LOGIT_BUDGET_BYTES`` or ``chunk_positions``)."""
 
 
-def _next_token_logp(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(logits[:, :-1][where.to(logits.device)].float(), dim=-1)
+def _final_hidden(backend: Backend, ids: torch.Tensor, mask: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """The last block's output at the predicted positions, from a capture (edits in force apply to it)."""
+    last = backend.n_layers - 1
+    hidden = backend.capture(ids, mask, layers=[last])[last]
+    return hidden[:, :-1][where.to(hidden.device)]
 
 
-def clean_forward(backend: Backend, ids: torch.Tensor, mask: torch.Tensor) -> Clean:
+def _chunk_logp(backend: Backend, final: torch.Tensor) -> torch.Tensor:
+    """float32 next-token log-probabilities ``(n, vocab)`` of a chunk of final hidden states."""
+    return F.log_softmax(backend.unembed(final).float(), dim=-1)
+
+
+def clean_forward(backend: Backend, ids: torch.Tensor, mask: torch.Tensor, *,
+                  chunk_positions: int | None = None) -> Clean:
     where = mask[:, :-1].bool() & mask[:, 1:].bool()
-    logp = _next_token_logp(backend.logits(ids, mask), where)
-    return Clean(where, ids[:, 1:][where].to(logp.device), logp)
+    final = _final_hidden(backend, ids, mask, where)
+    vocab = backend.module.get_output_embeddings().out_features
+    chunk = chunk_positions or max(1, LOGIT_BUDGET_BYTES // (2 * 4 * vocab))
+    return Clean(where, ids[:, 1:][where].to(final.device), final, chunk)
+
+
+def clean_ce(backend: Backend, clean: Clean) -> float:
+    """``Σ CE`` of the clean forward over the batch's predicted positions, one chunk of logits at a time."""
+    total = 0.0
+    for start in range(0, clean.final.shape[0], clean.chunk):
+        logp = _chunk_logp(backend, clean.final[start : start + clean.chunk])
+        targets = clean.targets[start : start + clean.chunk].to(logp.device)
+        total -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+    return total
 
 
 def spliced_cost(backend: Backend, ids: torch.Tensor, mask: torch.Tensor, clean: Clean, layer: int,
                  splice: KwargsEdit) -> tuple[float, float]:
     """``(Σ CE, Σ KL(clean ‖ edited))`` over the batch's predicted positions with ``splice`` on block ``layer``.
 
-    The sums, not the vocab-sized log-probabilities, leave this function: nothing vocab-sized outlives a batch.
+    The edited forward keeps its final hidden states; clean and edited log-probabilities are then made one chunk
+    of positions at a time, so at most two chunks of vocab-sized values exist at once and only sums leave.
     """
     with backend.edit({layer: splice}):
-        logp = _next_token_logp(backend.logits(ids, mask), clean.where)
-    nll = -logp.gather(-1, clean.targets.unsqueeze(-1))
-    kl = F.kl_div(logp, clean.logp, log_target=True, reduction="none").sum(-1)
-    return nll.sum().item(), kl.sum().item()
+        edited = _final_hidden(backend, ids, mask, clean.where)
+    nll = kl = 0.0
+    for start in range(0, edited.shape[0], clean.chunk):
+        span = slice(start, start + clean.chunk)
+        logp = _chunk_logp(backend, edited[span])
+        reference = _chunk_logp(backend, clean.final[span]).to(logp.device)
+        nll -= logp.gather(-1, clean.targets[span].to(logp.device).unsqueeze(-1)).sum().item()
+        kl += F.kl_div(logp, reference, log_target=True, reduction="sum").item()
+    return nll, kl
 
 
-def _reconstruct(sae: QwenScopeSAE) -> KwargsEdit:
+def _reconstruct(sae: QwenScopeSAE, device: SAEDevice) -> KwargsEdit:
     def splice(hidden: torch.Tensor, layer: int, layer_kwargs: dict) -> torch.Tensor:
-        return sae.reconstruct(hidden).to(device=hidden.device, dtype=hidden.dtype)
+        return placed(sae, hidden, device).reconstruct(hidden).to(device=hidden.device, dtype=hidden.dtype)
 
     return splice
 
@@ -206,12 +246,15 @@ def check_options(saes: Mapping[int, QwenScopeSAE], batch_size: int, max_length:
 @torch.no_grad()
 def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[int, QwenScopeSAE], *,
                   batch_size: int = 8, max_length: int | None = 512, dense_threshold: float = 0.1,
-                  exclude_first_token: bool = False, progress: bool = True) -> QualityReport:
+                  exclude_first_token: bool = False, progress: bool = True, sae_device: SAEDevice = None,
+                  chunk_positions: int | None = None, layers_per_pass: int | None = None) -> QualityReport:
     """Quality of each SAE in ``saes`` on the texts ``data`` (definitions in the module docstring).
 
     Per batch: one capture of every layer (reconstruction and firing), one clean forward, and for each layer
-    one spliced and one zero-ablated forward; only sums are kept between batches. A batch holds its clean
-    log-probabilities, float32 ``(predicted positions, vocab)``: lower ``batch_size`` for a large vocabulary.
+    one spliced and one zero-ablated forward; only sums are kept between batches. Forwards keep their final
+    hidden states ``(predicted positions, d_model)``; logits exist for one chunk of positions at a time
+    (``chunk_positions``, default ``LOGIT_BUDGET_BYTES`` worth), so peak memory does not grow with positions ×
+    vocabulary, and the sums equal the unchunked ones (to float32 rounding of their order).
     Texts go in chunks through ``qscope_plugin.distributed.run_chunks``: under ``torchrun`` each rank evaluates its
     share, inside ``checkpoints`` a killed run resumes, and the chunks' sums are added in chunk order (the same
     floats for any number of ranks).
@@ -221,6 +264,10 @@ def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[i
         data: texts, tokenized without special tokens and cut to their first ``max_length`` tokens.
         dense_threshold: a feature firing on more than this fraction of tokens is dense.
         exclude_first_token: leave each text's first token out of FVU, L0 and dead / dense (not of CE / KL).
+        sae_device: encode on this device instead of each layer's own (``qscope_plugin.placement``).
+        chunk_positions: positions whose logits are made at once (None: ``LOGIT_BUDGET_BYTES`` worth).
+        layers_per_pass: at most this many layers' SAEs held at once; more layers run in passes over the data
+            (the clean forward is repeated per pass; results identical to one pass).
 
     Raises:
         QualityError: no SAEs, a bad option, or no text with two tokens (no next-token loss to measure).
@@ -234,12 +281,20 @@ def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[i
     if not any(len(ids) >= 2 for ids in encoded):
         raise QualityError(f"none of the {len(texts)} texts has two tokens, so there is no next token to predict; "
                            "pass longer texts")
+    if chunk_positions is not None and (isinstance(chunk_positions, bool) or not isinstance(chunk_positions, int)
+                                        or chunk_positions < 1):
+        raise QualityError(f"chunk_positions={chunk_positions!r}; expected None or an integer >= 1")
+    if layers_per_pass is not None and (isinstance(layers_per_pass, bool) or not isinstance(layers_per_pass, int)
+                                        or layers_per_pass < 1):
+        raise QualityError(f"layers_per_pass={layers_per_pass!r}; expected None (one pass) or an integer >= 1")
     settings = harvest_settings(backend, tokenizer, saes, batch_size=batch_size, max_length=max_length,
                                 exclude_first_token=exclude_first_token)
     shown = progress and rank_and_world()[0] == 0
 
     def chunk_sums(start: int, chunk: list[list[int]]) -> dict[str, torch.Tensor]:
-        return _sums(backend, tokenizer, chunk, saes, layers, batch_size, exclude_first_token, shown)
+        return _sums(backend, tokenizer, chunk, saes, layers, batch_size=batch_size,
+                     exclude_first_token=exclude_first_token, progress=shown, sae_device=sae_device,
+                     chunk_positions=chunk_positions, layers_per_pass=layers_per_pass)
 
     sums = sum_chunks(run_chunks(encoded, chunk_sums, name="evaluate", settings=settings))
     n_predicted = int(sums["n_predicted"])
@@ -251,23 +306,36 @@ def evaluate_saes(model: object, tokenizer, data: Sequence[str], saes: Mapping[i
 
 
 def _sums(backend: Backend, tokenizer, encoded: list[list[int]], saes: Mapping[int, QwenScopeSAE],
-          layers: list[int], batch_size: int, exclude_first_token: bool, progress: bool) -> dict[str, torch.Tensor]:
-    """The sums of one chunk of texts (``qscope_plugin.distributed``): chunks merge by adding them, in order."""
-    tallies = {n: _Tally(saes[n]) for n in layers}
-    edits = {n: (_reconstruct(saes[n]), _zero) for n in layers}
+          layers: list[int], *, batch_size: int, exclude_first_token: bool, progress: bool, sae_device: SAEDevice,
+          chunk_positions: int | None, layers_per_pass: int | None) -> dict[str, torch.Tensor]:
+    """The sums of one chunk of texts (``qscope_plugin.distributed``): chunks merge by adding them, in order.
+
+    Layers run in groups of ``layers_per_pass`` (one pass over the chunk's batches per group, the group's SAE
+    copies released after it); the clean CE is counted in the first pass only.
+    """
+    tallies = {n: _Tally(saes[n], sae_device) for n in layers}
     downstream = {n: torch.zeros(4, dtype=torch.float64) for n in layers}  # Σ CE, Σ KL: spliced, then zeroed
     ce_clean, n_predicted = 0.0, 0
-    for rows in tqdm(length_batches(encoded, batch_size), disable=not progress, desc="evaluate", unit="batch"):
-        ids, mask, _ = pad([encoded[i] for i in rows], pad_id(tokenizer), "right")
-        counted = mask.bool()
-        counted[:, 0] &= not exclude_first_token  # right-padded: column 0 is every text's first token
-        backend.capture(ids, mask, layers=layers, reduce=_tally_real_tokens(tallies, counted))
-        clean = clean_forward(backend, ids, mask)
-        n_predicted += int(clean.where.sum())
-        ce_clean += -clean.logp.gather(-1, clean.targets.unsqueeze(-1)).sum().item()
-        for n, (splice, ablate) in edits.items():
-            downstream[n] += torch.tensor([*spliced_cost(backend, ids, mask, clean, n, splice),
-                                           *spliced_cost(backend, ids, mask, clean, n, ablate)], dtype=torch.float64)
+    step = layers_per_pass or len(layers)
+    groups = [layers[start : start + step] for start in range(0, len(layers), step)]
+    batches = length_batches(encoded, batch_size)
+    for first_pass, group in zip([True] + [False] * (len(groups) - 1), groups, strict=True):
+        for rows in tqdm(batches, disable=not progress, desc="evaluate", unit="batch"):
+            ids, mask, _ = pad([encoded[i] for i in rows], pad_id(tokenizer), "right")
+            counted = mask.bool()
+            counted[:, 0] &= not exclude_first_token  # right-padded: column 0 is every text's first token
+            backend.capture(ids, mask, layers=group, reduce=_tally_real_tokens(tallies, counted))
+            clean = clean_forward(backend, ids, mask, chunk_positions=chunk_positions)
+            if first_pass:
+                n_predicted += int(clean.where.sum())
+                ce_clean += clean_ce(backend, clean)
+            for n in group:
+                downstream[n] += torch.tensor([*spliced_cost(backend, ids, mask, clean, n,
+                                                             _reconstruct(saes[n], sae_device)),
+                                               *spliced_cost(backend, ids, mask, clean, n, _zero)],
+                                              dtype=torch.float64)
+        if len(groups) > 1:
+            release(saes[n] for n in group)
     sums = {"ce_clean": torch.tensor(ce_clean, dtype=torch.float64), "n_predicted": torch.tensor(n_predicted)}
     for n in layers:
         sums |= {f"layer{n}.{key}": value for key, value in tallies[n].sums().items()}

@@ -26,6 +26,7 @@ import torch
 from qscope_plugin.backends import Backend, as_backend
 from qscope_plugin.errors import QScopeError
 from qscope_plugin.indices import MAX_NEW_TOKENS, check_count, parse_indices
+from qscope_plugin.placement import placed
 from qscope_plugin.recipes._harvest import check_texts
 from qscope_plugin.sae import QwenScopeSAE
 from qscope_plugin.tokens import lone_token_texts, token_texts
@@ -208,8 +209,8 @@ def steer(model: object, spec: SteeringSpec, saes: Mapping[int, QwenScopeSAE], *
                 on_device[key] = vectors[layer].to(hidden.device)
             delta = delta + on_device[key]
         for term in (t for t in clamps if t.layer == layer):
-            sae = saes[layer]
-            z_f = sae.encode(hidden)[..., term.feature].float()
+            sae = placed(saes[layer], hidden)  # a copy beside the layer, made once (qscope_plugin.placement)
+            z_f = sae.encode(hidden)[..., term.feature].float().to(hidden.device)
             delta = delta + (term.clamp - z_f).unsqueeze(-1) * sae.direction(term.feature).to(hidden.device)
         if mask is not None:
             delta = delta * mask.unsqueeze(-1)

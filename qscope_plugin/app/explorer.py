@@ -30,6 +30,7 @@ from qscope_plugin.app.views import analysis_html, comparison_html, completion_h
 from qscope_plugin.backends import as_backend
 from qscope_plugin.errors import QScopeError, feature_out_of_range, layer_out_of_range
 from qscope_plugin.indices import check_count, parse_indices
+from qscope_plugin.placement import pin
 from qscope_plugin.recipes.discovery import analyze, contrast
 from qscope_plugin.recipes.inspection import Corpus, cards_from_corpus, harvest_corpus
 from qscope_plugin.recipes.steering import Sampling, SteeringSpec, generate, strength_presets
@@ -119,6 +120,8 @@ class Explorer:
     """How the page names the backbone."""
     max_tokens: int | None = None
     """Longest text (in tokens) any tab takes; None: the model's context (``max_position_embeddings``)."""
+    sae_device: str | None = None
+    """Where the SAEs encode (``--sae-device``); None: beside each layer (``qscope_plugin.placement``)."""
     n_layers: int = field(init=False)
     max_layer_tokens: int = field(init=False)
     """Compare's bound on layers × tokens of both texts."""
@@ -144,11 +147,12 @@ class Explorer:
 
     @classmethod
     def load(cls, model: str | None = None, release: str | None = None, *, device: str | None = None,
-             texts: Sequence[str] = (), max_tokens: int | None = None, explanations: str | None = None) -> Explorer:
+             texts: Sequence[str] = (), max_tokens: int | None = None, explanations: str | None = None,
+             sae_device: str | None = None) -> Explorer:
         """Load a backbone folder or cached hub id on ``device``; defaults: the embedded demo model, its SAEs and
         its sentences, and texts of at most the model's context. ``explanations``: a ``qscope explain`` file for
         the search box (read before the model)."""
-        from qscope_plugin.models import default_model, default_release, load_model
+        from qscope_plugin.models import check_device, default_model, default_release, load_model
         from qscope_plugin.recipes.explain import ExplainError, read_explanations
 
         rows = read_explanations(explanations) if explanations else []
@@ -158,10 +162,11 @@ class Explorer:
         explained = {(r.layer, r.feature): r for r in rows}
 
         _layers_of(release or default_release())  # a bad release fails before the (slow) model load
+        check_device(sae_device)
         backbone, tokenizer = load_model(model or default_model(), device=device)
         name = "the embedded demo model" if model in (None, default_model()) else model
         return cls(backbone, tokenizer, release or default_release(), texts or demo_texts(), model_name=name,
-                   max_tokens=max_tokens, explanations=explained)
+                   max_tokens=max_tokens, explanations=explained, sae_device=sae_device)
 
     # -- shared checks ---------------------------------------------------------------------------------------
     def _layer(self, value: object) -> int:
@@ -193,7 +198,7 @@ class Explorer:
         return n_tokens
 
     def _saes(self, layers: Sequence[int]) -> dict:
-        return {n: load_sae(self.source, n) for n in layers}
+        return pin({n: load_sae(self.source, n) for n in layers}, self.sae_device)
 
     def _feature(self, value: object, layer: int) -> int:
         d_sae = self._saes([layer])[layer].cfg.d_sae

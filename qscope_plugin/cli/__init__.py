@@ -30,6 +30,7 @@ from qscope_plugin.cli import (
     evaluate,
     explain,
     hub,
+    plan,
     repetition,
     safety,
     sasft,
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in (hub, verify, demo, discovery, evaluate, steering, classify, benchmarks, safety, sasft, repetition,
-                  dashboard, app, explain):
+                  dashboard, app, explain, plan):
         group.add_parser(sub)
     return parser
 

@@ -84,6 +84,8 @@ def add_model_options(p: argparse.ArgumentParser, layers: bool = True, json_outp
     if layers:
         p.add_argument("--layers", default="all", help="e.g. 14, 10-14 or all (default)")
     p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
+    p.add_argument("--sae-device", default=None, help="encode with the SAEs on this device (e.g. cpu to save GPU "
+                   "memory); default: each layer's own device, in the model's dtype (docs/placement.md)")
     if json_output:
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -145,11 +147,15 @@ def distributed_run(args: argparse.Namespace) -> Iterator[int]:
         yield rank
 
 
-def load_saes(source: str, layers: str) -> dict:
-    """``{layer: QwenScopeSAE}`` for ``--layers`` of a release name or SAE folder."""
+def load_saes(source: str, layers: str, sae_device: str | None = None) -> dict:
+    """``{layer: QwenScopeSAE}`` for ``--layers`` of a release name or SAE folder, pinned to ``--sae-device`` when
+    given (``placement.pin``: every recipe then encodes there)."""
+    from qscope_plugin.models import check_device
+    from qscope_plugin.placement import pin
     from qscope_plugin.store import load_sae
 
-    return {n: load_sae(source, n) for n in release_layers(layers, source)}
+    saes = {n: load_sae(source, n) for n in release_layers(layers, source)}
+    return pin(saes, check_device(sae_device))
 
 
 def release_layers(spec: str, source: str, option: str = "--layers") -> list[int]:
@@ -161,10 +167,40 @@ def release_layers(spec: str, source: str, option: str = "--layers") -> list[int
 
 
 def load_backbone(args: argparse.Namespace):
-    """``(model, tokenizer)`` of ``--model`` on ``--device``."""
+    """``(model, tokenizer)`` of ``--model`` on ``--device``, refused first when ``qscope plan`` says the run cannot
+    fit that device."""
     from qscope_plugin.models import load_model
 
+    refuse_if_too_big(args)
     return load_model(args.model, device=args.device)
+
+
+def refuse_if_too_big(args: argparse.Namespace) -> None:
+    """On a CUDA ``--device``: the plan of this command's run (backbone, its ``--layers``' SAEs unless
+    ``--sae-device`` keeps them elsewhere, ``--batch-size``) from configs alone; a ``UsageError`` naming the option
+    to change when it cannot fit. Host runs are not checked (memory-mapped SAEs take no private memory, and swap
+    and the page cache make "fits" a matter of speed there). A model without a readable config is left to the load.
+    """
+    from qscope_plugin.models import check_device
+    from qscope_plugin.plan import PlanError, device_memory, make_plan, read_config
+
+    device = check_device(args.device)
+    if device is None or device.type != "cuda":
+        return
+    from qscope_plugin.cli.plan import sae_dims
+
+    try:
+        config = read_config(args.model)
+    except PlanError:
+        return
+    dims = sae_dims(args.release)
+    layers = parse_layers(getattr(args, "layers", None) or "all", dims.n_layers, subject=f"{args.release!r}")
+    if getattr(args, "sae_device", None) and args.sae_device != args.device:
+        layers = []  # the SAEs sit elsewhere: only the backbone and its activations count here
+    plan = make_plan(config, dims, layers=layers, devices=[args.device], memory=[device_memory(args.device)],
+                     batch_size=getattr(args, "batch_size", None), model=args.model)
+    if not plan.fits:
+        raise UsageError(f"{plan.advice} (`qscope plan` shows the memory per device)")
 
 
 def read_texts(literal: list[str] | None, path: str | None, what: str) -> list[str]:

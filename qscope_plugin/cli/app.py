@@ -25,7 +25,7 @@ def cmd_app(args: argparse.Namespace) -> None:
 
     texts = data_texts(args) if args.data else ()
     explorer = Explorer.load(args.model, args.release, device=args.device, texts=texts, max_tokens=args.max_tokens,
-                             explanations=args.explanations)
+                             explanations=args.explanations, sae_device=args.sae_device)
     serve(explorer, host=args.host, port=args.port, queue_size=args.queue_size,
           announce=lambda url: print(f"qscope app: serving on {url} (Ctrl+C to stop)", flush=True))
 

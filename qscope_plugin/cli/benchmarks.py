@@ -48,7 +48,7 @@ def _data_footprints(args: argparse.Namespace):
     if args.column is None and args.template is None:
         raise UsageError(f"pass --column (one of {data.column_names}) or --template, e.g. 'Q: {{question}}\\nA:'")
     template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
-    saes = load_saes(args.release, args.layers)  # a bad --layers fails before the model loads
+    saes = load_saes(args.release, args.layers, args.sae_device)  # a bad --layers fails before the model loads
     model, tok = load_backbone(args)
     return harvest_footprints(model, tok, data, saes, column=args.column,
                               template=template, name=args.name or Path(args.data).stem.split(".")[0],
@@ -68,7 +68,7 @@ def _task_footprints(args: argparse.Namespace):
                          "prompt and name")
     manager = task_manager(args.include_path)
     load_task(args.lm_eval_task, manager)  # an unknown task fails before the model loads
-    saes = load_saes(args.release, args.layers)
+    saes = load_saes(args.release, args.layers, args.sae_device)
     model, tok = load_backbone(args)
     return harvest_task_footprints(model, tok, args.lm_eval_task, saes,
                                    num_fewshot=args.num_fewshot, fewshot_seed=args.fewshot_seed, limit=args.limit,

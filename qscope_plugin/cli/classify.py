@@ -35,7 +35,7 @@ def cmd_classify_fit(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.toxicity import fit_classifier
 
     splits = _splits(args)
-    saes = load_saes(args.release, args.layers)  # a bad --layers fails before the model loads
+    saes = load_saes(args.release, args.layers, args.sae_device)  # a bad --layers fails before the model loads
     with distributed_run(args) as rank:
         model, tok = load_backbone(args)
         clf, scores = fit_classifier(model, tok, saes, splits, release=args.release,
@@ -52,7 +52,7 @@ def cmd_classify_eval(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.toxicity import evaluate
 
     splits = _splits(args)
-    saes = load_saes(args.release, args.layers)
+    saes = load_saes(args.release, args.layers, args.sae_device)
     with distributed_run(args) as rank:
         model, tok = load_backbone(args)
         report = evaluate(model, tok, saes, splits, eps=args.eps,
@@ -81,7 +81,7 @@ def cmd_classify_predict(args: argparse.Namespace) -> None:
     args.release = args.release or saved.get("release") or default_release()
     args.model = args.model or saved.get("model_id") or default_model()
     layers = ",".join(map(str, saved.get("features", {})))
-    saes = load_saes(args.release, layers or "all")
+    saes = load_saes(args.release, layers or "all", args.sae_device)
     model, tok = load_backbone(args)
     clf = ORRuleClassifier.load(args.classifier, model, tok, saes)
     for text, label in zip(texts, clf.predict(texts), strict=True):

@@ -60,7 +60,7 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     from qscope_plugin.app.dashboard import write_dashboard
     from qscope_plugin.recipes.inspection import feature_cards
 
-    (sae,) = load_saes(args.release, str(args.layer)).values()
+    (sae,) = load_saes(args.release, str(args.layer), args.sae_device).values()
     features = None if args.features is None else parse_layers(args.features, sae.cfg.d_sae, "--features",
                                                                f"the layer-{args.layer} SAE")
     if len(features or ()) > MAX_FEATURES:

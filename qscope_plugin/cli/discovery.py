@@ -19,7 +19,7 @@ from qscope_plugin.cli._options import (
 def cmd_analyze(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.discovery import analyze
 
-    saes = load_saes(args.release, args.layers)  # a bad --layers fails before the model loads
+    saes = load_saes(args.release, args.layers, args.sae_device)  # a bad --layers fails before the model loads
     model, tok = load_backbone(args)
     rows = analyze(model, tok, args.text, saes, top_n=args.top)
 
@@ -36,7 +36,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     positive = read_texts(args.positive, args.positive_file, "positive")
     negative = read_texts(args.negative, args.negative_file, "negative")
-    saes = load_saes(args.release, args.layers)
+    saes = load_saes(args.release, args.layers, args.sae_device)
     model, tok = load_backbone(args)
     ranking = contrast(model, tok, positive, negative, saes, method=args.method,
                        pool=args.pool, rank_by=args.rank_by, top_k=args.top_k,

@@ -31,7 +31,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.reports import quality_table, write_report
 
     texts = data_texts(args)
-    saes = load_saes(args.release, args.layers)
+    saes = load_saes(args.release, args.layers, args.sae_device)
     check_options(saes, args.batch_size, args.max_length, args.dense_threshold)  # before the (slow) model load
     with distributed_run(args) as rank:
         model, tok = load_backbone(args)

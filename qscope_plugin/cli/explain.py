@@ -79,7 +79,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
                             n_promoted=args.n_promoted, seed=args.seed)
     except ExplainError as e:
         raise UsageError(str(e)) from None
-    saes = load_saes(args.release, args.layers)
+    saes = load_saes(args.release, args.layers, args.sae_device)
     features = {layer: None if args.features is None else
                 parse_layers(args.features, sae.cfg.d_sae, "--features", f"the layer-{layer} SAE")
                 for layer, sae in saes.items()}

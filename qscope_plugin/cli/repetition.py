@@ -35,7 +35,7 @@ def cmd_features(args: argparse.Namespace) -> None:
     texts = read_texts(args.text, args.texts, "--texts")
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}; expected 0 (texts as given) or more")
-    saes = load_saes(args.release, args.layers)  # a bad --layers fails before the model loads
+    saes = load_saes(args.release, args.layers, args.sae_device)  # a bad --layers fails before the model loads
     with distributed_run(args) as rank:
         model, tok = load_backbone(args)
         if args.max_new_tokens:  # every rank extends every text (generation is not sharded)
@@ -74,7 +74,7 @@ def cmd_check(args: argparse.Namespace) -> None:
                          "`qscope repetition features`") from None
     layers = None if args.steer_layers is None else release_layers(args.steer_layers, args.release, "--steer-layers")
     spec = repetition_spec(found, 1.0, layers=layers, n_features=args.n_features, direction_norm=args.direction_norm)
-    saes = load_saes(args.release, "all")
+    saes = load_saes(args.release, "all", args.sae_device)
     model, tok = load_backbone(args)
     check = causal_check(model, tok, prompts, spec, saes, alphas, max_new_tokens=args.max_new_tokens, seed=args.seed)
 

@@ -45,14 +45,14 @@ def _chat(args: argparse.Namespace, model, tok):
 
 
 def _target_saes(args: argparse.Namespace, targets) -> dict:
-    return load_saes(args.release, ",".join(str(t.layer) for t in targets))
+    return load_saes(args.release, ",".join(str(t.layer) for t in targets), args.sae_device)
 
 
 def cmd_safety_targets(args: argparse.Namespace) -> None:
     from qscope_plugin.recipes.discovery import top_contexts
     from qscope_plugin.recipes.safety_synthesis import build_targets, save_targets
 
-    saes = load_saes(args.release, args.layers)  # a bad --layers fails before the model loads
+    saes = load_saes(args.release, args.layers, args.sae_device)  # a bad --layers fails before the model loads
     features = {layer: parse_layers(args.features, sae.cfg.d_sae, "--features", f"the layer-{layer} SAE")
                 for layer, sae in saes.items()}
     corpus = read_texts(None, args.corpus, "corpus")

@@ -53,7 +53,7 @@ def cmd_features(args: argparse.Namespace) -> None:
     texts = _read_json(args.texts, "--texts")
     if not isinstance(texts, dict):
         raise UsageError(f"--texts {args.texts!r} must hold a JSON object {{language: [lines]}}")
-    saes = load_saes(args.release, args.layers)  # a bad --layers fails before the model loads
+    saes = load_saes(args.release, args.layers, args.sae_device)  # a bad --layers fails before the model loads
     with distributed_run(args) as rank:
         model, tok = load_backbone(args)
         feats = language_features(model, tok, texts, saes, target=args.target,
@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise UsageError(f"--data {args.data!r} must be JSON lines with prompt, response and language")
     layers = None if args.penalty_layers is None else release_layers(args.penalty_layers, args.release,
                                                                       "--penalty-layers")
-    saes = load_saes(args.release, "all")
+    saes = load_saes(args.release, "all", args.sae_device)
     model, tok = load_backbone(args)
     feats = LanguageFeatures.load(args.features, saes)
     penalty = SASFTPenalty(model, feats, saes, layers=layers, lam=args.lam, variant=args.variant,
@@ -108,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = code_switch_ratio(model, tok, prompts, languages=languages, max_new_tokens=args.max_new_tokens)
     payload = report.to_json()
     if args.ablate_feature is not None:
-        saes = load_saes(args.release, "all")
+        saes = load_saes(args.release, "all", args.sae_device)
         check = ablation_check(model, tok, prompts, saes, language=languages[0], feature=args.ablate_feature,
                                control_feature=args.control_feature, strength=args.strength,
                                max_new_tokens=args.max_new_tokens)

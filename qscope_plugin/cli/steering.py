@@ -21,7 +21,7 @@ def cmd_steer(args: argparse.Namespace) -> None:
     from qscope_plugin.backends import as_backend
     from qscope_plugin.recipes.steering import parse_positions, sweep
 
-    saes = load_saes(args.release, str(args.layer))  # a bad --layer or --positions fails before the model loads
+    saes = load_saes(args.release, str(args.layer), args.sae_device)  # bad --layer, --positions: refused before loading
     if args.positions.strip() not in ("all", "prompt", "generated"):
         parse_ranges(args.positions, what="position", option="--positions")  # read, not expanded
     model, tok = load_backbone(args)

@@ -19,6 +19,7 @@ from qscope_plugin.recipes._harvest import EmptyInputError, pad
 from qscope_plugin.recipes.quality import (
     QualityError,
     QualityReport,
+    clean_ce,
     clean_forward,
     evaluate_saes,
     spliced_cost,
@@ -169,9 +170,31 @@ def test_an_identity_splice_gives_the_clean_ce_exactly(setup):
     ids, mask, _ = pad([row[0].tolist() for row in _ids(tok, texts[:4])], 0, "right")
     clean = clean_forward(backend, ids, mask)
     ce, kl = spliced_cost(backend, ids, mask, clean, max(saes), lambda hidden, n, kwargs: hidden)
-    assert ce == -clean.logp.gather(-1, clean.targets.unsqueeze(-1)).sum().item() and kl == 0.0
+    assert ce == clean_ce(backend, clean) and kl == 0.0
     ce_zero, kl_zero = spliced_cost(backend, ids, mask, clean, max(saes), lambda h, n, kw: torch.zeros_like(h))
     assert ce_zero != ce and kl_zero > 0
+
+
+@pytest.mark.parametrize("chunk_positions", [1, 7])
+def test_chunked_logits_and_layer_passes_equal_one_unchunked_pass(setup, report, chunk_positions):
+    """CE / KL from one chunk of positions at a time (and layers in passes of one) equal the default run, whose
+    every number is checked against full-logit forwards above, within 1e-5."""
+    model, tok, saes, texts = setup
+    chunked = evaluate_saes(model, tok, texts, saes, batch_size=4, progress=False, chunk_positions=chunk_positions,
+                            layers_per_pass=1)
+    for n, q in report.layers.items():
+        for field, value in vars(chunked.layers[n]).items():
+            if field != "ce_loss_recovered":
+                assert value == pytest.approx(getattr(q, field), rel=1e-5, abs=1e-7), (n, field)
+        conditioning = q.ce_zero / abs(q.ce_zero - q.ce_clean)  # a ratio of CE differences, as below
+        assert chunked.layers[n].ce_loss_recovered == pytest.approx(q.ce_loss_recovered, abs=1e-5 * conditioning)
+
+
+def test_bad_chunk_and_pass_options_are_refused(setup):
+    model, tok, saes, texts = setup
+    for option in ({"chunk_positions": 0}, {"layers_per_pass": 0}, {"layers_per_pass": True}):
+        with pytest.raises(QualityError, match=next(iter(option))):
+            evaluate_saes(model, tok, texts, saes, progress=False, **option)
 
 
 def test_batch_size_and_padding_do_not_change_the_result(setup, report):
