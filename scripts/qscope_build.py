@@ -6,7 +6,7 @@ maps exactly ``qscope_plugin``, ``qscope_plugin.adapters`` and ``qscope_plugin.r
 every install of that kind it emits the notice "Please be careful with folders in your working directory with the
 same name as your package as they may take precedence during imports". Here the only such folder is
 ``qscope_plugin/`` itself, the very source the finder maps, and nothing else becomes importable; so this backend
-drops that one notice and nothing else (tests/test_first_run.py builds an editable wheel and checks its mapping
+drops that one notice and nothing else (tests/test_packaging.py builds an editable wheel and checks its mapping
 and its silence). Everything else, and every non-editable build, is setuptools' unchanged.
 """
 
