@@ -35,6 +35,7 @@ from torch import nn
 from qscope_plugin.backends import Backend, generation_options, register_backend
 from qscope_plugin.errors import QScopeError
 from qscope_plugin.hooks import LAYER_PATHS, resolve_layers
+from qscope_plugin.models import model_load_error
 from qscope_plugin.sae import QwenScopeSAE
 
 __all__ = ["NNsightBackend", "add_vector", "block", "check_remote", "load", "read_features", "residual",
@@ -60,10 +61,13 @@ def load(model: str | nn.Module, *, tokenizer=None, **kwargs: Any):
         from nnsight import LanguageModel as TransformersModel
     else:
         kwargs.setdefault("task", "text-generation")
-    if tokenizer is None:
-        name = model if isinstance(model, str) else model.config._name_or_path
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    return TransformersModel(model, tokenizer=tokenizer, **kwargs)
+    try:
+        if tokenizer is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        return TransformersModel(model, tokenizer=tokenizer, **kwargs)
+    except OSError as e:  # offline and not cached, a typo, a folder without weights: transformers' raw OSError
+        raise model_load_error(model, e) from None
 
 
 def _layers_path(lm) -> str:
