@@ -1,13 +1,21 @@
 """nnsight adapter: Qwen3 / Qwen3.5 ``LanguageModel``s with Qwen-Scope features, locally or on NDIF.
 
-    >>> from qscope_plugin.adapters.nnsight import load, residual, read_features, steered_generate
-    >>> lm = load("Qwen/Qwen3-1.7B-Base")
+On the embedded demo (a real model: ``load("Qwen/Qwen3-1.7B-Base")`` with its release's SAEs):
+
+    >>> from qscope_plugin import load_sae
+    >>> from qscope_plugin.adapters.nnsight import load, read_features, steered_generate
+    >>> from qscope_plugin.models import default_model
+    >>> lm, sae = load(default_model()), load_sae("qscope-demo-qwen3-4l", 3)
     >>> with lm.trace("我今天很开心"):
-    ...     values, features = read_features(lm, sae).save()          # inside the trace: (1, T, k) each
-    >>> ids = steered_generate(lm, "The weather today", sae.cfg.layer, -20 * sae.direction(6159), max_new_tokens=20)
+    ...     values, features = read_features(lm, sae)          # inside the trace: (1, T, k) each
+    ...     values, features = values.save(), features.save()
+    >>> values.shape == features.shape and values.shape[-1] == sae.cfg.k
+    True
+    >>> ids = steered_generate(lm, "The weather today", 3, -20 * sae.direction(28), max_new_tokens=20)
 
 Loading always passes a tokenizer: nnsight's default lazy (meta) load cannot guess one on transformers 5.x
-(docs/upstream.md §3.1). Steering uses a bounded ``tracer.iter[:N]``, so code after the loop runs. For remote runs
+(docs/upstream.md §3.1). Steering uses a bounded ``tracer.iter[:N]`` and reads the result in its own invoke, so a
+generation that reaches EOS early still returns. For remote runs
 (``remote=True``, NDIF) only what is needed travels: the decoder columns to steer with and the encoder rows of
 the features to read, never whole SAE matrices; ``check_remote`` fails fast, in one clear error, when the hub or
 NDIF cannot be reached.
@@ -16,6 +24,7 @@ NDIF cannot be reached.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -26,6 +35,7 @@ from torch import nn
 from qscope_plugin.backends import Backend, generation_options, register_backend
 from qscope_plugin.errors import QScopeError
 from qscope_plugin.hooks import LAYER_PATHS, resolve_layers
+from qscope_plugin.models import model_load_error
 from qscope_plugin.sae import QwenScopeSAE
 
 __all__ = ["NNsightBackend", "add_vector", "block", "check_remote", "load", "read_features", "residual",
@@ -51,10 +61,13 @@ def load(model: str | nn.Module, *, tokenizer=None, **kwargs: Any):
         from nnsight import LanguageModel as TransformersModel
     else:
         kwargs.setdefault("task", "text-generation")
-    if tokenizer is None:
-        name = model if isinstance(model, str) else model.config._name_or_path
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    return TransformersModel(model, tokenizer=tokenizer, **kwargs)
+    try:
+        if tokenizer is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        return TransformersModel(model, tokenizer=tokenizer, **kwargs)
+    except OSError as e:  # offline and not cached, a typo, a folder without weights: transformers' raw OSError
+        raise model_load_error(model, e) from None
 
 
 def _layers_path(lm) -> str:
@@ -117,10 +130,16 @@ def steered_generate(lm, prompt: str, layer: int, vector: torch.Tensor, *, max_n
     if remote:
         check_remote(lm)
     generate_kwargs.setdefault("do_sample", False)
-    with lm.generate(prompt, max_new_tokens=max_new_tokens, remote=remote, **generate_kwargs) as tracer:
-        for _ in tracer.iter[:max_new_tokens]:
-            add_vector(lm, layer, vector)
-        ids = tracer.result.save()
+    with warnings.catch_warnings():
+        # A generation that reaches EOS first leaves the loop's next step unreached: expected, not a problem.
+        warnings.filterwarnings("ignore", message=".*was never reached", category=UserWarning)
+        with lm.generate(max_new_tokens=max_new_tokens, remote=remote, **generate_kwargs) as tracer:
+            with tracer.invoke(prompt):
+                for _ in tracer.iter[:max_new_tokens]:
+                    add_vector(lm, layer, vector)
+            # Its own invoke: code after a loop whose last step never comes (EOS) does not run.
+            with tracer.invoke():
+                ids = tracer.result.save()
     return ids
 
 

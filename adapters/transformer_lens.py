@@ -26,6 +26,7 @@ from torch import nn
 from qscope_plugin.adapters._fixes import apply_all, fix_tl_bridge_kv_cache_kwarg, fix_tl_gated_delta_net_functions
 from qscope_plugin.backends import Backend, register_backend
 from qscope_plugin.errors import QScopeError
+from qscope_plugin.models import check_device, model_load_error
 from qscope_plugin.sae import QwenScopeSAE
 
 __all__ = ["BridgeBackend", "attach_sae", "boot", "load_hooked", "register", "steer"]
@@ -158,7 +159,12 @@ def boot(model: str | nn.Module, *, saes: bool = False, device: str | torch.devi
     register(saes=saes)
     if device is not None and hf_kwargs.get("device_map") is not None:
         raise BootError("pass either device= or device_map=, not both")
-    hf = _text_model(model, device, dtype, **hf_kwargs)
+    check_device(None if device is None else str(device))
+    try:
+        hf = _text_model(model, device, dtype, **hf_kwargs)
+        tokenizer = _tokenizer(model, tokenizer)
+    except OSError as e:  # offline and not cached, a typo, a folder without weights: transformers' raw OSError
+        raise model_load_error(model, e) from None
     family = getattr(hf.config, "model_type", "").removesuffix("_text")
     if family not in QWEN_FAMILIES:
         raise BootError(f"{type(hf).__name__} ({family!r}) is not a Qwen3 / Qwen3.5 model; expected one of "
@@ -174,7 +180,7 @@ def boot(model: str | nn.Module, *, saes: bool = False, device: str | torch.devi
     # As an override it lands on the bridge's copy of the config, never on the model's own config.
     # device: without it TransformerLens sets cfg.device from get_device() (CUDA on a GPU box) while a model
     # it is handed stays where it is.
-    return Bridge.boot_transformers(name, hf_model=hf, tokenizer=_tokenizer(model, tokenizer),
+    return Bridge.boot_transformers(name, hf_model=hf, tokenizer=tokenizer,
                                     hf_config_overrides={"architectures": [type(hf).__name__]},
                                     device=str(weight.device), dtype=weight.dtype)
 

@@ -44,6 +44,14 @@ def check_device(device: str | None) -> torch.device | None:
     return dev
 
 
+def model_load_error(model: object, error: BaseException) -> ModelLoadError:
+    """The one message for a model or tokenizer that transformers cannot load (offline and not cached, a typo,
+    a folder without weights), whichever framework asked for it."""
+    why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelLoadError(f"cannot load model {model!r} ({why}); pass a local folder saved with save_pretrained or "
+                          "a hub id that is in the local cache (HF_HUB_OFFLINE=1 blocks downloads)")
+
+
 def default_model() -> str:
     """The demo model shipped in the package: the CLI's default backbone."""
     return str(DEMO_MODEL_DIR)
@@ -95,10 +103,7 @@ def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | No
         with quiet_weight_loading():
             hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or "auto").eval()
     except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"cannot load model {model!r} ({str(e).splitlines()[0]}); pass a local folder saved with "
-            "save_pretrained or a hub id that is in the local cache (HF_HUB_OFFLINE=1 blocks downloads)"
-        ) from None
+        raise model_load_error(model, e) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return (hf.to(device) if device else hf), tokenizer

@@ -187,7 +187,10 @@ class QwenScopeSAE:
         (encoder in ``(d_model, d_sae)`` memory, decoder feature-major). ``sae.to()`` with no arguments copies on
         the current device and dtype.
         """
-        device = self.device if device is None else torch.device(device)
+        from qscope_plugin.models import check_device
+
+        # A device this machine lacks (cuda without CUDA) is the project's one-line DeviceError, not torch's.
+        device = self.device if device is None else check_device(str(torch.device(device)))
         dtype = dtype or self.dtype
         sd = {key: getattr(self, key).to(device=device, dtype=dtype, copy=True) for key in ("b_enc", "b_dec")}
         half_on_cpu = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)

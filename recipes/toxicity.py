@@ -53,7 +53,7 @@ def balanced_split(texts: Sequence[str], labels: Sequence, n_discovery: int, n_t
     need = (n_discovery + n_test) // 2
     if min(len(pos), len(neg)) < need:
         raise DataError(f"need {need} positive and {need} negative examples for the split, have {len(pos)} and "
-                        f"{len(neg)}; lower n_discovery / n_test")
+                        f"{len(neg)}; lower n_discovery / n_test (the CLI's --n-discovery / --n-test)")
     d, t = n_discovery // 2, n_test // 2
     disc = np.concatenate([pos[:d], neg[:d]])
     test = np.concatenate([pos[d : d + t], neg[d : d + t]])
