@@ -79,7 +79,7 @@ def test_a_command_refuses_a_cuda_run_that_cannot_fit_before_loading(tmp_path, m
     import argparse
 
     from qscope_plugin import plan
-    from qscope_plugin.cli._options import UsageError, refuse_if_too_big
+    from qscope_plugin.cli._options import UsageError, plan_defaults
 
     folder = tmp_path / "qwen3-8b"
     folder.mkdir()
@@ -93,6 +93,82 @@ def test_a_command_refuses_a_cuda_run_that_cannot_fit_before_loading(tmp_path, m
     args = argparse.Namespace(model=str(folder), release="qwen-scope-3-8b-base-w64k-l50", layers="all",
                               device="cuda:0", sae_device=None, batch_size=None)
     with pytest.raises(UsageError, match="--device"):  # 8B in bf16 alone takes 15+ GiB
-        refuse_if_too_big(args)
+        plan_defaults(args)
     args.device = "cpu"
-    refuse_if_too_big(args)  # host runs are not refused
+    plan_defaults(args)  # host runs are not refused
+
+
+def _fake_gpu(monkeypatch, memory: int) -> None:
+    """A CUDA device of ``memory`` bytes to the planner, whatever this machine has (no CUDA call is made)."""
+    import torch
+
+    from qscope_plugin import models, plan
+
+    monkeypatch.setattr(plan, "device_memory", lambda device: memory)
+    monkeypatch.setattr(models, "check_device", lambda device: torch.device(device) if device else None)
+
+
+def _parsed(tmp_path, *argv: str):
+    from qscope_plugin.cli import build_parser
+
+    folder = tmp_path / "qwen3-1.7b"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(CONFIGS["Qwen/Qwen3-1.7B-Base"]))
+    data = ["x.jsonl"] if argv[0] == "footprints" else ["--data", "x.jsonl"]
+    return build_parser().parse_args([*argv, *data, "--model", str(folder), "--release",
+                                      "qwen-scope-3-1.7b-base-w32k-l50"])
+
+
+@pytest.mark.parametrize(("command", "default"), [(["evaluate", "all", "--out", "r"], 8),
+                                                  (["footprints", "--out", "f.pt"], 16),
+                                                  (["dashboard", "--layer", "3", "--out", "d.html"], 16)])
+def test_host_runs_keep_each_commands_default_batch_size_and_one_pass(tmp_path, command, default):
+    from qscope_plugin.cli._options import plan_defaults
+
+    args = _parsed(tmp_path, *command)
+    assert args.batch_size is None  # left for the plan
+    plan_defaults(args)
+    assert args.batch_size == default and getattr(args, "layers_per_pass", None) is None
+    given = _parsed(tmp_path, *command, "--batch-size", "3")
+    plan_defaults(given)
+    assert given.batch_size == 3
+
+
+def test_a_cuda_run_takes_the_plans_batch_size_capped_by_the_default(tmp_path, monkeypatch):
+    from qscope_plugin.cli._options import plan_defaults
+
+    rel = _release("Qwen/Qwen3-1.7B-Base")
+    dims = SAEDims(rel.d_model, rel.d_sae, rel.n_layers)
+    embed, blocks, head = meta_parameters(CONFIGS["Qwen/Qwen3-1.7B-Base"])
+    backbone = 2 * (embed + sum(blocks) + head)
+    # room for the backbone, one layer's bf16 SAE and a few rows of 512-token activations: a batch of 2-15
+    memory = int((backbone + rel.bytes_per_layer / 2 + GIB / 4) / 0.9)
+    expected = make_plan(CONFIGS["Qwen/Qwen3-1.7B-Base"], dims, layers=[3], devices=["cuda:0"], memory=[memory])
+    assert expected.fits and 1 < expected.batch_size < 16  # the case worth testing: the plan, not the cap, decides
+    _fake_gpu(monkeypatch, memory)
+    args = _parsed(tmp_path, "dashboard", "--layer", "3", "--out", "d.html", "--device", "cuda:0")
+    plan_defaults(args)
+    assert args.batch_size == expected.batch_size
+    _fake_gpu(monkeypatch, 80 * GIB)  # roomy: the plan allows far more than 16, the command's default caps it
+    args = _parsed(tmp_path, "dashboard", "--layer", "3", "--out", "d.html", "--device", "cuda:0")
+    plan_defaults(args)
+    assert args.batch_size == 16
+
+
+def test_a_cuda_evaluate_whose_saes_do_not_all_fit_runs_the_plans_layer_passes(tmp_path, monkeypatch):
+    from qscope_plugin.cli._options import plan_defaults
+
+    rel = _release("Qwen/Qwen3-1.7B-Base")
+    dims = SAEDims(rel.d_model, rel.d_sae, rel.n_layers)
+    embed, blocks, head = meta_parameters(CONFIGS["Qwen/Qwen3-1.7B-Base"])
+    memory = int((2 * (embed + sum(blocks) + head) + 4 * rel.bytes_per_layer / 2 + GIB) / 0.9)
+    expected = make_plan(CONFIGS["Qwen/Qwen3-1.7B-Base"], dims, layers=range(28), devices=["cuda:0"],
+                         memory=[memory])
+    assert expected.fits and expected.passes > 1
+    _fake_gpu(monkeypatch, memory)
+    args = _parsed(tmp_path, "evaluate", "all", "--out", "r", "--device", "cuda:0")
+    plan_defaults(args)
+    assert args.layers_per_pass == expected.layers_per_pass and args.batch_size == min(expected.batch_size, 8)
+    given = _parsed(tmp_path, "evaluate", "all", "--out", "r", "--device", "cuda:0", "--layers-per-pass", "2")
+    plan_defaults(given)
+    assert given.layers_per_pass == 2  # an explicit value is the plan's input, not replaced

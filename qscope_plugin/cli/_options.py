@@ -166,41 +166,78 @@ def release_layers(spec: str, source: str, option: str = "--layers") -> list[int
     return parse_layers(spec, layer_count(source), option=option, subject=f"{source!r}")
 
 
+def add_batch_options(p: argparse.ArgumentParser, *, default: int, passes: bool = False) -> None:
+    """``--batch-size`` (and, for a recipe that can run its layers in passes, ``--layers-per-pass``), both left
+    unset so that ``plan_defaults`` chooses them: on a CUDA ``--device`` what ``qscope plan`` says fits, the batch
+    capped at ``default``; elsewhere ``default`` and one pass (the host's results and speed as before)."""
+    p.add_argument("--batch-size", type=count(1, MAX_BATCH), default=None,
+                   help=f"texts per forward (default: on a CUDA --device the largest that `qscope plan` says fits, "
+                   f"at most {default}; {default} elsewhere)")
+    if passes:
+        p.add_argument("--layers-per-pass", type=count(1, MAX_INDEX), default=None,
+                       help="layers whose SAEs are held on the device at once; more layers run in passes over the "
+                       "data (default: all, or on a CUDA --device as few passes as `qscope plan` says fit)")
+    p.set_defaults(default_batch_size=default)
+
+
+def batch_size(args: argparse.Namespace) -> int:
+    """``--batch-size`` as given, else its default cap: what a check made before the plan can use."""
+    return args.batch_size or args.default_batch_size
+
+
 def load_backbone(args: argparse.Namespace):
-    """``(model, tokenizer)`` of ``--model`` on ``--device``, refused first when ``qscope plan`` says the run cannot
-    fit that device."""
+    """``(model, tokenizer)`` of ``--model`` on ``--device``, after ``plan_defaults`` (refused first when
+    ``qscope plan`` says the run cannot fit that device; batch size and layer passes chosen from the plan)."""
     from qscope_plugin.models import load_model
 
-    refuse_if_too_big(args)
+    plan_defaults(args)
     return load_model(args.model, device=args.device)
 
 
-def refuse_if_too_big(args: argparse.Namespace) -> None:
-    """On a CUDA ``--device``: the plan of this command's run (backbone, its ``--layers``' SAEs unless
-    ``--sae-device`` keeps them elsewhere, ``--batch-size``) from configs alone; a ``UsageError`` naming the option
-    to change when it cannot fit. Host runs are not checked (memory-mapped SAEs take no private memory, and swap
-    and the page cache make "fits" a matter of speed there). A model without a readable config is left to the load.
+def plan_defaults(args: argparse.Namespace) -> None:
+    """Fill the options ``add_batch_options`` left unset, from the plan of this command's run, and refuse a run
+    that cannot fit.
+
+    On a CUDA ``--device`` the plan (``qscope_plugin.plan``: backbone, its ``--layers``' SAEs unless
+    ``--sae-device`` keeps them elsewhere, ``--batch-size``, ``--max-length`` tokens per text) is made from configs
+    alone; a ``UsageError`` naming the option to change when it cannot fit; else ``--batch-size`` becomes the
+    plan's batch size capped by the command's default, and ``--layers-per-pass`` the plan's when the SAEs do not
+    all fit at once. Host runs are neither planned nor refused (memory-mapped SAEs take no private memory, and
+    swap and the page cache make "fits" a matter of speed there): they get the command's defaults. A model
+    without a readable config is left to the load, with the defaults.
     """
+    plan = _cuda_plan(args)
+    if plan is not None and not plan.fits:
+        raise UsageError(f"{plan.advice} (`qscope plan` shows the memory per device)")
+    if getattr(args, "batch_size", None) is None and hasattr(args, "default_batch_size"):
+        args.batch_size = min(plan.batch_size, args.default_batch_size) if plan else args.default_batch_size
+    if hasattr(args, "layers_per_pass") and args.layers_per_pass is None and plan is not None and plan.passes > 1:
+        args.layers_per_pass = plan.layers_per_pass
+
+
+def _cuda_plan(args: argparse.Namespace):
+    """The ``qscope_plugin.plan.Plan`` of this run on a CUDA ``--device``; None on the host or without a config."""
     from qscope_plugin.models import check_device
     from qscope_plugin.plan import PlanError, device_memory, make_plan, read_config
 
     device = check_device(args.device)
     if device is None or device.type != "cuda":
-        return
+        return None
     from qscope_plugin.cli.plan import sae_dims
 
     try:
         config = read_config(args.model)
     except PlanError:
-        return
+        return None
     dims = sae_dims(args.release)
-    layers = parse_layers(getattr(args, "layers", None) or "all", dims.n_layers, subject=f"{args.release!r}")
+    layer = getattr(args, "layer", None)  # `qscope dashboard` harvests one --layer
+    spec = getattr(args, "layers", None) or (str(layer) if layer is not None else "all")
+    layers = parse_layers(spec, dims.n_layers, subject=f"{args.release!r}")
     if getattr(args, "sae_device", None) and args.sae_device != args.device:
         layers = []  # the SAEs sit elsewhere: only the backbone and its activations count here
-    plan = make_plan(config, dims, layers=layers, devices=[args.device], memory=[device_memory(args.device)],
-                     batch_size=getattr(args, "batch_size", None), model=args.model)
-    if not plan.fits:
-        raise UsageError(f"{plan.advice} (`qscope plan` shows the memory per device)")
+    return make_plan(config, dims, layers=layers, devices=[args.device], memory=[device_memory(args.device)],
+                     seq=getattr(args, "max_length", None) or 512, batch_size=getattr(args, "batch_size", None),
+                     layers_per_pass=getattr(args, "layers_per_pass", None), model=args.model)
 
 
 def read_texts(literal: list[str] | None, path: str | None, what: str) -> list[str]:

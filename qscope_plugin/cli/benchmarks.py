@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 
 from qscope_plugin.cli._options import (
-    MAX_BATCH,
     MAX_INDEX,
     MAX_ITEMS,
     MAX_POSITIONS,
     MAX_SEED,
     UsageError,
+    add_batch_options,
     add_model_options,
     count,
     emit,
@@ -150,7 +150,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     footprints.add_argument("--template", default=None, help="prompt built from columns, e.g. 'Q: {question}\\nA:'")
     footprints.add_argument("--name", default=None, help="benchmark name in reports (default: the file name)")
     footprints.add_argument("--limit", type=count(1, MAX_ITEMS), default=None, help="only the first N samples")
-    footprints.add_argument("--batch-size", type=count(1, MAX_BATCH), default=16)
+    add_batch_options(footprints, default=16)
     footprints.add_argument("--max-length", type=count(1, MAX_POSITIONS), default=2048,
                             help="keep the last N tokens of longer prompts")
     footprints.add_argument("--chunk-size", type=count(1, MAX_ITEMS), default=1024,

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 from qscope_plugin.cli._options import (
-    MAX_BATCH,
     MAX_INDEX,
     MAX_POSITIONS,
     UsageError,
+    add_batch_options,
     add_data_options,
     add_distributed_options,
     add_first_token_options,
@@ -106,7 +106,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="top-activating contexts per card (default 10)")
     p.add_argument("--window", type=count(0, 1000), default=10,
                    help="tokens shown each side of a context's peak (default 10)")
-    p.add_argument("--batch-size", type=count(1, MAX_BATCH), default=16)
+    add_batch_options(p, default=16)
     p.add_argument("--max-length", type=count(1, MAX_POSITIONS), default=512, help="tokens read per text (default 512)")
     p.add_argument("--out", required=True, help="the HTML file to write")
     add_distributed_options(p)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 
 from qscope_plugin.cli._options import (
-    MAX_BATCH,
     MAX_POSITIONS,
+    add_batch_options,
     add_data_options,
     add_distributed_options,
     add_first_token_options,
     add_model_options,
+    batch_size,
     count,
     data_texts,
     distributed_run,
@@ -32,12 +33,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     texts = data_texts(args)
     saes = load_saes(args.release, args.layers, args.sae_device)
-    check_options(saes, args.batch_size, args.max_length, args.dense_threshold)  # before the (slow) model load
+    check_options(saes, batch_size(args), args.max_length, args.dense_threshold)  # before the (slow) model load
     with distributed_run(args) as rank:
         model, tok = load_backbone(args)
         report = evaluate_saes(model, tok, texts, saes, batch_size=args.batch_size, max_length=args.max_length,
                                dense_threshold=args.dense_threshold, exclude_first_token=args.exclude_first_token,
-                               progress=True)
+                               layers_per_pass=args.layers_per_pass, progress=True)
     if rank:
         return  # every rank holds the report; rank 0 writes it
     write_report(report, args.out)
@@ -49,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "CE and KL with the reconstruction spliced in (CE loss recovered)")
     p.add_argument("layers", help="e.g. 3, 0-3, 1,3 or all")
     add_data_options(p)
-    p.add_argument("--batch-size", type=count(1, MAX_BATCH), default=8)
+    add_batch_options(p, default=8, passes=True)
     p.add_argument("--max-length", type=count(1, MAX_POSITIONS), default=512,
                    help="keep the first N tokens of each text")
     p.add_argument("--dense-threshold", type=finite, default=0.1,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qscope_plugin.cli._options import (
     UsageError,
+    add_batch_options,
     add_data_options,
     add_first_token_options,
     add_model_options,
@@ -156,7 +157,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sampling.add_argument("--batch", type=int, default=10, help="contexts per scoring prompt (default 10)")
     sampling.add_argument("--n-promoted", type=int, default=10, help="promoted tokens shown (default 10; 0: none)")
     sampling.add_argument("--seed", type=int, default=22)
-    p.add_argument("--batch-size", type=int, default=16)
+    add_batch_options(p, default=16)
     p.add_argument("--max-length", type=int, default=512, help="tokens read per text (default 512)")
     add_model_options(p)
     p.set_defaults(func=cmd_explain)
