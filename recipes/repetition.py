@@ -22,15 +22,17 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from qscope_plugin.backends import Backend, as_backend
-from qscope_plugin.errors import QScopeError
+from qscope_plugin.errors import MalformedFileError, QScopeError
 from qscope_plugin.recipes._harvest import check_texts, pad, sharded_harvest
+from qscope_plugin.recipes._json import is_index, is_layer_map, is_list_of, is_number, read_json
 from qscope_plugin.recipes.steering import SteeringSpec, Term, steering_vectors
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -41,6 +43,13 @@ over every repeated token of every text (long loops weigh more)."""
 
 class RepetitionError(QScopeError, ValueError):
     """Repetition options or inputs that cannot be used."""
+
+
+class RepetitionFeaturesFileError(RepetitionError, MalformedFileError):
+    """A saved ``RepetitionFeatures`` file that is truncated, damaged or not one (the message names the file)."""
+
+
+FEATURES_FILE = "the JSON written by RepetitionFeatures.to_json / `qscope repetition features`"
 
 
 @dataclass(frozen=True)
@@ -186,7 +195,28 @@ class RepetitionFeatures:
 
     @classmethod
     def from_json(cls, text: str) -> RepetitionFeatures:
-        data = json.loads(text)
+        return cls._from_data(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RepetitionFeatures:
+        """Read ``to_json``'s file (``qscope repetition features --out``).
+
+        Raises:
+            RepetitionFeaturesFileError: a missing, truncated or foreign file (it is named, with what is wrong).
+        """
+        data = read_json(path, RepetitionFeaturesFileError, FEATURES_FILE)
+        shape = {"features": lambda v: is_layer_map(v, lambda f: is_list_of(f, is_index)),
+                 "scores": lambda v: is_layer_map(v, lambda s: is_list_of(s, is_number)),
+                 "n_texts": is_index, "n_tokens": is_index, "rep_agg": lambda v: v in get_args(RepAgg)}
+        wrong = list(shape) if not isinstance(data, dict) else [k for k, ok in shape.items() if not ok(data.get(k))]
+        if wrong or set(data) != set(shape):
+            raise RepetitionFeaturesFileError(f"{str(path)!r} is not saved repetition features (missing or malformed: "
+                                              f"{', '.join(wrong or sorted(set(data) ^ set(shape)))}); expected "
+                                              f"{FEATURES_FILE}")
+        return cls._from_data(data)
+
+    @classmethod
+    def _from_data(cls, data: dict) -> RepetitionFeatures:
         return cls(**{**data, "features": {int(n): f for n, f in data["features"].items()},
                       "scores": {int(n): s for n, s in data["scores"].items()}})
 
