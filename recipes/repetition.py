@@ -368,6 +368,7 @@ def rollout_groups(model: object, prompts: Sequence[Sequence[int]], spec: Steeri
     backend.check_layers(spec.layers)
     if any(t.clamp is not None for t in spec.terms):
         raise RepetitionError("rollout steering adds feature directions (R33); clamp terms are not supported here")
+    backend.check_generation(max(len(p) for p in prompts), max_new_tokens)
     vectors = steering_vectors(spec, saes)
     flags = [row == group_size - 1 for row in range(group_size)]
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
@@ -433,6 +434,7 @@ def continuations(model: object, tokenizer, prompts: Sequence[str], *, max_new_t
     if not all(encoded):
         raise RepetitionError(f"{sum(not e for e in encoded)} prompt(s) tokenize to nothing; pass non-empty prompts")
     width, eos = max(len(e) for e in encoded), tokenizer.eos_token_id
+    backend.check_generation(width, max_new_tokens)  # one left-padded batch: the longest prompt counts
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
