@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from qscope_plugin.errors import QScopeError, malformed_file
+from qscope_plugin.indices import MAX_SPEC_CHARS, parse_ranges
 from qscope_plugin.recipes.footprints import Footprints, harvest_footprints
 from qscope_plugin.recipes.steering import SteeringSpec, Term, steer
 from qscope_plugin.sae import QwenScopeSAE
@@ -425,18 +427,34 @@ def _aggregate(results: dict, task: str, metric: str) -> float:
 # --------------------------------------------------------------------------------------- steered model
 
 
-STEER_TERM = re.compile(r"\s*(\d+):(\d+):([-+]?[\d.]+(?:e[-+]?\d+)?)\s*")
+STEER_TERM = re.compile(r"\s*(\d+):(\d+):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*")
+MAX_ALPHA_CHARS = 32
+"""Longest ALPHA text read: any useful strength is short; a longer one is refused before ``float()`` reads it."""
 
 
 def parse_steer(spec: str) -> tuple[Term, ...]:
-    """``"L:F:ALPHA"`` terms, ``;`` or ``|`` between several (lm-eval splits model_args at commas)."""
+    """``"L:F:ALPHA"`` terms, ``;`` or ``|`` between several (lm-eval splits model_args at commas).
+
+    Every number is read as bounded text, so an enormous one is refused, never materialised: the spec by
+    ``indices.MAX_SPEC_CHARS``, LAYER and FEATURE by the one bounded parser (``indices.parse_ranges``, at most
+    ``MAX_DIGITS`` digits), ALPHA by ``MAX_ALPHA_CHARS`` and then as a finite float.
+    """
+    if len(spec) > MAX_SPEC_CHARS:
+        raise LmEvalError(f"steer spec is {len(spec)} characters long, more than the {MAX_SPEC_CHARS} read; pass a "
+                          "few LAYER:FEATURE:ALPHA terms joined by ';'")
     terms = []
     for part in re.split(r"[;|]", spec):
         found = STEER_TERM.fullmatch(part)
         if found is None:
-            raise LmEvalError(f"bad steer term {part!r} in {spec!r}: expected LAYER:FEATURE:ALPHA, e.g. 3:417:-8, "
-                              "several joined by ';'")
-        terms.append(Term(int(found[1]), int(found[2]), float(found[3])))
+            raise LmEvalError(f"bad steer term {part[:80]!r} in {spec[:80]!r}: expected LAYER:FEATURE:ALPHA, e.g. "
+                              "3:417:-8, several joined by ';'")
+        ((layer, _),) = parse_ranges(found[1], what="layer", option="steer layer")
+        ((feature, _),) = parse_ranges(found[2], what="feature", option="steer feature")
+        alpha = float(found[3]) if len(found[3]) <= MAX_ALPHA_CHARS else math.nan
+        if not math.isfinite(alpha):
+            raise LmEvalError(f"steer strength {found[3][:40]!r} in {part.strip()[:80]!r} is not a finite number of "
+                              f"at most {MAX_ALPHA_CHARS} characters; pass e.g. -8 or 1.5e1")
+        terms.append(Term(layer, feature, alpha))
     return tuple(terms)
 
 

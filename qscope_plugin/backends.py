@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qscope_plugin.errors import QScopeError, layer_out_of_range
+from qscope_plugin.errors import ContextLengthError, QScopeError, layer_out_of_range
 from qscope_plugin.hooks import KwargsEdit, edit_residual, resolve_layers
+from qscope_plugin.indices import MAX_NEW_TOKENS, check_count
 
 Reduce = Callable[[torch.Tensor, int], Any]
 """``reduce(hidden, layer)``: what to keep of block ``layer``'s output ``(batch, seq, d_model)`` during a capture."""
@@ -92,6 +93,17 @@ class Backend:
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         value = getattr(text_config, "max_position_embeddings", None)
         return value if isinstance(value, int) and value > 0 else None
+
+    def check_generation(self, n_prompt: int, max_new_tokens: int) -> None:
+        """Refuse a prompt of ``n_prompt`` tokens (the padded width of a batch) plus ``max_new_tokens`` longer than
+        the model's context, before anything runs: cutting the prompt would change what is generated from, and
+        positions past the context are ones the model never saw (every generation path calls this)."""
+        check_count(max_new_tokens, "max_new_tokens", 0, MAX_NEW_TOKENS)
+        context = self.context_length
+        if context is not None and n_prompt + max_new_tokens > context:
+            raise ContextLengthError(f"the prompt is {n_prompt} tokens and {max_new_tokens} new ones are asked for, "
+                                     f"{n_prompt + max_new_tokens} in all, past the model's context of {context} "
+                                     "positions; pass a shorter prompt or fewer new tokens (--max-new-tokens)")
 
     def check_layers(self, layers: Iterable[int]) -> list[int]:
         """``layers`` as a list, each checked against this model's depth (one error class for every caller)."""

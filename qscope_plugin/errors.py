@@ -52,6 +52,10 @@ def feature_out_of_range(feature: object, d_sae: int, subject: str = "this SAE")
     return out_of_range("feature", feature, d_sae, subject)
 
 
+class ContextLengthError(QScopeError, ValueError):
+    """A prompt plus new tokens longer than the model's context, refused before anything is generated."""
+
+
 class MalformedFileError(QScopeError, ValueError):
     """A file another program wrote (lm-eval outputs, a dataset, saved footprints, classifier JSON) that cannot be
     read as what it should be: the message names the file and what is wrong with it."""

@@ -251,6 +251,7 @@ class LocalChat(LLM):
 
         tok = self.tokenizer
         ids = tok(self.render(prompt), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        self.backend.check_generation(ids.shape[1], self.max_new_tokens)
         sampling = {}
         with self._lock, torch.random.fork_rng(
                 devices=[self.backend.device] if self.backend.device.type == "cuda" else []):

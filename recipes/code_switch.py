@@ -91,6 +91,7 @@ def _generate(backend: Backend, tokenizer, prompts: list[str], max_new_tokens: i
     """Greedy continuations of each prompt (left-padded batches, cut after the first EOS); ``batch_start["start"]``
     tells an active edit which prompt its batch's first row is."""
     encoded = tokenize(tokenizer, prompts, max_length=None)
+    backend.check_generation(max(map(len, encoded), default=0), max_new_tokens)  # before the first batch runs
     padding = pad_id(tokenizer)
     eos = tokenizer.eos_token_id
     out = []

@@ -34,7 +34,7 @@ from typing import Literal
 
 import numpy as np
 
-from qscope_plugin.errors import QScopeError, feature_out_of_range
+from qscope_plugin.errors import MalformedFileError, QScopeError, feature_out_of_range
 from qscope_plugin.llm import LLM, strip_thinking
 from qscope_plugin.recipes.inspection import Context, Corpus, _logit_effects, _peaks, _token_pieces, _window
 from qscope_plugin.recipes.inspection import _contexts as _card_contexts
@@ -53,6 +53,10 @@ MAX_CONTEXTS = 10_000
 
 class ExplainError(QScopeError, ValueError):
     """Sampling settings, features or an explanations file that cannot be used."""
+
+
+class ExplanationsFileError(ExplainError, MalformedFileError):
+    """An explanations file that is truncated, damaged or not one (the message names the file and the line)."""
 
 
 @dataclass(frozen=True)
@@ -480,14 +484,14 @@ def read_explanations(path: str | Path) -> list[FeatureExplanation]:
     """The rows of an explanations file, each checked (format, scores in [0, 1], interval around the value).
 
     Raises:
-        ExplainError: a file that cannot be read or a line that is not a valid record (its line number).
+        ExplanationsFileError: a file that cannot be read or a line that is not a valid record (its line number).
     """
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ExplainError(f"cannot read explanations file {str(path)!r} ({e}); pass a `qscope explain` file") \
-            from None
+        raise ExplanationsFileError(f"cannot read explanations file {str(path)!r} ({e}); pass a `qscope explain` "
+                                    "file") from None
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -500,8 +504,8 @@ def read_explanations(path: str | Path) -> list[FeatureExplanation]:
             for score in (row.detection, row.fuzzing):
                 if score is not None and not (0 <= score.low <= score.value <= score.high <= 1):
                     raise ValueError(f"score {score.value} outside its interval [{score.low}, {score.high}] or [0, 1]")
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise ExplainError(f"{str(path)!r} line {number} is not an explanation record ({type(e).__name__}: {e});"
-                               " write the file with `qscope explain`") from None
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            raise ExplanationsFileError(f"{str(path)!r} line {number} is not an explanation record "
+                                        f"({type(e).__name__}: {e}); write the file with `qscope explain`") from None
         rows.append(row)
     return rows

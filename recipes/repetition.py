@@ -22,15 +22,17 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from qscope_plugin.backends import Backend, as_backend
-from qscope_plugin.errors import QScopeError
+from qscope_plugin.errors import MalformedFileError, QScopeError
 from qscope_plugin.recipes._harvest import check_texts, pad, sharded_harvest
+from qscope_plugin.recipes._json import is_index, is_layer_map, is_list_of, is_number, read_json
 from qscope_plugin.recipes.steering import SteeringSpec, Term, steering_vectors
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -41,6 +43,13 @@ over every repeated token of every text (long loops weigh more)."""
 
 class RepetitionError(QScopeError, ValueError):
     """Repetition options or inputs that cannot be used."""
+
+
+class RepetitionFeaturesFileError(RepetitionError, MalformedFileError):
+    """A saved ``RepetitionFeatures`` file that is truncated, damaged or not one (the message names the file)."""
+
+
+FEATURES_FILE = "the JSON written by RepetitionFeatures.to_json / `qscope repetition features`"
 
 
 @dataclass(frozen=True)
@@ -186,7 +195,28 @@ class RepetitionFeatures:
 
     @classmethod
     def from_json(cls, text: str) -> RepetitionFeatures:
-        data = json.loads(text)
+        return cls._from_data(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RepetitionFeatures:
+        """Read ``to_json``'s file (``qscope repetition features --out``).
+
+        Raises:
+            RepetitionFeaturesFileError: a missing, truncated or foreign file (it is named, with what is wrong).
+        """
+        data = read_json(path, RepetitionFeaturesFileError, FEATURES_FILE)
+        shape = {"features": lambda v: is_layer_map(v, lambda f: is_list_of(f, is_index)),
+                 "scores": lambda v: is_layer_map(v, lambda s: is_list_of(s, is_number)),
+                 "n_texts": is_index, "n_tokens": is_index, "rep_agg": lambda v: v in get_args(RepAgg)}
+        wrong = list(shape) if not isinstance(data, dict) else [k for k, ok in shape.items() if not ok(data.get(k))]
+        if wrong or set(data) != set(shape):
+            raise RepetitionFeaturesFileError(f"{str(path)!r} is not saved repetition features (missing or malformed: "
+                                              f"{', '.join(wrong or sorted(set(data) ^ set(shape)))}); expected "
+                                              f"{FEATURES_FILE}")
+        return cls._from_data(data)
+
+    @classmethod
+    def _from_data(cls, data: dict) -> RepetitionFeatures:
         return cls(**{**data, "features": {int(n): f for n, f in data["features"].items()},
                       "scores": {int(n): s for n, s in data["scores"].items()}})
 
@@ -338,6 +368,7 @@ def rollout_groups(model: object, prompts: Sequence[Sequence[int]], spec: Steeri
     backend.check_layers(spec.layers)
     if any(t.clamp is not None for t in spec.terms):
         raise RepetitionError("rollout steering adds feature directions (R33); clamp terms are not supported here")
+    backend.check_generation(max(len(p) for p in prompts), max_new_tokens)
     vectors = steering_vectors(spec, saes)
     flags = [row == group_size - 1 for row in range(group_size)]
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
@@ -403,6 +434,7 @@ def continuations(model: object, tokenizer, prompts: Sequence[str], *, max_new_t
     if not all(encoded):
         raise RepetitionError(f"{sum(not e for e in encoded)} prompt(s) tokenize to nothing; pass non-empty prompts")
     width, eos = max(len(e) for e in encoded), tokenizer.eos_token_id
+    backend.check_generation(width, max_new_tokens)  # one left-padded batch: the longest prompt counts
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])

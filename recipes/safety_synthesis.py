@@ -34,8 +34,9 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from qscope_plugin.errors import QScopeError, QScopeWarning
+from qscope_plugin.errors import MalformedFileError, QScopeError, QScopeWarning
 from qscope_plugin.recipes._harvest import sharded_harvest
+from qscope_plugin.recipes._json import is_index, is_number
 from qscope_plugin.recipes.discovery import Context, top_contexts
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -53,6 +54,16 @@ GENERIC_REQUEST = "any request that a safety-trained AI assistant might receive,
 
 class SynthesisError(QScopeError, ValueError):
     """Targets, budgets or files that cannot be used."""
+
+
+class TargetsFileError(SynthesisError, MalformedFileError):
+    """A targets file that is truncated, damaged or not one (the message names the file and the line)."""
+
+
+TARGETS_FILE = "JSONL written by save_targets / `qscope safety targets`"
+TARGET_FIELDS = {"layer": is_index, "feature": is_index, "explanation": lambda v: isinstance(v, str),
+                 "score": is_number, "category": lambda v: isinstance(v, str)}
+"""Each ``Target`` field and what its JSON value must be (``category`` may be left out: it defaults)."""
 
 
 class Explainer(Protocol):
@@ -82,10 +93,25 @@ def save_targets(targets: Sequence[Target], path: str | Path) -> None:
 def load_targets(path: str | Path) -> list[Target]:
     """Targets saved by ``save_targets``; an empty file is refused, since coverage and synthesis need targets."""
     try:
-        targets = [Target(**json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
-    except (OSError, TypeError, json.JSONDecodeError) as e:
-        raise SynthesisError(f"cannot read targets from {str(path)!r} ({e}); expected JSONL written by "
-                             "save_targets / `qscope safety targets`") from None
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TargetsFileError(f"cannot read targets from {str(path)!r} ({type(e).__name__}: {e}); expected "
+                               f"{TARGETS_FILE}") from None
+    targets = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise TargetsFileError(f"{str(path)!r} line {number} is not JSON ({e}); expected {TARGETS_FILE}") from None
+        wrong = (list(TARGET_FIELDS) if not isinstance(data, dict) else
+                 [k for k, ok in TARGET_FIELDS.items() if not ok(data.get(k, "harmful" if k == "category" else None))]
+                 + sorted(set(data) - set(TARGET_FIELDS)))
+        if wrong:
+            raise TargetsFileError(f"{str(path)!r} line {number} is not a target (missing, malformed or unknown: "
+                                   f"{', '.join(wrong)}); expected {TARGETS_FILE}")
+        targets.append(Target(**data))
     if not targets:
         raise SynthesisError(f"{str(path)!r} holds no targets; rebuild them with a lower tau or more features "
                              "(build_targets / `qscope safety targets --tau --features`)")

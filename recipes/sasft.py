@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 from qscope_plugin.backends import Backend, as_backend
 from qscope_plugin.distributed import run_chunks, sum_chunks
-from qscope_plugin.errors import QScopeError
+from qscope_plugin.errors import MalformedFileError, QScopeError
 from qscope_plugin.recipes._harvest import check_texts, harvest_settings, pad, pad_id, sharded_harvest, tokenize
+from qscope_plugin.recipes._json import is_index, is_layer_map, is_list_of, is_number, read_json
 from qscope_plugin.recipes.classifiers import sae_signature
 from qscope_plugin.sae import QwenScopeSAE
 
@@ -48,6 +49,13 @@ IGNORE = -100
 
 class SASFTError(QScopeError, ValueError):
     """SASFT inputs that cannot be used (no data for a language, no features, a batch without response tokens)."""
+
+
+class LanguageFeaturesFileError(SASFTError, MalformedFileError):
+    """A saved ``LanguageFeatures`` file that is truncated, damaged or not one (the message names the file)."""
+
+
+FEATURES_FILE = "the JSON written by LanguageFeatures.save / `qscope sasft features`"
 
 
 @dataclass(frozen=True)
@@ -86,15 +94,31 @@ class LanguageFeatures:
                    features={int(n): list(f) for n, f in data["features"].items()},
                    scores={int(n): list(s) for n, s in data["scores"].items()},
                    thresholds={j: {int(n): list(a) for n, a in by.items()} for j, by in data["thresholds"].items()},
-                   saes={int(n): dict(s) for n, s in data.get("saes", {}).items()})
+                   saes={int(n): dict(s) for n, s in (data.get("saes") or {}).items()})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path, saes: Mapping[int, QwenScopeSAE] | None = None) -> LanguageFeatures:
-        """Read ``save``'s JSON; with ``saes``, refuse SAEs of another release, width or k than it was made with."""
-        loaded = cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+        """Read ``save``'s JSON; with ``saes``, refuse SAEs of another release, width or k than it was made with.
+
+        Raises:
+            LanguageFeaturesFileError: a missing, truncated or foreign file (it is named, with what is wrong).
+        """
+        data = read_json(path, LanguageFeaturesFileError, FEATURES_FILE)
+        shape = {"target": lambda v: isinstance(v, str),
+                 "languages": lambda v: is_list_of(v, lambda j: isinstance(j, str)),
+                 "features": lambda v: is_layer_map(v, lambda f: is_list_of(f, is_index)),
+                 "scores": lambda v: is_layer_map(v, lambda s: is_list_of(s, is_number)),
+                 "thresholds": lambda v: isinstance(v, dict) and all(
+                     is_layer_map(by, lambda a: is_list_of(a, is_number)) for by in v.values()),
+                 "saes": lambda v: v is None or is_layer_map(v, lambda s: isinstance(s, dict))}  # older files lack it
+        wrong = list(shape) if not isinstance(data, dict) else [k for k, ok in shape.items() if not ok(data.get(k))]
+        if wrong:
+            raise LanguageFeaturesFileError(f"{str(path)!r} is not a saved LanguageFeatures (missing or malformed: "
+                                            f"{', '.join(wrong)}); expected {FEATURES_FILE}")
+        loaded = cls.from_json(data)
         for n, sae in (saes or {}).items():
             saved, got = loaded.saes.get(n), sae_signature(sae)
             if saved is not None and saved != got:

@@ -25,7 +25,7 @@ import torch
 
 from qscope_plugin.backends import Backend, as_backend
 from qscope_plugin.errors import QScopeError
-from qscope_plugin.indices import MAX_NEW_TOKENS, check_count, parse_indices
+from qscope_plugin.indices import parse_indices
 from qscope_plugin.placement import placed
 from qscope_plugin.recipes._harvest import check_texts
 from qscope_plugin.sae import QwenScopeSAE
@@ -103,17 +103,6 @@ def parse_positions(text: str, n_positions: int, subject: str = "the model's con
     if isinstance(text, str) and text.strip() in ("all", "prompt", "generated"):
         return text.strip()
     return parse_indices(text, n_positions, what="position", subject=subject, option="positions", all_word=None)
-
-
-def check_generation(backend: Backend, n_prompt: int, max_new_tokens: int) -> None:
-    """Refuse a prompt plus new tokens longer than the model's context, before anything runs: cutting the prompt
-    would change what is steered, and positions past the context are ones the model never saw."""
-    check_count(max_new_tokens, "max_new_tokens", 0, MAX_NEW_TOKENS)
-    context = backend.context_length
-    if context is not None and n_prompt + max_new_tokens > context:
-        raise SteeringError(f"the prompt is {n_prompt} tokens and {max_new_tokens} new ones are asked for, "
-                            f"{n_prompt + max_new_tokens} in all, past the model's context of {context} positions; "
-                            "pass a shorter prompt or fewer new tokens (--max-new-tokens)")
 
 
 STRENGTH_PRESETS = {"Light": 5.0, "Medium": 20.0, "Strong": 100.0}
@@ -314,15 +303,15 @@ def generate(model: object, tokenizer, prompt: str, spec: SteeringSpec, saes: Ma
     (temperature 1), whichever way the tokens were chosen.
 
     Raises:
-        SteeringError: ``spec.prompt_positions`` reach past the prompt, or the prompt plus ``max_new_tokens`` past
-            the model's context.
+        SteeringError: ``spec.prompt_positions`` reach past the prompt.
+        ContextLengthError: the prompt plus ``max_new_tokens`` past the model's context.
     """
     (prompt,) = check_texts([prompt], "prompt")
     text = format_prompt(prompt, chat)
     backend = as_backend(model)
     prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(backend.device)
     n_prompt = prompt_ids.shape[1]
-    check_generation(backend, n_prompt, max_new_tokens)
+    backend.check_generation(n_prompt, max_new_tokens)
     if spec.prompt_positions is not None and max(spec.prompt_positions) >= n_prompt:
         raise SteeringError(f"prompt position {max(spec.prompt_positions)} is past the prompt, which has {n_prompt} "
                             f"tokens (0..{n_prompt - 1}); pass positions inside it or 'all'")
@@ -369,7 +358,7 @@ def sweep(model: object, tokenizer, prompt: str, layer: int, feature: int, alpha
     text = format_prompt(prompt, chat)
     backend = as_backend(model)
     prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(backend.device)
-    check_generation(backend, prompt_ids.shape[1], max_new_tokens)
+    backend.check_generation(prompt_ids.shape[1], max_new_tokens)
     rows = []
     for alpha, spec in zip(alphas, specs, strict=True):
         with steer(backend, spec, saes, prompt_length=prompt_ids.shape[1]):

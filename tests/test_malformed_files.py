@@ -231,3 +231,163 @@ def test_correctness_csv(tmp_path):
         _check(lambda: read_correctness({"toy": case}), case)
 
     run()
+
+
+# ------------------------------------------------------------------------------ the project's own saved JSON
+
+
+def _language_features():
+    from qscope_plugin.recipes.sasft import LanguageFeatures
+
+    return LanguageFeatures(target="zh", languages=("en", "zh"), features={3: [1, 5]}, scores={3: [0.9, 0.4]},
+                            thresholds={"en": {3: [0.1, 0.2]}, "zh": {3: [1.5, 0.7]}},
+                            saes={3: {"release": "demo", "d_sae": 64}})
+
+
+def _repetition_features():
+    from qscope_plugin.recipes.repetition import RepetitionFeatures
+
+    return RepetitionFeatures(features={2: [4, 9]}, scores={2: [0.8, 0.1]}, n_texts=3, n_tokens=11, rep_agg="mean")
+
+
+def _targets():
+    from qscope_plugin.recipes.safety_synthesis import Target
+
+    return [Target(3, 5, "violent requests", 0.9), Target(2, 7, "greetings", 0.4, "benign")]
+
+
+def _explanations():
+    from qscope_plugin.recipes.explain import FeatureExplanation, Score
+
+    score = Score(0.75, 0.5, 0.9, 5, 5, 0.8, 0.7)
+    return [FeatureExplanation(DEMO_RELEASE, 3, 28, "Chinese characters", score, None, 9, 4, "x", "x"),
+            FeatureExplanation(DEMO_RELEASE, 2, 7, "the word the", None, score, 6, 3, "x", "x")]
+
+
+def _save_language_features(path: Path) -> None:
+    _language_features().save(path)
+
+
+def _save_repetition_features(path: Path) -> None:
+    path.write_text(_repetition_features().to_json(), encoding="utf-8")
+
+
+def _save_targets(path: Path) -> None:
+    from qscope_plugin.recipes.safety_synthesis import save_targets
+
+    save_targets(_targets(), path)
+
+
+def _save_explanations(path: Path) -> None:
+    from qscope_plugin.recipes.explain import write_explanations
+
+    write_explanations(path, _explanations())
+
+
+def _load_language_features(path: Path) -> object:
+    from qscope_plugin.recipes.sasft import LanguageFeatures
+
+    return LanguageFeatures.load(path)
+
+
+def _load_repetition_features(path: Path) -> object:
+    from qscope_plugin.recipes.repetition import RepetitionFeatures
+
+    return RepetitionFeatures.load(path)
+
+
+def _load_targets(path: Path) -> object:
+    from qscope_plugin.recipes.safety_synthesis import load_targets
+
+    return load_targets(path)
+
+
+def _load_explanations(path: Path) -> object:
+    from qscope_plugin.recipes.explain import read_explanations
+
+    return read_explanations(path)
+
+
+SAVED = {"language-features": (".json", _save_language_features, _load_language_features, _language_features),
+         "repetition-features": (".json", _save_repetition_features, _load_repetition_features, _repetition_features),
+         "safety-targets": (".jsonl", _save_targets, _load_targets, _targets),
+         "explanations": (".jsonl", _save_explanations, _load_explanations, _explanations)}
+"""Each saved kind: suffix, writer, reader, and the value the writer saves (the reader must give it back)."""
+
+
+def _foreign_shapes(valid: bytes, suffix: str) -> list[bytes]:
+    """The valid file's records with one field dropped, retyped or given an alien key: JSON that parses (a JSON
+    lines file becomes that one record)."""
+    shapes = []
+    for record in [json.loads(valid)] if suffix == ".json" else map(json.loads, valid.decode().splitlines()):
+        for key in record:
+            shapes += [json.dumps({k: v for k, v in record.items() if k != key}),
+                       json.dumps({**record, key: "x"}), json.dumps({**record, key: {"x": [None]}}),
+                       json.dumps({**record, key: [True]})]
+        shapes.append(json.dumps({**record, "alien": 1}))
+    return [s.encode() for s in shapes]
+
+
+@pytest.mark.parametrize("kind", SAVED)
+def test_saved_json(tmp_path, kind):
+    """The project's own files read back (LanguageFeatures, RepetitionFeatures, safety targets, explanations):
+    valid ones give the saved value back; cut, emptied, foreign or reshaped ones are the file's usage error."""
+    suffix, save, load, value = SAVED[kind]
+    path = tmp_path / f"valid{suffix}"
+    save(path)
+    assert load(path) == value()
+    valid = path.read_bytes()
+
+    @SETTINGS
+    @given(content=st.one_of(_mutation(valid), st.sampled_from(_foreign_shapes(valid, suffix))))
+    def run(content):
+        case = tmp_path / f"case{suffix}"
+        case.write_bytes(content)
+        _check(lambda: load(case), case)
+
+    run()
+    with pytest.raises(QScopeError, match="missing"):  # a missing file is the same error, naming it
+        load(tmp_path / f"missing{suffix}")
+
+
+def test_saved_json_errors_are_malformed_file_errors(tmp_path):
+    """Each reader's error is a ``MalformedFileError`` as well as its recipe's error (callers catch either)."""
+    from qscope_plugin.errors import MalformedFileError
+    from qscope_plugin.recipes.explain import ExplainError
+    from qscope_plugin.recipes.repetition import RepetitionError
+    from qscope_plugin.recipes.safety_synthesis import SynthesisError
+    from qscope_plugin.recipes.sasft import SASFTError
+
+    recipe_errors = {"language-features": SASFTError, "repetition-features": RepetitionError,
+                     "safety-targets": SynthesisError, "explanations": ExplainError}
+    for kind, (suffix, _, load, _) in SAVED.items():
+        case = tmp_path / f"{kind}{suffix}"
+        case.write_text("[1, 2", encoding="utf-8")
+        with pytest.raises(MalformedFileError, match=case.name) as caught:
+            load(case)
+        assert isinstance(caught.value, recipe_errors[kind])
+
+
+@pytest.mark.parametrize("kind", SAVED)
+def test_saved_json_cli_exit_2(tmp_path, monkeypatch, capsys, kind):
+    """One command that reads each kind: a truncated file is one `qscope:` line naming it, exit 2."""
+    from qscope_plugin.cli import main
+
+    suffix, save, _, _ = SAVED[kind]
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / f"bad{suffix}"
+    save(bad)
+    if kind == "explanations":  # a first line that is a `qscope explain` record, then a cut one
+        first, second = bad.read_text(encoding="utf-8").splitlines()
+        bad.write_text(first + "\n" + second[:len(second) // 2] + "\n", encoding="utf-8")
+    else:
+        bad.write_bytes(bad.read_bytes()[:-7])
+    (tmp_path / "sft.jsonl").write_text('{"prompt": "hi", "response": "hello", "language": "en"}\n')
+    argv = {"language-features": ["sasft", "train", "--features", bad.name, "--data", "sft.jsonl", "--out", "run"],
+            "repetition-features": ["repetition", "check", "今天早上", "--features", bad.name],
+            "safety-targets": ["safety", "coverage", bad.name, "--prompts", "sft.jsonl"],
+            "explanations": ["dashboard", "--layer", "3", "--top", "2", "--data", "sft.jsonl",
+                             "--explanations", bad.name, "--out", "d.html"]}[kind]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qscope")]
+    assert len(errors) == 1 and bad.name in errors[0], errors

@@ -67,11 +67,7 @@ def cmd_check(args: argparse.Namespace) -> None:
 
     alphas = _alphas(args.alphas)
     prompts = read_texts(args.prompt, args.prompts, "--prompts")
-    try:
-        found = RepetitionFeatures.from_json(Path(args.features).read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise UsageError(f"cannot read --features {args.features!r} ({e}); pass the JSON of "
-                         "`qscope repetition features`") from None
+    found = RepetitionFeatures.load(args.features)
     layers = None if args.steer_layers is None else release_layers(args.steer_layers, args.release, "--steer-layers")
     spec = repetition_spec(found, 1.0, layers=layers, n_features=args.n_features, direction_norm=args.direction_norm)
     saes = load_saes(args.release, "all", args.sae_device)

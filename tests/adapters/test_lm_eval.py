@@ -194,6 +194,28 @@ def test_parse_steer():
     assert [(t.layer, t.feature, t.alpha) for t in terms] == [(2, 5, 6.0), (3, 17, -15.0)]
     with pytest.raises(LmEvalError, match="expected LAYER:FEATURE:ALPHA"):
         parse_steer("2:five:6")
+    with pytest.raises(LmEvalError, match="expected LAYER:FEATURE:ALPHA"):
+        parse_steer("2:5:1.2.3")  # once read by float() unchecked: a ValueError, not the project's error
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("9" * 5000 + ":1:1", "steer layer .* more than 18 digits"),  # int() itself refuses past 4300 digits
+    ("1:" + "9" * 100_000 + ":1", "steer spec is 100004 characters long"),
+    ("1:" + "9" * 19 + ":1", "steer feature .* more than 18 digits"),
+    ("1:1:" + "9" * 400, "steer strength .* not a finite number"),  # float() would give inf
+    ("1:1:1e999", "steer strength '1e999' .* not a finite number"),
+    ("1:1:0." + "0" * 40 + "1", "at most 32 characters"),
+])
+def test_parse_steer_bounds_every_number(spec, message):
+    """Enormous numbers are refused from their text, with the project's usage error (exit 2), before int() or
+    float() reads them; the largest valid ones still read."""
+    from qscope_plugin.errors import QScopeError
+
+    with pytest.raises(QScopeError, match=message) as caught:
+        parse_steer(spec)
+    assert isinstance(caught.value, ValueError)
+    (term,) = parse_steer(f"{'9' * 18}:{'9' * 18}:-1.5e2")
+    assert (term.layer, term.feature, term.alpha) == (10**18 - 1, 10**18 - 1, -150.0)
 
 
 def _loglikelihoods(samples: list[dict]) -> list[float]:

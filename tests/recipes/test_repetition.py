@@ -352,7 +352,7 @@ def test_cli_features_then_check(tmp_path, capsys):
 @demo
 @pytest.mark.parametrize(("argv", "message"), [
     (["check", "x", "--features", "missing.json", "--alphas", "nan"], "finite"),
-    (["check", "x", "--features", "missing.json"], "cannot read --features"),
+    (["check", "x", "--features", "missing.json"], "'missing.json' cannot be read"),
     (["features", "没有重复的句子。", "--out", "x.json"], "no repeated tokens"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, message):

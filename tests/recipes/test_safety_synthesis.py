@@ -317,7 +317,7 @@ def cli_env(planted, monkeypatch):
 
     model, tok, saes, targets = planted
     monkeypatch.setattr(safety_cli, "load_backbone", lambda args: (model, tok))
-    monkeypatch.setattr(safety_cli, "load_saes", lambda source, layers: saes)
+    monkeypatch.setattr(safety_cli, "load_saes", lambda source, layers, device=None: saes)
     calls: list = []
 
     def scripted(self, text, *, sample_seed=None):
