@@ -2,7 +2,8 @@
 
 One server and one browser for the module. The server's outgoing HTTP goes to a closed port (no internet, as on
 CI). After every test: no SEVERE entry in the browser console, no request leaving 127.0.0.1 (the page must work
-offline), no traceback or Gradio error toast on the page. Screenshots go to
+offline), no traceback or Gradio error toast on the page. The server reads a planted `qscope explain` file, so the
+search box and the feature links are driven here too. Screenshots go to
 the test's temporary folder. Skipped when chromium / chromedriver are absent, unless QSCOPE_REQUIRE_BROWSER=1
 (CI), where their absence fails.
 """
@@ -64,14 +65,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+EXPLAINED = {(3, 28): "Chinese characters in running text", (2, 7): "English function words such as 'the'",
+             (3, 5): "punctuation at the end of Chinese sentences"}
+"""Planted explanations for the search box (no LLM runs here); detection scores fall with the feature id."""
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`qscope app` on the demo, as a user runs it; its output lines go to a queue (the URL is one of them)."""
+def explanations(tmp_path_factory):
+    """A `qscope explain` file of ``EXPLAINED``, written by ``write_explanations``."""
+    from qscope_plugin.recipes.explain import FeatureExplanation, Score, write_explanations
+
+    rows = [FeatureExplanation("qscope-demo-qwen3-4l", layer, feature, text,
+                               Score(0.9 - feature / 100, 0.8 - feature / 100, 0.95, 50, 50, 0.9, 0.9), None, 30, 40,
+                               "planted", "planted") for (layer, feature), text in EXPLAINED.items()]
+    return write_explanations(tmp_path_factory.mktemp("explain") / "demo.explanations.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, explanations):
+    """`qscope app --explanations FILE` on the demo, as a user runs it; its output lines go to a queue (the URL is
+    one of them)."""
     no_internet = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
                    "NO_PROXY": "127.0.0.1,localhost"}  # the server's own outgoing HTTP goes to a closed port
     env = {**os.environ, **no_internet, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
-    proc = subprocess.Popen([sys.executable, "-m", "qscope_plugin.cli", "app", "--port", str(_free_port())],
+    proc = subprocess.Popen([sys.executable, "-m", "qscope_plugin.cli", "app", "--port", str(_free_port()),
+                             "--explanations", str(explanations)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
@@ -288,6 +307,43 @@ def test_open_a_feature_card(page, tmp_path):
     _type(page, "#feature-id input", "1536")
     _click_and_wait(page, "feature-run", lambda d: _status(d, "feature"))
     assert "1536 features: 0..1535" in _status(page, "feature")
+
+
+def _value(driver, css: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, css).get_attribute("value")
+
+
+def test_search_by_explanation_fills_steer_and_feature(page, tmp_path):
+    box = page.find_element(By.CSS_SELECTOR, "#search-text textarea, #search-text input")
+    box.send_keys("chinese")
+    box.send_keys(Keys.ENTER)
+    WebDriverWait(page, ANSWER_TIMEOUT).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#search-results input[type=radio]")) == 2)
+    labels = [e.text for e in page.find_elements(By.CSS_SELECTOR, "#search-results label")]
+    assert "#5 " in labels[0] and "#28 " in labels[1], labels  # best detection score first (0.85, then 0.62)
+    assert not any("#7 " in label for label in labels)
+    page.find_elements(By.CSS_SELECTOR, "#search-results label")[1].click()
+    _tab(page, "Steer")
+    WebDriverWait(page, ANSWER_TIMEOUT).until(lambda d: _value(d, "#steer-feature input") == "28")
+    assert _value(page, "#steer-layer input") == "3"
+    _tab(page, "Feature")
+    WebDriverWait(page, ANSWER_TIMEOUT).until(lambda d: _value(d, "#feature-id input") == "28")
+    assert _value(page, "#feature-layer input") == "3"
+    page.save_screenshot(str(tmp_path / "search.png"))
+
+
+def test_a_feature_id_in_analyze_opens_its_card(page, tmp_path):
+    page.find_element(By.ID, "analyze-run").click()
+    chips = "#analyze-out [data-feature]"
+    WebDriverWait(page, ANSWER_TIMEOUT).until(lambda d: d.find_elements(By.CSS_SELECTOR, chips))
+    chip = page.find_elements(By.CSS_SELECTOR, chips)[0]
+    feature = chip.get_attribute("data-feature")
+    chip.click()
+    WebDriverWait(page, ANSWER_TIMEOUT).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, f"#feature-card [data-card='{feature}']"))
+    card = page.find_element(By.CSS_SELECTOR, "#feature-card [data-card]")
+    assert f"Layer 3 · feature {feature}" in card.text
+    page.save_screenshot(str(tmp_path / "link.png"))
 
 
 @pytest.fixture(scope="module")
