@@ -162,13 +162,16 @@ def boot(model: str | nn.Module, *, saes: bool = False, device: str | torch.devi
     check_device(None if device is None else str(device))
     try:
         hf = _text_model(model, device, dtype, **hf_kwargs)
-        tokenizer = _tokenizer(model, tokenizer)
     except OSError as e:  # offline and not cached, a typo, a folder without weights: transformers' raw OSError
         raise model_load_error(model, e) from None
     family = getattr(hf.config, "model_type", "").removesuffix("_text")
     if family not in QWEN_FAMILIES:
         raise BootError(f"{type(hf).__name__} ({family!r}) is not a Qwen3 / Qwen3.5 model; expected one of "
                         f"{QWEN_FAMILIES}")
+    try:
+        tokenizer = _tokenizer(model, tokenizer)
+    except OSError as e:
+        raise model_load_error(model, e) from None
     if saes:
         from sae_lens.analysis.sae_transformer_bridge import SAETransformerBridge as Bridge
     else:
