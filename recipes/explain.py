@@ -198,19 +198,20 @@ def parse_explanation(answer: str) -> str:
 
 def detection_prompt(explanation: str, texts: Sequence[str]) -> str:
     """The detection scorer's prompt for one batch of unmarked excerpts."""
-    lines = [f'A feature of a language model is described as: "{explanation}"', "",
-             f"Below are {len(texts)} numbered text excerpts. For each one, answer 1 if the feature is active "
-             "somewhere in it (the description fits it), else 0.", ""]
-    lines += [f"Excerpt {i}: {t}" for i, t in enumerate(texts, 1)]
-    lines += ["", f"Answer with a list of exactly {len(texts)} digits, e.g. [1, 0, ...], and nothing else."]
-    return "\n".join(lines)
+    return _scoring_prompt(explanation, texts, "numbered text excerpts. For each one, answer 1 if the feature is "
+                           "active somewhere in it (the description fits it), else 0.")
 
 
 def fuzzing_prompt(explanation: str, texts: Sequence[str]) -> str:
     """The fuzzing scorer's prompt for one batch of marked excerpts."""
+    return _scoring_prompt(explanation, texts, "numbered text excerpts with some tokens marked <<like this>>. For "
+                           "each one, answer 1 if the marked tokens are the ones the description is about, else 0.")
+
+
+def _scoring_prompt(explanation: str, texts: Sequence[str], task: str) -> str:
+    """Both scorers' prompt: the explanation, ``Below are N {task}``, the numbered excerpts, the answer format."""
     lines = [f'A feature of a language model is described as: "{explanation}"', "",
-             f"Below are {len(texts)} numbered text excerpts with some tokens marked <<like this>>. For each one, "
-             "answer 1 if the marked tokens are the ones the description is about, else 0.", ""]
+             f"Below are {len(texts)} {task}", ""]
     lines += [f"Excerpt {i}: {t}" for i, t in enumerate(texts, 1)]
     lines += ["", f"Answer with a list of exactly {len(texts)} digits, e.g. [1, 0, ...], and nothing else."]
     return "\n".join(lines)
